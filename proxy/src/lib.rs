@@ -1,0 +1,7 @@
+//! tug's kube-proxy.
+//!
+//! Owns the translation of Services and EndpointSlices into packet-forwarding rules: a pure model of
+//! desired rules and the iptables, nftables and IPVS backends that apply only its difference. See
+//! `DESIGN.md` §3 (service flow) and §4 (rule layout).
+//!
+//! Not built yet: the work is tracked by issue #6.

@@ -1,0 +1,7 @@
+//! tug's runtime shim.
+//!
+//! Owns the CRI v1 server (RuntimeService and ImageService) on top of containerd's native API:
+//! sandboxes with pinned namespaces and CNI, containers built from CRI configs into OCI specs, image
+//! pull from OCI registries, logs and streaming. See `DESIGN.md` §3 (pod start) and §4 (CRI facts).
+//!
+//! Not built yet: the work is tracked by issue #5.

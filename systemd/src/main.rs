@@ -1,0 +1,133 @@
+//! The `tug` binary: one executable for every node component (k3s-style).
+//!
+//! `main` only parses the command line and dispatches; each component is a library crate with its own
+//! `run`. When the binary is exec'd under the name `tug-cni` (as a CNI runtime does, via a link in the
+//! CNI plugin directory) it acts as the CNI plugin, per `DESIGN.md` §1.
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit status for a component that exists in the command line but is not built yet
+/// (`EX_UNAVAILABLE` from sysexits.h), so scripts can tell it from a usage error (2).
+const NOT_BUILT: u8 = 69;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tug",
+    version,
+    about = "tug: a Kubernetes worker node — kubelet, CRI runtime shim, kube-proxy and CNI in one binary",
+    long_about = None,
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the kubelet: register the node, run the pods bound to it, probe them, report status.
+    Kubelet,
+    /// Run the CRI v1 runtime shim on containerd (serves /run/tug/cri.sock).
+    Shim,
+    /// Run kube-proxy: program Services and EndpointSlices as iptables, nftables or IPVS rules.
+    Proxy,
+    /// Run the node network agent: CNI config for this node's pod CIDR, routes to other nodes.
+    Netd,
+    /// Act as the CNI plugin (what `tug-cni` runs when a CRI runtime execs it).
+    Cni,
+    /// Join an existing cluster with a bootstrap token and install tug's systemd units.
+    Join,
+    /// Undo `tug join`: stop the units, remove rules, routes, config and certificates.
+    Reset,
+}
+
+impl Command {
+    /// The issue that tracks a component which is not built yet.
+    fn tracking_issue(&self) -> u32 {
+        match self {
+            Command::Kubelet => 7,
+            Command::Shim => 5,
+            Command::Proxy => 6,
+            Command::Netd | Command::Cni => 4,
+            Command::Join | Command::Reset => 9,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Kubelet => "kubelet",
+            Command::Shim => "shim",
+            Command::Proxy => "proxy",
+            Command::Netd => "netd",
+            Command::Cni => "cni",
+            Command::Join => "join",
+            Command::Reset => "reset",
+        }
+    }
+}
+
+/// Rewrites `tug-cni <args>` into `tug cni <args>` so one binary serves both names.
+fn normalise_args(mut args: Vec<OsString>) -> Vec<OsString> {
+    let invoked_as_cni = args
+        .first()
+        .and_then(|argv0| Path::new(argv0).file_name())
+        .is_some_and(|name| name == "tug-cni");
+    if invoked_as_cni {
+        args.splice(0..1, [OsString::from("tug"), OsString::from("cni")]);
+    }
+    args
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_from(normalise_args(std::env::args_os().collect()));
+    let command = cli.command;
+    eprintln!(
+        "tug {}: this component is not built yet (tracked by issue #{}); nothing was started.",
+        command.name(),
+        command.tracking_issue()
+    );
+    ExitCode::from(NOT_BUILT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        let args = args.iter().map(OsString::from).collect();
+        Cli::try_parse_from(normalise_args(args)).expect("command line parses")
+    }
+
+    #[test]
+    fn invoked_as_tug_cni_dispatches_to_the_cni_plugin() {
+        assert!(matches!(
+            parse(&["/opt/cni/bin/tug-cni"]).command,
+            Command::Cni
+        ));
+    }
+
+    #[test]
+    fn subcommands_dispatch_by_name() {
+        assert!(matches!(
+            parse(&["tug", "kubelet"]).command,
+            Command::Kubelet
+        ));
+        assert!(matches!(
+            parse(&["/usr/bin/tug", "proxy"]).command,
+            Command::Proxy
+        ));
+    }
+
+    #[test]
+    fn unknown_subcommand_is_a_usage_error() {
+        let args = ["tug", "scheduler"]
+            .iter()
+            .map(OsString::from)
+            .collect::<Vec<_>>();
+        let err = Cli::try_parse_from(normalise_args(args)).expect_err("unknown subcommand");
+        assert_eq!(err.kind(), clap::error::ErrorKind::InvalidSubcommand);
+    }
+}

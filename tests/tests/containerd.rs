@@ -1,0 +1,99 @@
+//! containerd tier: containers from the local registry and from OCI archives, run through
+//! containerd's native gRPC API on the test-owned containerd.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use tug_tests::containerd::{ContainerdNs, RunSpec};
+use tug_tests::eventually::eventually;
+use tug_tests::netns::Netns;
+use tug_tests::tier::{Tier, require};
+
+#[tokio::test]
+#[ignore = "containerd tier (root): run via sudo ./scripts/test, or scripts/substrate up then cargo test -p tug-tests --test containerd -- --ignored"]
+async fn image_pulled_from_the_local_registry_runs_and_reports_its_exit_code() {
+    require(Tier::Containerd);
+    let ns = ContainerdNs::connect("exit").await;
+    let reference = ns.pull_from_registry("exit");
+
+    let run = RunSpec {
+        args: Some(vec!["7".into()]),
+        ..Default::default()
+    };
+    let exited = ns.run_to_exit("exits-7", &reference, run).await;
+    assert_eq!(
+        exited.status, 7,
+        "exit code of the container; output: {}",
+        exited.output
+    );
+    assert!(
+        exited.output.contains("exiting with code 7"),
+        "stdout captured: {:?}",
+        exited.output
+    );
+
+    let exited = ns
+        .run_to_exit("exits-default", &reference, RunSpec::default())
+        .await;
+    assert_eq!(
+        exited.status, 3,
+        "the image's own CMD (3) applies when no args are given"
+    );
+}
+
+#[tokio::test]
+#[ignore = "containerd tier (root): run via sudo ./scripts/test, or scripts/substrate up then cargo test -p tug-tests --test containerd -- --ignored"]
+async fn imported_http_image_serves_inside_a_given_network_namespace() {
+    require(Tier::Containerd);
+    let ns = ContainerdNs::connect("http").await;
+    let reference = ns.import_archive("http");
+    let pod_net = Netns::new("http");
+
+    let run = RunSpec {
+        netns: Some(pod_net.path()),
+        ..Default::default()
+    };
+    ns.start("web", &reference, run).await;
+
+    let body = eventually(
+        "the http image to answer on :8080",
+        Duration::from_secs(20),
+        || {
+            let reply = pod_net.run(|| http_get("127.0.0.1:8080", "/").ok());
+            async move { reply }
+        },
+    )
+    .await;
+    assert!(
+        body.starts_with("HTTP/1.") && body.contains(" 200 "),
+        "status line: {body}"
+    );
+    assert!(body.ends_with("tug-test http\n"), "body: {body}");
+
+    let hostname = pod_net
+        .run(|| http_get("127.0.0.1:8080", "/cgi-bin/hostname"))
+        .expect("cgi");
+    assert!(
+        hostname.ends_with("web\n"),
+        "the CGI reports the container's hostname: {hostname}"
+    );
+
+    ns.kill("web", 9).await;
+    let exited = ns.wait("web", Duration::from_secs(10)).await;
+    assert_eq!(
+        exited.status,
+        128 + 9,
+        "a SIGKILLed container reports 128+9"
+    );
+}
+
+/// One HTTP/1.0 GET; returns the whole response.
+fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
+    let mut conn = TcpStream::connect(addr)?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    conn.read_to_string(&mut response)?;
+    Ok(response)
+}
