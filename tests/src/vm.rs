@@ -1,1 +1,415 @@
+//! qemu guests booting Debian's own kernel, for what this machine's kernel cannot show (IPVS) and for
+//! nodes with kernels of their own.
+//!
+//! A guest boots under software emulation (TCG; there is no KVM here) with a small initramfs built
+//! per boot: busybox-static, the kernel modules the test names (with their dependencies, inserted in
+//! order), and the test's shell script. The script's console output comes back as a string; the
+//! guest powers off when the script ends.
 
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::substrate::Substrate;
+
+/// What to run in a guest.
+#[derive(Debug)]
+pub struct GuestSpec {
+    /// Module names (`ip_vs`, `dummy`, ...) to insert, with their dependencies, before the script.
+    pub modules: Vec<String>,
+    /// A busybox `sh` script run as the guest's workload.
+    pub script: String,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// How long the whole boot may take before the guest is killed.
+    pub timeout: Duration,
+}
+
+impl GuestSpec {
+    /// A guest that runs `script` with 256 MiB and a generous timeout for software emulation.
+    pub fn new(script: &str) -> GuestSpec {
+        GuestSpec {
+            modules: Vec::new(),
+            script: script.to_owned(),
+            memory_mib: 256,
+            timeout: Duration::from_secs(180),
+        }
+    }
+}
+
+/// What a finished guest printed.
+#[derive(Debug)]
+pub struct GuestRun {
+    /// Everything on the serial console: kernel messages and the script's output.
+    pub console: String,
+    /// How long the guest took from qemu start to power-off.
+    pub elapsed: Duration,
+}
+
+impl GuestRun {
+    /// The value of the first console line `key=value` the script printed.
+    pub fn value(&self, key: &str) -> Option<&str> {
+        let prefix = format!("{key}=");
+        self.console
+            .lines()
+            .find_map(|line| line.trim_end_matches('\r').strip_prefix(&prefix))
+    }
+}
+
+/// The Debian kernel release unpacked by `scripts/vm-assets`.
+pub fn kernel_release(substrate: &Substrate) -> String {
+    let path = substrate.vm_dir().join("kernel-release");
+    fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("read {}: {e} (run scripts/vm-assets)", path.display()))
+        .trim()
+        .to_owned()
+}
+
+/// Boots a guest, runs `spec.script` in it, and returns its console once it powers off.
+pub fn boot(spec: &GuestSpec) -> GuestRun {
+    let substrate = Substrate::from_env();
+    let release = kernel_release(&substrate);
+    let modules_root = substrate.vm_dir().join("root/lib/modules").join(&release);
+    let work = TempDir::new("tug-vm");
+    let initramfs = build_initramfs(&work.0, &modules_root, spec);
+
+    let started = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "1",
+        ])
+        .args(["-m", &spec.memory_mib.to_string()])
+        .arg("-kernel")
+        .arg(substrate.vm_kernel())
+        .arg("-initrd")
+        .arg(&initramfs)
+        .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3"])
+        .args([
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-monitor",
+            "none",
+            "-no-reboot",
+        ])
+        .args(["-nic", "none"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start qemu-system-x86_64");
+
+    // Read the console on a thread so a chatty guest never blocks on a full pipe.
+    let mut stdout = child.stdout.take().expect("qemu stdout is piped");
+    let reader = std::thread::spawn(move || {
+        let mut console = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stdout, &mut console);
+        console
+    });
+    loop {
+        if let Some(status) = child.try_wait().expect("poll qemu") {
+            let console =
+                String::from_utf8_lossy(&reader.join().expect("console reader")).into_owned();
+            assert!(
+                status.success(),
+                "qemu exited with {status}; console:\n{console}\nstderr: {}",
+                child
+                    .stderr
+                    .take()
+                    .map(|mut e| {
+                        let mut s = String::new();
+                        let _ = std::io::Read::read_to_string(&mut e, &mut s);
+                        s
+                    })
+                    .unwrap_or_default()
+            );
+            return GuestRun {
+                console,
+                elapsed: started.elapsed(),
+            };
+        }
+        if started.elapsed() > spec.timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            let console =
+                String::from_utf8_lossy(&reader.join().expect("console reader")).into_owned();
+            panic!(
+                "guest did not power off within {:?}; console:\n{console}",
+                spec.timeout
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const MARKER_DONE: &str = "TUG-GUEST-DONE";
+
+fn build_initramfs(work: &Path, modules_root: &Path, spec: &GuestSpec) -> PathBuf {
+    let root = work.join("root");
+    for dir in ["bin", "dev", "proc", "sys", "tmp", "run", "lib/modules"] {
+        fs::create_dir_all(root.join(dir)).expect("create initramfs dirs");
+    }
+    fs::copy("/bin/busybox", root.join("bin/busybox")).expect("copy /bin/busybox (busybox-static)");
+
+    let modules = module_load_order(modules_root, &spec.modules);
+    let mut inserts = String::new();
+    for (i, module) in modules.iter().enumerate() {
+        let file = format!(
+            "{i:03}-{}",
+            module.file_name().expect("module file").to_string_lossy()
+        );
+        fs::copy(
+            modules_root.join(module),
+            root.join("lib/modules").join(&file),
+        )
+        .unwrap_or_else(|e| panic!("copy module {}: {e}", module.display()));
+        inserts.push_str(&format!(
+            "insmod /lib/modules/{file} || echo \"insmod {file} failed\"\n"
+        ));
+    }
+
+    let init = format!(
+        "#!/bin/busybox sh\n\
+         /bin/busybox --install -s /bin\n\
+         mount -t proc proc /proc\n\
+         mount -t sysfs sysfs /sys\n\
+         mount -t devtmpfs devtmpfs /dev\n\
+         mount -t tmpfs tmpfs /run\n\
+         {inserts}\
+         echo TUG-GUEST-START\n\
+         ( set -e\n{script}\n)\n\
+         echo \"guest-script-status=$?\"\n\
+         echo {MARKER_DONE}\n\
+         poweroff -f\n",
+        script = spec.script
+    );
+    let init_path = root.join("init");
+    fs::write(&init_path, init).expect("write /init");
+    fs::set_permissions(
+        &init_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod /init");
+
+    let image = work.join("initramfs.cpio");
+    let files = Command::new("find")
+        .arg(".")
+        .current_dir(&root)
+        .output()
+        .expect("list initramfs files");
+    let mut cpio = Command::new("cpio")
+        .args(["--quiet", "-o", "-H", "newc"])
+        .current_dir(&root)
+        .stdin(Stdio::piped())
+        .stdout(fs::File::create(&image).expect("create initramfs"))
+        .spawn()
+        .expect("run cpio");
+    cpio.stdin
+        .take()
+        .expect("cpio stdin")
+        .write_all(&files.stdout)
+        .expect("feed cpio");
+    assert!(
+        cpio.wait().expect("cpio").success(),
+        "cpio failed to build the initramfs"
+    );
+    image
+}
+
+/// Resolves module names to their files, dependencies first: hard dependencies from `modules.dep`,
+/// then soft `pre:` dependencies from `modules.softdep` (e.g. `libcrc32c` needs a `crc32c`
+/// implementation), with names resolved through `modules.alias`.
+fn module_load_order(modules_root: &Path, names: &[String]) -> Vec<PathBuf> {
+    if names.is_empty() {
+        return Vec::new();
+    }
+    let read = |file: &str| {
+        let path = modules_root.join(file);
+        fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("read {}: {e} (run scripts/vm-assets)", path.display()))
+    };
+    let index = ModuleIndex {
+        deps: parse_modules_dep(&read("modules.dep")),
+        softdeps: parse_softdeps(&read("modules.softdep")),
+        aliases: parse_aliases(&read("modules.alias")),
+    };
+    let mut order = Vec::new();
+    for name in names {
+        let path = index
+            .resolve(name)
+            .unwrap_or_else(|| panic!("kernel module {name} is not in {}", modules_root.display()));
+        index.visit(&path, &mut order);
+    }
+    order
+}
+
+struct ModuleIndex {
+    /// Module path → hard dependency paths.
+    deps: HashMap<String, Vec<String>>,
+    /// Module name → names to load before it.
+    softdeps: HashMap<String, Vec<String>>,
+    /// Alias → module names providing it.
+    aliases: HashMap<String, Vec<String>>,
+}
+
+impl ModuleIndex {
+    /// The path of the module called (or aliased as) `name`; a `_generic` provider wins among
+    /// several, as it runs on any CPU.
+    fn resolve(&self, name: &str) -> Option<String> {
+        let by_name = |name: &str| {
+            let name = name.replace('-', "_");
+            self.deps
+                .keys()
+                .find(|path| module_name(path) == name)
+                .cloned()
+        };
+        by_name(name).or_else(|| {
+            let mut providers = self.aliases.get(name)?.clone();
+            providers.sort_by_key(|p| !p.ends_with("_generic"));
+            providers.iter().find_map(|p| by_name(p))
+        })
+    }
+
+    fn visit(&self, path: &str, order: &mut Vec<PathBuf>) {
+        if order.iter().any(|p| p == Path::new(path)) {
+            return;
+        }
+        for soft in self.softdeps.get(&module_name(path)).into_iter().flatten() {
+            if let Some(soft_path) = self.resolve(soft) {
+                self.visit(&soft_path, order);
+            }
+        }
+        for dep in self.deps.get(path).into_iter().flatten() {
+            self.visit(dep, order);
+        }
+        order.push(PathBuf::from(path));
+    }
+}
+
+/// Parses `modules.softdep` lines (`softdep <module> pre: a b post: c`) into module → `pre:` names.
+fn parse_softdeps(text: &str) -> HashMap<String, Vec<String>> {
+    let mut softdeps = HashMap::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        let (Some("softdep"), Some(module)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let pre = words
+            .skip_while(|w| *w != "pre:")
+            .skip(1)
+            .take_while(|w| *w != "post:")
+            .map(str::to_owned)
+            .collect();
+        softdeps.insert(module.replace('-', "_"), pre);
+    }
+    softdeps
+}
+
+/// Parses `modules.alias` lines (`alias <alias> <module>`) into alias → modules.
+fn parse_aliases(text: &str) -> HashMap<String, Vec<String>> {
+    let mut aliases: HashMap<String, Vec<String>> = HashMap::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if let (Some("alias"), Some(alias), Some(module)) =
+            (words.next(), words.next(), words.next())
+        {
+            aliases
+                .entry(alias.to_owned())
+                .or_default()
+                .push(module.to_owned());
+        }
+    }
+    aliases
+}
+
+/// Parses `modules.dep` (`path: dep dep ...` per line) into path → dependency paths.
+fn parse_modules_dep(text: &str) -> HashMap<String, Vec<String>> {
+    text.lines()
+        .filter_map(|line| line.split_once(':'))
+        .map(|(module, deps)| {
+            (
+                module.trim().to_owned(),
+                deps.split_whitespace().map(str::to_owned).collect(),
+            )
+        })
+        .collect()
+}
+
+/// `kernel/net/netfilter/ipvs/ip_vs_rr.ko` → `ip_vs_rr` (dashes and underscores are one to the kernel).
+fn module_name(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    file.split(".ko").next().unwrap_or(file).replace('-', "_")
+}
+
+/// A temporary directory removed on drop.
+#[derive(Debug)]
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(prefix: &str) -> TempDir {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modules_dep_lines_parse_into_paths_and_dependencies() {
+        let deps = parse_modules_dep(
+            "kernel/a/ip_vs.ko: kernel/b/nf_conntrack.ko kernel/lib/libcrc32c.ko\nkernel/lib/libcrc32c.ko:\n",
+        );
+        assert_eq!(
+            deps["kernel/a/ip_vs.ko"],
+            ["kernel/b/nf_conntrack.ko", "kernel/lib/libcrc32c.ko"]
+        );
+        assert!(deps["kernel/lib/libcrc32c.ko"].is_empty());
+    }
+
+    #[test]
+    fn module_names_fold_dashes_and_drop_the_suffix() {
+        assert_eq!(module_name("kernel/drivers/net/ip-vs.ko"), "ip_vs");
+        assert_eq!(module_name("kernel/x/nf_nat.ko.xz"), "nf_nat");
+    }
+
+    #[test]
+    fn dependencies_load_before_the_modules_that_need_them() {
+        let dir = TempDir::new("tug-vm-dep-test");
+        let dep = "k/ip_vs.ko: k/nf_conntrack.ko k/libcrc32c.ko\n\
+                   k/nf_conntrack.ko: k/libcrc32c.ko\n\
+                   k/libcrc32c.ko:\nk/dummy.ko:\nk/crc32c-intel.ko:\nk/crc32c_generic.ko:\n";
+        fs::write(dir.0.join("modules.dep"), dep).unwrap();
+        fs::write(
+            dir.0.join("modules.softdep"),
+            "softdep libcrc32c pre: crc32c\n",
+        )
+        .unwrap();
+        let aliases = "alias crc32c crc32c_intel\nalias crc32c crc32c_generic\n";
+        fs::write(dir.0.join("modules.alias"), aliases).unwrap();
+
+        let order = module_load_order(&dir.0, &["ip_vs".into(), "nf_conntrack".into()]);
+        let expected = [
+            "k/crc32c_generic.ko",
+            "k/libcrc32c.ko",
+            "k/nf_conntrack.ko",
+            "k/ip_vs.ko",
+        ];
+        assert_eq!(order, expected.map(PathBuf::from));
+    }
+}

@@ -11,7 +11,7 @@ use tug_tests::netns::Netns;
 use tug_tests::tier::{Tier, require};
 
 #[tokio::test]
-#[ignore = "containerd tier (root): run via sudo ./scripts/test, or scripts/substrate up then cargo test -p tug-tests --test containerd -- --ignored"]
+#[ignore = "containerd tier (root): run as root via ./scripts/test, or scripts/substrate up then cargo test -p tug-tests --test containerd -- --ignored"]
 async fn image_pulled_from_the_local_registry_runs_and_reports_its_exit_code() {
     require(Tier::Containerd);
     let ns = ContainerdNs::connect("exit").await;
@@ -43,7 +43,7 @@ async fn image_pulled_from_the_local_registry_runs_and_reports_its_exit_code() {
 }
 
 #[tokio::test]
-#[ignore = "containerd tier (root): run via sudo ./scripts/test, or scripts/substrate up then cargo test -p tug-tests --test containerd -- --ignored"]
+#[ignore = "containerd tier (root): run as root via ./scripts/test, or scripts/substrate up then cargo test -p tug-tests --test containerd -- --ignored"]
 async fn imported_http_image_serves_inside_a_given_network_namespace() {
     require(Tier::Containerd);
     let ns = ContainerdNs::connect("http").await;

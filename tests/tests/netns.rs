@@ -8,7 +8,7 @@ use tug_tests::netns::{Netns, veth_pair};
 use tug_tests::tier::{Tier, require};
 
 #[test]
-#[ignore = "netns tier (root): run via sudo ./scripts/test, or cargo test -p tug-tests --test netns -- --ignored"]
+#[ignore = "netns tier (root): run as root via ./scripts/test, or cargo test -p tug-tests --test netns -- --ignored"]
 fn tcp_payload_crosses_a_veth_pair_with_the_source_address_preserved() {
     require(Tier::Netns);
     let client = Netns::new("cli");
@@ -50,7 +50,7 @@ fn tcp_payload_crosses_a_veth_pair_with_the_source_address_preserved() {
 }
 
 #[test]
-#[ignore = "netns tier (root): run via sudo ./scripts/test, or cargo test -p tug-tests --test netns -- --ignored"]
+#[ignore = "netns tier (root): run as root via ./scripts/test, or cargo test -p tug-tests --test netns -- --ignored"]
 fn a_namespace_is_isolated_from_the_host_network() {
     require(Tier::Netns);
     let isolated = Netns::new("iso");
