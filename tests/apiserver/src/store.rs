@@ -72,9 +72,15 @@ pub enum StoreError {
         /// The oldest version the store can still resume from.
         oldest: u64,
     },
-    /// A mutation refused the change (the message says why); maps to the code it carries.
-    #[error("{1}")]
-    Rejected(u16, String),
+}
+
+/// Why a read-modify-write failed: the store's reason, or the caller's own rejection.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpdateError<E> {
+    /// Not found, or a stale resourceVersion.
+    Store(StoreError),
+    /// The change function refused.
+    Rejected(E),
 }
 
 /// Key of an object within its resource: (namespace, name); namespace is "" for cluster objects.
@@ -182,15 +188,16 @@ impl Store {
         Ok(object)
     }
 
-    /// Read-modify-write of one object under the store's lock. `change` gets the current object
-    /// and edits it; returns `Ok(None)` to leave it untouched. An unchanged result writes nothing.
-    pub fn update_with(
+    /// Read-modify-write of one object under the store's lock. `change` edits the current object
+    /// in place; an unchanged result writes nothing. A resourceVersion the edit leaves in the
+    /// object that differs from the stored one is a conflict.
+    pub fn update_with<E>(
         &self,
         resource: Resource,
         namespace: &str,
         name: &str,
-        change: impl FnOnce(&mut Value) -> Result<(), StoreError>,
-    ) -> Result<Value, StoreError> {
+        change: impl FnOnce(&mut Value) -> Result<(), E>,
+    ) -> Result<Value, UpdateError<E>> {
         let mut state = self.lock();
         let key = (namespace.to_owned(), name.to_owned());
         let current = state
@@ -198,13 +205,13 @@ impl Store {
             .get(&resource)
             .and_then(|objects| objects.get(&key))
             .cloned()
-            .ok_or(StoreError::NotFound)?;
+            .ok_or(UpdateError::Store(StoreError::NotFound))?;
         let mut updated = current.clone();
-        change(&mut updated)?;
+        change(&mut updated).map_err(UpdateError::Rejected)?;
         // A caller's stale resourceVersion in the edited object is a conflict.
         let sent_rv = rv_of(&updated);
         if sent_rv != 0 && sent_rv != rv_of(&current) {
-            return Err(StoreError::Conflict);
+            return Err(UpdateError::Store(StoreError::Conflict));
         }
         updated["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
         if updated == current {
@@ -327,7 +334,7 @@ mod tests {
         let a2 = store
             .update_with(CONFIGMAPS, "ns", "a", |o| {
                 o["data"] = json!({"k": "v"});
-                Ok(())
+                Ok::<_, ()>(())
             })
             .unwrap();
         assert!(rv_of(&a2) > rv_of(&b));
@@ -342,21 +349,22 @@ mod tests {
         let store = Store::default();
         let a = store.create(CONFIGMAPS, cm("a")).unwrap();
         let stale = rv_of(&a);
-        store
-            .update_with(CONFIGMAPS, "ns", "a", |o| {
-                o["data"] = json!({"k": "1"});
-                Ok(())
-            })
-            .unwrap();
+        let set = |value: &str| {
+            let value = value.to_owned();
+            move |o: &mut Value| {
+                o["data"] = json!({"k": value});
+                Ok::<_, ()>(())
+            }
+        };
+        store.update_with(CONFIGMAPS, "ns", "a", set("1")).unwrap();
         let conflict = store.update_with(CONFIGMAPS, "ns", "a", |o| {
             o["metadata"]["resourceVersion"] = json!(stale.to_string());
-            o["data"] = json!({"k": "2"});
-            Ok(())
+            set("2")(o)
         });
-        assert_eq!(conflict, Err(StoreError::Conflict));
+        assert_eq!(conflict, Err(UpdateError::Store(StoreError::Conflict)));
         let before = store.current_rv();
         store
-            .update_with(CONFIGMAPS, "ns", "a", |_| Ok(()))
+            .update_with(CONFIGMAPS, "ns", "a", |_| Ok::<_, ()>(()))
             .unwrap();
         assert_eq!(
             store.current_rv(),
