@@ -8,6 +8,7 @@
 //! `cargo test` skips it visibly. Running ignored tests is the explicit request; from then on a
 //! missing prerequisite fails the test through [`tier::require`] instead of skipping it.
 
+pub mod cluster;
 pub mod containerd;
 pub mod eventually;
 pub mod netns;

@@ -508,9 +508,9 @@ fn node_restriction(
     if resource == resources::LEASES
         && (object["metadata"]["namespace"] != "kube-node-lease" || name != node)
     {
-        return deny(format!(
-            "can only access node lease with the same name as the requesting node"
-        ));
+        return deny(
+            "can only access node lease with the same name as the requesting node".to_string(),
+        );
     }
     if resource == resources::PODS {
         let bound = old.unwrap_or(object)["spec"]["nodeName"]
@@ -783,14 +783,14 @@ fn validate_pod(pod: &Value) -> Vec<Cause> {
             }
         }
     }
-    if let Some(policy) = spec["restartPolicy"].as_str() {
-        if !["Always", "OnFailure", "Never"].contains(&policy) {
-            causes.push((
+    if let Some(policy) = spec["restartPolicy"].as_str()
+        && !["Always", "OnFailure", "Never"].contains(&policy)
+    {
+        causes.push((
                 "spec.restartPolicy".into(),
                 "FieldValueNotSupported",
                 format!("Unsupported value: \"{policy}\": supported values: \"Always\", \"OnFailure\", \"Never\""),
             ));
-        }
     }
     causes
 }

@@ -22,6 +22,7 @@ use crate::auth::{self, API_AUDIENCE, TokenSigner, User};
 use crate::authz::{self, Attributes, Decision};
 use crate::patch::{self, PatchKind};
 use crate::pki::Ca;
+use crate::protobuf;
 use crate::resources::{self, Resource};
 use crate::selectors::{FieldSelector, LabelSelector};
 use crate::status::{self, ApiError};
@@ -106,20 +107,19 @@ fn parse_route(path: &str) -> Option<Route> {
     };
     let owned = |s: &&str| (*s).to_owned();
     // `namespaces/{ns}/{resource}...` is a namespaced path only when {resource} is namespaced here.
-    if let ["namespaces", ns, plural, tail @ ..] = rest {
-        if let Some(resource) =
+    if let ["namespaces", ns, plural, tail @ ..] = rest
+        && let Some(resource) =
             Resource::find(group, version, plural).filter(|r| r.def().namespaced)
-        {
-            if tail.len() > 2 {
-                return None;
-            }
-            return Some(Route::Object {
-                resource,
-                namespace: Some((*ns).to_owned()),
-                name: tail.first().map(owned),
-                subresource: tail.get(1).map(owned),
-            });
+    {
+        if tail.len() > 2 {
+            return None;
         }
+        return Some(Route::Object {
+            resource,
+            namespace: Some((*ns).to_owned()),
+            name: tail.first().map(owned),
+            subresource: tail.get(1).map(owned),
+        });
     }
     let [plural, tail @ ..] = rest else {
         return None;
@@ -308,6 +308,26 @@ async fn serve(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json")
         .to_owned();
+    let body = if content_type.starts_with(protobuf::CONTENT_TYPE) && !body.is_empty() {
+        match protobuf::decode(&body) {
+            Ok(object) => Bytes::from(serde_json::to_vec(&object).expect("JSON values serialise")),
+            Err(protobuf::DecodeError::Malformed(why)) => {
+                return Err(ApiError::bad_request(format!(
+                    "decode protobuf body: {why}"
+                )));
+            }
+            Err(protobuf::DecodeError::Unsupported(why)) => {
+                return Err(ApiError {
+                    code: 415,
+                    reason: "UnsupportedMediaType",
+                    message: why,
+                    details: None,
+                });
+            }
+        }
+    } else {
+        body
+    };
     let ctx = Ctx {
         state,
         user: &user,
@@ -550,10 +570,10 @@ impl Ctx<'_> {
             }
             for change in backlog {
                 last_rv = change.rv;
-                if let Some((kind, object)) = filter.translate(&change) {
-                    if tx.send(event_line(kind, object)).await.is_err() {
-                        return;
-                    }
+                if let Some((kind, object)) = filter.translate(&change)
+                    && tx.send(event_line(kind, object)).await.is_err()
+                {
+                    return;
                 }
             }
             let deadline = tokio::time::sleep(timeout);
@@ -575,11 +595,10 @@ impl Ctx<'_> {
                                 continue;
                             }
                             last_rv = change.rv;
-                            if let Some((kind, object)) = filter.translate(&change) {
-                                if tx.send(event_line(kind, object)).await.is_err() {
+                            if let Some((kind, object)) = filter.translate(&change)
+                                && tx.send(event_line(kind, object)).await.is_err() {
                                     return;
                                 }
-                            }
                         }
                         Err(broadcast::error::RecvError::Lagged(_)) => {
                             let status = ApiError::expired(format!("too old resource version: {last_rv}")).status();
@@ -915,18 +934,18 @@ impl Ctx<'_> {
                     "the UID in the bound object reference does not match",
                 ));
             }
-            if let Some(node) = self.user.node_name() {
-                if pod["spec"]["nodeName"] != node {
-                    return Err(ApiError::forbidden(
-                        &self.user.name,
-                        "create",
-                        resources::SERVICEACCOUNTS.def(),
-                        Some("token"),
-                        Some(self.namespace),
-                        Some(sa_name),
-                        Some("node requested token bound to a pod scheduled on a different node"),
-                    ));
-                }
+            if let Some(node) = self.user.node_name()
+                && pod["spec"]["nodeName"] != node
+            {
+                return Err(ApiError::forbidden(
+                    &self.user.name,
+                    "create",
+                    resources::SERVICEACCOUNTS.def(),
+                    Some("token"),
+                    Some(self.namespace),
+                    Some(sa_name),
+                    Some("node requested token bound to a pod scheduled on a different node"),
+                ));
             }
             pod_claim = json!({"name": pod_name, "uid": pod["metadata"]["uid"]});
         } else if self.user.node_name().is_some() {
@@ -1047,26 +1066,26 @@ pub fn delete_object(
     let current = store
         .get(resource, namespace, name)
         .ok_or_else(|| ApiError::not_found(def, name))?;
-    if let Some(uid) = preconditions["uid"].as_str() {
-        if current["metadata"]["uid"] != uid {
-            return Err(ApiError::conflict(
-                def,
-                name,
-                &format!(
-                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
-                    current["metadata"]["uid"].as_str().unwrap_or_default()
-                ),
-            ));
-        }
+    if let Some(uid) = preconditions["uid"].as_str()
+        && current["metadata"]["uid"] != uid
+    {
+        return Err(ApiError::conflict(
+            def,
+            name,
+            &format!(
+                "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                current["metadata"]["uid"].as_str().unwrap_or_default()
+            ),
+        ));
     }
-    if let Some(rv) = preconditions["resourceVersion"].as_str() {
-        if current["metadata"]["resourceVersion"] != rv {
-            return Err(ApiError::conflict(
-                def,
-                name,
-                "the object has been modified; please apply your changes to the latest version and try again",
-            ));
-        }
+    if let Some(rv) = preconditions["resourceVersion"].as_str()
+        && current["metadata"]["resourceVersion"] != rv
+    {
+        return Err(ApiError::conflict(
+            def,
+            name,
+            "the object has been modified; please apply your changes to the latest version and try again",
+        ));
     }
     if dry_run {
         return Ok(current);
@@ -1451,6 +1470,7 @@ mod tests {
             kind: EventType::Modified,
             object,
             previous: Some(previous),
+            at: std::time::Instant::now(),
         };
         assert_eq!(
             filter

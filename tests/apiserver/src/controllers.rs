@@ -324,15 +324,16 @@ impl Controllers {
             .and_then(|b| STANDARD.decode(b).ok())
             .and_then(|b| String::from_utf8(b).ok())
             .unwrap_or_default();
-        if conditions.is_empty() && signer == SIGNER_CLIENT_KUBELET {
-            if let Some(reason) = self.auto_approval(&csr, &pem) {
-                let now = admission::now();
-                let _ = self.store().update_with(resources::CSRS, "", name, |csr| {
+        if conditions.is_empty()
+            && signer == SIGNER_CLIENT_KUBELET
+            && let Some(reason) = self.auto_approval(&csr, &pem)
+        {
+            let now = admission::now();
+            let _ = self.store().update_with(resources::CSRS, "", name, |csr| {
                     csr["status"]["conditions"] = json!([{"type": "Approved", "status": "True", "reason": "AutoApproved", "message": reason, "lastUpdateTime": now, "lastTransitionTime": now}]);
                     Ok::<_, ()>(())
                 });
-                return; // the approval is a change of its own; signing follows on it
-            }
+            return; // the approval is a change of its own; signing follows on it
         }
         if !has("Approved")
             || has("Denied")

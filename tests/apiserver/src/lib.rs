@@ -6,6 +6,7 @@ pub mod authz;
 pub mod controllers;
 pub mod patch;
 pub mod pki;
+pub mod protobuf;
 pub mod resources;
 pub mod selectors;
 pub mod server;

@@ -269,4 +269,6 @@ fn seed(state: &ApiState, port: u16) {
                 "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": port}]},
             "status": {"loadBalancer": {}}})))
         .expect("seed kubernetes service");
+    // The cluster existed before: its early history is compacted away.
+    store.compact();
 }

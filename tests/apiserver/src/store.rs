@@ -13,6 +13,9 @@ use crate::resources::Resource;
 /// How many changes the store remembers for resuming watches.
 pub const HISTORY: usize = 20_000;
 
+/// How long a change stays resumable (etcd compacts every 5 minutes under kube-apiserver).
+pub const RETENTION: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// What happened to an object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventType {
@@ -48,6 +51,8 @@ pub struct Change {
     pub object: Value,
     /// The object before a modification, so selector watches can see it leave or enter.
     pub previous: Option<Value>,
+    /// When the change was made, for compaction.
+    pub at: std::time::Instant,
 }
 
 /// Why a store operation failed; each maps to one Kubernetes status reason.
@@ -83,12 +88,16 @@ pub enum UpdateError<E> {
     Rejected(E),
 }
 
+/// Where a watch starts: the remembered changes to replay, and the live feed after them.
+pub type WatchStart = (Vec<Arc<Change>>, broadcast::Receiver<Arc<Change>>);
+
 /// Key of an object within its resource: (namespace, name); namespace is "" for cluster objects.
 pub type Key = (String, String);
 
 #[derive(Debug, Default)]
 struct State {
     rv: u64,
+    compacted: u64,
     objects: BTreeMap<Resource, BTreeMap<Key, Value>>,
     history: VecDeque<Arc<Change>>,
 }
@@ -257,12 +266,10 @@ impl Store {
 
     /// Starts a watch of everything after `from_rv`: the remembered changes since then, and a
     /// receiver for what comes next (subscribed under the lock, so nothing falls in between).
-    pub fn watch_from(
-        &self,
-        from_rv: u64,
-    ) -> Result<(Vec<Arc<Change>>, broadcast::Receiver<Arc<Change>>), StoreError> {
+    pub fn watch_from(&self, from_rv: u64) -> Result<WatchStart, StoreError> {
         let state = self.lock();
         let oldest = state.history.front().map_or(state.rv, |c| c.rv - 1);
+        let oldest = oldest.max(state.compacted);
         if from_rv < oldest {
             return Err(StoreError::TooOld {
                 requested: from_rv,
@@ -276,6 +283,13 @@ impl Store {
             .cloned()
             .collect();
         Ok((backlog, self.changes.subscribe()))
+    }
+
+    /// Forgets every change so far, as a compaction does: watches must start from now on.
+    pub fn compact(&self) {
+        let mut state = self.lock();
+        state.history.clear();
+        state.compacted = state.rv;
     }
 
     /// A receiver of every change from now on (for controllers).
@@ -292,14 +306,21 @@ impl Store {
         object: &Value,
         previous: Option<Value>,
     ) {
+        let at = std::time::Instant::now();
         let change = Arc::new(Change {
             rv,
             resource,
             kind,
             object: object.clone(),
             previous,
+            at,
         });
-        if state.history.len() == HISTORY {
+        while state.history.len() >= HISTORY
+            || state
+                .history
+                .front()
+                .is_some_and(|c| at.duration_since(c.at) > RETENTION)
+        {
             state.history.pop_front();
         }
         state.history.push_back(change.clone());
@@ -396,5 +417,12 @@ mod tests {
             Err(StoreError::TooOld { .. })
         ));
         assert!(store.watch_from(store.current_rv()).is_ok());
+        store.compact();
+        let now = store.current_rv();
+        assert!(
+            matches!(store.watch_from(now - 1), Err(StoreError::TooOld { .. })),
+            "compaction forgets everything before now"
+        );
+        assert!(store.watch_from(now).is_ok());
     }
 }
