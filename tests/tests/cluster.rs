@@ -988,3 +988,188 @@ async fn kubectl_applies_gets_watches_deletes_and_approves_certificates() {
         .delete(&name, &DeleteParams::default())
         .await;
 }
+
+#[tokio::test]
+#[ignore = "cluster tier: run via ./scripts/test cluster, or cargo test -p tug-tests --test cluster -- --ignored (TUG_TEST_KUBECONFIG=<admin kubeconfig> for a real cluster)"]
+async fn finalizers_hold_a_deletion_until_they_are_removed() {
+    let ns = cluster().namespace("final").await;
+    let api: Api<ConfigMap> = Api::namespaced(cluster().admin().await, ns.name());
+    let held: ConfigMap = serde_json::from_value(
+        json!({"metadata": {"name": "held", "finalizers": ["tug.test/hold"]}}),
+    )
+    .unwrap();
+    api.create(&PostParams::default(), &held).await.unwrap();
+    api.delete("held", &DeleteParams::default())
+        .await
+        .expect("delete is accepted");
+    let marked = api
+        .get("held")
+        .await
+        .expect("still there while a finalizer holds it");
+    assert!(
+        marked.metadata.deletion_timestamp.is_some(),
+        "marked for deletion"
+    );
+    let finalizers_cleared = json!({"metadata": {"finalizers": null}});
+    api.patch(
+        "held",
+        &PatchParams::default(),
+        &Patch::Merge(finalizers_cleared),
+    )
+    .await
+    .expect("remove the finalizer");
+    eventually(
+        "the object to go once its finalizer is gone",
+        TIMEOUT,
+        || {
+            let api = api.clone();
+            async move {
+                matches!(api.get("held").await, Err(kube::Error::Api(s)) if s.code == 404)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "cluster tier: run via ./scripts/test cluster, or cargo test -p tug-tests --test cluster -- --ignored (TUG_TEST_KUBECONFIG=<admin kubeconfig> for a real cluster)"]
+async fn watches_carry_bookmarks_when_asked() {
+    let ns = cluster().namespace("bookmark").await;
+    let api: Api<ConfigMap> = Api::namespaced(cluster().admin().await, ns.name());
+    let start = api
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    // Upstream sends a bookmark about 2 s before a watch's timeout, and about every minute.
+    // kube asks for bookmarks (allowWatchBookmarks=true) unless told not to.
+    let params = WatchParams::default().timeout(10);
+    let stream = api.watch(&params, &start).await.expect("watch");
+    let bookmark = Box::pin(stream.try_filter_map(|e| async move {
+        Ok(if let WatchEvent::Bookmark(b) = e {
+            Some(b)
+        } else {
+            None
+        })
+    }))
+    .next()
+    .await
+    .expect("a bookmark before the watch ends")
+    .expect("a well-formed bookmark");
+    let version: u64 = bookmark
+        .metadata
+        .resource_version
+        .parse()
+        .expect("bookmarks carry a resourceVersion");
+    assert!(
+        version >= start.parse::<u64>().unwrap(),
+        "a bookmark never goes back in time"
+    );
+}
+
+#[tokio::test]
+#[ignore = "cluster tier: run via ./scripts/test cluster, or cargo test -p tug-tests --test cluster -- --ignored (TUG_TEST_KUBECONFIG=<admin kubeconfig> for a real cluster)"]
+async fn bad_requests_get_status_errors_and_the_server_keeps_serving() {
+    let ns = cluster().namespace("badinput").await;
+    let base = format!("/api/v1/namespaces/{}/configmaps", ns.name());
+    Api::<ConfigMap>::namespaced(cluster().admin().await, ns.name())
+        .create(&PostParams::default(), &cm("c", json!({})))
+        .await
+        .unwrap();
+    let cases: Vec<(&str, String, &str, Vec<u8>, u16)> = vec![
+        (
+            "GET",
+            format!("{base}?labelSelector=a%20in%20b"),
+            "application/json",
+            vec![],
+            400,
+        ),
+        (
+            "GET",
+            format!("{base}?fieldSelector=spec.bogus%3Dx"),
+            "application/json",
+            vec![],
+            400,
+        ),
+        (
+            "GET",
+            format!("{base}?watch=true&resourceVersion=abc"),
+            "application/json",
+            vec![],
+            400,
+        ),
+        (
+            "PATCH",
+            format!("{base}/c"),
+            "application/json-patch+json",
+            br#"[{"op":"frobnicate"}]"#.to_vec(),
+            400,
+        ),
+        (
+            "PATCH",
+            format!("{base}/c"),
+            "application/json-patch+json",
+            br#"[{"op":"test","path":"/data/k","value":"other"}]"#.to_vec(),
+            422,
+        ),
+        (
+            "PATCH",
+            format!("{base}/c"),
+            "application/merge-patch+json",
+            b"[1,2]".to_vec(),
+            400,
+        ),
+        (
+            "PUT",
+            format!("{base}/c"),
+            "application/json",
+            br#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"other"}}"#.to_vec(),
+            400,
+        ),
+        (
+            "POST",
+            base.clone(),
+            "application/json",
+            br#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p"}}"#.to_vec(),
+            400,
+        ),
+        (
+            "POST",
+            base.clone(),
+            "application/json",
+            br#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"x"},"data":"not-a-map"}"#
+                .to_vec(),
+            400,
+        ),
+        (
+            "DELETE",
+            format!("{base}/missing"),
+            "application/json",
+            vec![],
+            404,
+        ),
+    ];
+    for (method, path, content_type, body, want) in cases {
+        let (code, status) = raw(method, &path, content_type, body).await;
+        assert_eq!(code, want, "{method} {path}: {status}");
+        assert_eq!(
+            text(&status, "/kind"),
+            "Status",
+            "{method} {path} answers with a Status: {status}"
+        );
+    }
+    let (code, version) = raw("GET", "/version", "application/json", vec![]).await;
+    assert_eq!(code, 200, "the server still serves: {version}");
+    let unchanged = Api::<ConfigMap>::namespaced(cluster().admin().await, ns.name())
+        .get("c")
+        .await
+        .unwrap();
+    assert_eq!(
+        unchanged.data.unwrap()["k"],
+        "v",
+        "failed patches changed nothing"
+    );
+}

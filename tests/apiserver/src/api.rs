@@ -578,12 +578,22 @@ impl Ctx<'_> {
             }
             let deadline = tokio::time::sleep(timeout);
             tokio::pin!(deadline);
+            // Like upstream: a bookmark shortly before the watch times out, and periodically.
+            let last_bookmark = tokio::time::sleep(timeout.saturating_sub(Duration::from_secs(2)));
+            tokio::pin!(last_bookmark);
+            let mut last_bookmark_sent = false;
             let mut ticker = tokio::time::interval(state.bookmark_interval);
             ticker.tick().await;
             loop {
                 tokio::select! {
                     () = &mut deadline => return,
                     () = tx.closed() => return,
+                    () = &mut last_bookmark, if bookmarks && !last_bookmark_sent => {
+                        last_bookmark_sent = true;
+                        if tx.send(event_line("BOOKMARK", &bookmark(def, last_rv, false))).await.is_err() {
+                            return;
+                        }
+                    }
                     _ = ticker.tick(), if bookmarks => {
                         if tx.send(event_line("BOOKMARK", &bookmark(def, last_rv, false))).await.is_err() {
                             return;
@@ -790,7 +800,15 @@ impl Ctx<'_> {
                 if let Some(m) = patched["metadata"].as_object_mut() {
                     m.remove("resourceVersion");
                 }
-                patch::apply(kind, &mut patched, &patch_body).map_err(ApiError::bad_request)?;
+                patch::apply(kind, &mut patched, &patch_body).map_err(|e| match e {
+                    patch::PatchError::Malformed(why) => ApiError::bad_request(why),
+                    patch::PatchError::NotApplicable(why) => ApiError {
+                        code: 422,
+                        reason: "Invalid",
+                        message: why,
+                        details: None,
+                    },
+                })?;
                 let (mut patched, _) = admission::decode(def, patched, strict)?;
                 admission::admit_update(
                     &self.state.store,

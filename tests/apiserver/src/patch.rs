@@ -34,24 +34,39 @@ impl PatchKind {
     }
 }
 
-/// Applies `patch` of `kind` to `target`; the error says what in the patch was wrong.
-pub fn apply(kind: PatchKind, target: &mut Value, patch: &Value) -> Result<(), String> {
+/// Why a patch was not applied, split as the apiserver splits it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PatchError {
+    /// The patch document itself is malformed (400 BadRequest).
+    #[error("{0}")]
+    Malformed(String),
+    /// A well-formed patch could not be applied to the object, e.g. a failed `test` (422).
+    #[error("{0}")]
+    NotApplicable(String),
+}
+
+/// Applies `patch` of `kind` to `target`.
+pub fn apply(kind: PatchKind, target: &mut Value, patch: &Value) -> Result<(), PatchError> {
     match kind {
         PatchKind::Merge => {
             if !patch.is_object() {
-                return Err("a merge patch must be a JSON object".into());
+                return Err(PatchError::Malformed(
+                    "a merge patch must be a JSON object".into(),
+                ));
             }
             json_patch::merge(target, patch);
             Ok(())
         }
         PatchKind::Json => {
             let ops: json_patch::Patch = serde_json::from_value(patch.clone())
-                .map_err(|e| format!("invalid JSON patch: {e}"))?;
-            json_patch::patch(target, &ops.0).map_err(|e| format!("the JSON patch failed: {e}"))
+                .map_err(|e| PatchError::Malformed(format!("invalid JSON patch: {e}")))?;
+            json_patch::patch(target, &ops.0).map_err(|e| PatchError::NotApplicable(e.to_string()))
         }
         PatchKind::Strategic | PatchKind::Apply => {
             if !patch.is_object() {
-                return Err("a strategic merge patch must be a JSON object".into());
+                return Err(PatchError::Malformed(
+                    "a strategic merge patch must be a JSON object".into(),
+                ));
             }
             strategic_merge(target, patch, &mut Vec::new());
             Ok(())
