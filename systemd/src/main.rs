@@ -84,6 +84,10 @@ fn normalise_args(mut args: Vec<OsString>) -> Vec<OsString> {
 fn main() -> ExitCode {
     let cli = Cli::parse_from(normalise_args(std::env::args_os().collect()));
     let command = cli.command;
+    if let Command::Cni = command {
+        // The CNI protocol is environment + stdin + stdout; see tug_cni::plugin.
+        return ExitCode::from(tug_cni::plugin::run());
+    }
     eprintln!(
         "tug {}: this component is not built yet (tracked by issue #{}); nothing was started.",
         command.name(),

@@ -9,6 +9,7 @@
 //! missing prerequisite fails the test through [`tier::require`] instead of skipping it.
 
 pub mod cluster;
+pub mod cni;
 pub mod containerd;
 pub mod eventually;
 pub mod netns;

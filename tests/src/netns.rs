@@ -117,3 +117,40 @@ pub fn ip(args: &[&str]) -> Output {
     );
     output
 }
+
+/// Sends a TCP payload from `client` to a listener in `server` at `addr`, echoed back upper-cased;
+/// returns the address the server saw the connection come from.
+pub fn tcp_round_trip(
+    client: &Netns,
+    server: &Netns,
+    addr: std::net::SocketAddr,
+) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let listener = server.run(|| {
+        TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr} in {}: {e}", server.name()))
+    });
+    let echo = std::thread::spawn(move || {
+        let (mut conn, peer) = listener.accept().expect("accept");
+        let mut request = [0u8; 5];
+        conn.read_exact(&mut request).expect("read request");
+        conn.write_all(&request.map(|b| b.to_ascii_uppercase()))
+            .expect("write reply");
+        peer
+    });
+    let reply = client.run(|| {
+        let mut conn = TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("connect from {} to {addr}: {e}", client.name()));
+        conn.write_all(b"hello").expect("write request");
+        let mut reply = [0u8; 5];
+        conn.read_exact(&mut reply).expect("read reply");
+        reply
+    });
+    assert_eq!(
+        &reply,
+        b"HELLO",
+        "the payload round-trips from {} to {addr}",
+        client.name()
+    );
+    echo.join().expect("echo thread")
+}

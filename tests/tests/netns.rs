@@ -1,10 +1,9 @@
 //! netns tier: real veth pairs and real traffic between throwaway network namespaces.
 
-use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use tug_tests::netns::{Netns, veth_pair};
+use tug_tests::netns::{Netns, tcp_round_trip, veth_pair};
 use tug_tests::tier::{Tier, require};
 
 #[test]
@@ -16,32 +15,8 @@ fn tcp_payload_crosses_a_veth_pair_with_the_source_address_preserved() {
     veth_pair(&client, "c0", &server, "s0");
     client.ip(&["addr", "add", "10.250.0.1/24", "dev", "c0"]);
     server.ip(&["addr", "add", "10.250.0.2/24", "dev", "s0"]);
-
-    let listener =
-        server.run(|| TcpListener::bind("10.250.0.2:7000").expect("bind in server netns"));
-    let echo = std::thread::spawn(move || {
-        let (mut conn, peer) = listener.accept().expect("accept");
-        let mut request = [0u8; 5];
-        conn.read_exact(&mut request).expect("read request");
-        conn.write_all(&request.map(|b| b.to_ascii_uppercase()))
-            .expect("write reply");
-        peer
-    });
-
-    let reply = client.run(|| {
-        let addr = SocketAddr::from((Ipv4Addr::new(10, 250, 0, 2), 7000));
-        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-        conn.write_all(b"hello").expect("write request");
-        let mut reply = [0u8; 5];
-        conn.read_exact(&mut reply).expect("read reply");
-        reply
-    });
-    let peer = echo.join().expect("echo thread");
-
-    assert_eq!(
-        &reply, b"HELLO",
-        "payload round-trips through the veth pair"
-    );
+    let server_addr = SocketAddr::from((Ipv4Addr::new(10, 250, 0, 2), 7000));
+    let peer = tcp_round_trip(&client, &server, server_addr);
     assert_eq!(
         peer.ip(),
         Ipv4Addr::new(10, 250, 0, 1),

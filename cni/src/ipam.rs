@@ -1,0 +1,340 @@
+//! IP address management from the node's pod CIDR: crash-safe and safe across concurrent plugin
+//! processes.
+//!
+//! State lives in `<data_dir>/<network>/`, one file per allocated IP named after it and holding
+//! `<container id>\n<ifname>` (the layout of the reference `host-local` plugin, so operators'
+//! habits carry over). An exclusive `flock` on `lock` serialises every change. A file is written
+//! completely under a temporary name and then published with a hard link, which fails if the
+//! name exists — so a crash leaves either no allocation or a complete one that GC can match
+//! against the runtime's valid attachments. The same IP is never handed out twice.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::spec::{Attachment, CniError, code};
+
+const LAST_RESERVED: &str = "last_reserved_ip.0";
+const LOCK: &str = "lock";
+
+/// One network's allocations.
+#[derive(Debug)]
+pub struct Ipam {
+    dir: PathBuf,
+    range: ipnet::Ipv4Net,
+}
+
+/// An allocation: which attachment holds which IP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allocation {
+    /// The address.
+    pub ip: Ipv4Addr,
+    /// The container it belongs to.
+    pub container_id: String,
+    /// Its interface in that container.
+    pub ifname: String,
+}
+
+fn io_error(what: impl std::fmt::Display, path: &Path, e: std::io::Error) -> CniError {
+    CniError::new(
+        code::IO,
+        format!("IPAM {what} failed"),
+        format!("{what} {}: {e}", path.display()),
+    )
+}
+
+impl Ipam {
+    /// Opens (creating if needed, mode 0700) the state of network `network` under `data_dir`.
+    pub fn open(data_dir: &Path, network: &str, range: ipnet::Ipv4Net) -> Result<Ipam, CniError> {
+        if network.contains('/') || network.starts_with('.') {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                "invalid network configuration",
+                format!("network name {network:?} cannot name a directory"),
+            ));
+        }
+        let dir = data_dir.join(network);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| io_error("create state directory", &dir, e))?;
+        Ok(Ipam { dir, range })
+    }
+
+    fn lock(&self) -> Result<Flock<File>, CniError> {
+        let path = self.dir.join(LOCK);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| io_error("open lock", &path, e))?;
+        Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, errno)| io_error("lock", &path, errno.into()))
+    }
+
+    /// Every allocation on disk.
+    pub fn allocations(&self) -> Result<Vec<Allocation>, CniError> {
+        let entries = fs::read_dir(&self.dir).map_err(|e| io_error("list", &self.dir, e))?;
+        let mut allocations = Vec::new();
+        for entry in entries.flatten() {
+            let Some(ip) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<Ipv4Addr>().ok())
+            else {
+                continue;
+            };
+            let text = fs::read_to_string(entry.path()).unwrap_or_default();
+            let mut lines = text.lines().map(|l| l.trim_end_matches('\r'));
+            let container_id = lines.next().unwrap_or_default().to_owned();
+            let ifname = lines.next().unwrap_or_default().to_owned();
+            allocations.push(Allocation {
+                ip,
+                container_id,
+                ifname,
+            });
+        }
+        allocations.sort_by_key(|a| a.ip);
+        Ok(allocations)
+    }
+
+    /// The usable addresses of the range: all hosts but the network and broadcast addresses.
+    fn candidates(&self) -> Vec<Ipv4Addr> {
+        self.range.hosts().collect()
+    }
+
+    /// The IP of `container_id`/`ifname`: its existing allocation, or the next free address
+    /// after the last one handed out.
+    pub fn allocate(&self, container_id: &str, ifname: &str) -> Result<Ipv4Addr, CniError> {
+        let _lock = self.lock()?;
+        if let Some(existing) = self
+            .allocations()?
+            .into_iter()
+            .find(|a| a.container_id == container_id && a.ifname == ifname)
+        {
+            return Ok(existing.ip);
+        }
+        let candidates = self.candidates();
+        let last: Option<Ipv4Addr> = fs::read_to_string(self.dir.join(LAST_RESERVED))
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        let start = last
+            .and_then(|l| candidates.iter().position(|c| *c == l))
+            .map_or(0, |i| i + 1);
+        let temp = self.dir.join(format!(".alloc-{}", std::process::id()));
+        let content = format!("{container_id}\n{ifname}");
+        for ip in candidates.iter().cycle().skip(start).take(candidates.len()) {
+            let path = self.dir.join(ip.to_string());
+            if path.exists() {
+                continue;
+            }
+            write_synced(&temp, content.as_bytes())?;
+            let published = fs::hard_link(&temp, &path);
+            let _ = fs::remove_file(&temp);
+            match published {
+                Ok(()) => {
+                    let last = self.dir.join(LAST_RESERVED);
+                    let last_temp = self.dir.join(format!(".last-{}", std::process::id()));
+                    write_synced(&last_temp, ip.to_string().as_bytes())?;
+                    fs::rename(&last_temp, &last)
+                        .map_err(|e| io_error("record last reserved IP", &last, e))?;
+                    return Ok(*ip);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io_error("publish allocation", &path, e)),
+            }
+        }
+        Err(CniError::new(
+            code::TRY_AGAIN,
+            "no free pod IP",
+            format!(
+                "all {} addresses of {} are allocated",
+                candidates.len(),
+                self.range
+            ),
+        ))
+    }
+
+    /// Releases the IP of `container_id`/`ifname`; returns it, or `None` when it held none.
+    pub fn release(&self, container_id: &str, ifname: &str) -> Result<Option<Ipv4Addr>, CniError> {
+        let _lock = self.lock()?;
+        let mut released = None;
+        for allocation in self.allocations()? {
+            if allocation.container_id == container_id && allocation.ifname == ifname {
+                self.remove(allocation.ip)?;
+                released = Some(allocation.ip);
+            }
+        }
+        Ok(released)
+    }
+
+    /// Releases every allocation not in `valid`; returns what it released.
+    pub fn gc(&self, valid: &[Attachment]) -> Result<Vec<Allocation>, CniError> {
+        let _lock = self.lock()?;
+        let mut released = Vec::new();
+        for allocation in self.allocations()? {
+            let in_use = valid.iter().any(|v| {
+                v.container_id == allocation.container_id && v.ifname == allocation.ifname
+            });
+            if !in_use {
+                self.remove(allocation.ip)?;
+                released.push(allocation);
+            }
+        }
+        Ok(released)
+    }
+
+    /// How many addresses remain free.
+    pub fn free(&self) -> Result<usize, CniError> {
+        Ok(self
+            .candidates()
+            .len()
+            .saturating_sub(self.allocations()?.len()))
+    }
+
+    fn remove(&self, ip: Ipv4Addr) -> Result<(), CniError> {
+        let path = self.dir.join(ip.to_string());
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_error("release", &path, e)),
+        }
+    }
+}
+
+fn write_synced(path: &Path, content: &[u8]) -> Result<(), CniError> {
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| io_error("write", path, e))?;
+    file.write_all(content)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| io_error("write", path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ipam(dir: &Path, cidr: &str) -> Ipam {
+        Ipam::open(dir, "tug", cidr.parse().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn allocations_are_unique_persistent_and_idempotent_per_attachment() {
+        let dir = tempfile::tempdir().unwrap();
+        let ipam = ipam(dir.path(), "10.244.1.0/29");
+        let a = ipam.allocate("c1", "eth0").unwrap();
+        let b = ipam.allocate("c2", "eth0").unwrap();
+        assert_ne!(a, b);
+        assert_eq!(
+            ipam.allocate("c1", "eth0").unwrap(),
+            a,
+            "the same attachment keeps its IP"
+        );
+        assert_eq!(
+            a,
+            "10.244.1.1".parse::<Ipv4Addr>().unwrap(),
+            "the network address is never used"
+        );
+        let reopened =
+            super::Ipam::open(dir.path(), "tug", "10.244.1.0/29".parse().unwrap()).unwrap();
+        assert_eq!(
+            reopened.allocations().unwrap().len(),
+            2,
+            "allocations survive the process"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("tug").join(a.to_string())).unwrap(),
+            "c1\neth0"
+        );
+    }
+
+    #[test]
+    fn the_pool_is_exhausted_cleanly_and_released_addresses_come_back_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let ipam = ipam(dir.path(), "10.244.1.0/29"); // 6 usable hosts
+        let ips: Vec<_> = (0..6)
+            .map(|i| ipam.allocate(&format!("c{i}"), "eth0").unwrap())
+            .collect();
+        assert!(
+            !ips.contains(&"10.244.1.7".parse().unwrap()),
+            "broadcast is never used"
+        );
+        let full = ipam.allocate("c6", "eth0").unwrap_err();
+        assert_eq!(full.code, code::TRY_AGAIN);
+        assert_eq!(ipam.release("c2", "eth0").unwrap(), Some(ips[2]));
+        assert_eq!(
+            ipam.release("c2", "eth0").unwrap(),
+            None,
+            "release is idempotent"
+        );
+        assert_eq!(ipam.allocate("c7", "eth0").unwrap(), ips[2]);
+    }
+
+    #[test]
+    fn released_addresses_are_not_reused_immediately() {
+        let dir = tempfile::tempdir().unwrap();
+        let ipam = ipam(dir.path(), "10.244.1.0/24");
+        let first = ipam.allocate("c1", "eth0").unwrap();
+        ipam.release("c1", "eth0").unwrap();
+        assert_ne!(
+            ipam.allocate("c2", "eth0").unwrap(),
+            first,
+            "allocation continues after the last reserved IP"
+        );
+    }
+
+    #[test]
+    fn gc_keeps_valid_attachments_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let ipam = ipam(dir.path(), "10.244.1.0/24");
+        for c in ["keep", "leak1", "leak2"] {
+            ipam.allocate(c, "eth0").unwrap();
+        }
+        let released = ipam
+            .gc(&[Attachment {
+                container_id: "keep".into(),
+                ifname: "eth0".into(),
+            }])
+            .unwrap();
+        assert_eq!(released.len(), 2);
+        let left: Vec<_> = ipam
+            .allocations()
+            .unwrap()
+            .into_iter()
+            .map(|a| a.container_id)
+            .collect();
+        assert_eq!(left, ["keep"]);
+    }
+
+    #[test]
+    fn concurrent_allocations_from_many_threads_never_collide() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_owned();
+        let handles: Vec<_> = (0..32)
+            .map(|i| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    ipam(&path, "10.244.1.0/24")
+                        .allocate(&format!("c{i}"), "eth0")
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut ips: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        ips.sort();
+        ips.dedup();
+        assert_eq!(ips.len(), 32);
+    }
+}

@@ -1,0 +1,304 @@
+//! netns tier: the tug-cni plugin, exec'd as a runtime does, on "nodes" and "pods" made of real
+//! network namespaces.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use serde_json::json;
+use tug_tests::cni::TugCni;
+use tug_tests::netns::{Netns, tcp_round_trip};
+use tug_tests::tier::{Tier, require};
+
+/// A node namespace with an address of its own (on `lo`: this kernel has no dummy devices) and
+/// forwarding on (tug netd enables it).
+fn node(label: &str, ip: &str) -> Netns {
+    let node = Netns::new(label);
+    node.ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"]);
+    node.run(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))
+        .expect("enable forwarding in the node");
+    node
+}
+
+fn ip(text: &str) -> Ipv4Addr {
+    text.parse().unwrap_or_else(|e| panic!("{text}: {e}"))
+}
+
+#[test]
+#[ignore = "netns tier (root): run as root via ./scripts/test, or cargo build -p tug && cargo test -p tug-tests --test cni -- --ignored"]
+fn pods_on_a_node_reach_each_other_and_the_node_with_their_own_addresses() {
+    require(Tier::Netns);
+    let cni = TugCni::new("10.244.7.0/24");
+    let node = node("cn", "192.168.200.1");
+    let (pod_a, pod_b) = (Netns::new("pa"), Netns::new("pb"));
+    let (ip_a, result) = cni.add(&node, "pod-a", &pod_a);
+    let (ip_b, _) = cni.add(&node, "pod-b", &pod_b);
+    assert_ne!(ip_a, ip_b);
+    assert_eq!(result["cniVersion"], "1.1.0");
+    assert_eq!(result["interfaces"][1]["name"], "eth0");
+    assert_eq!(
+        result["interfaces"][1]["sandbox"],
+        pod_a.path().to_str().unwrap()
+    );
+    assert!(
+        result["interfaces"][0]["mac"]
+            .as_str()
+            .is_some_and(|m| m.len() == 17),
+        "{result}"
+    );
+
+    let peer = tcp_round_trip(&pod_a, &pod_b, SocketAddr::from((ip(&ip_b), 8080)));
+    assert_eq!(
+        peer.ip(),
+        ip(&ip_a),
+        "pod B sees pod A's own address (no NAT)"
+    );
+    let peer = tcp_round_trip(&node, &pod_a, SocketAddr::from((ip(&ip_a), 8081)));
+    assert_eq!(
+        peer.ip(),
+        ip("192.168.200.1"),
+        "a pod sees the node's own address"
+    );
+    let peer = tcp_round_trip(&pod_b, &node, SocketAddr::from((ip("192.168.200.1"), 8082)));
+    assert_eq!(peer.ip(), ip(&ip_b), "the node sees the pod's address");
+
+    let mtu = pod_a.ip(&["-j", "link", "show", "eth0"]);
+    let link: serde_json::Value = serde_json::from_slice(&mtu.stdout).unwrap();
+    assert_eq!(link[0]["mtu"], 1450, "the configured MTU");
+    let lo = pod_a.ip(&["-j", "link", "show", "lo"]);
+    assert!(
+        String::from_utf8_lossy(&lo.stdout).contains("\"UP\""),
+        "lo is up in the pod"
+    );
+
+    let check = cni.run(
+        &node,
+        "CHECK",
+        "pod-a",
+        Some(&pod_a.path()),
+        &cni.conf(json!({"prevResult": result})),
+    );
+    assert!(
+        check.success,
+        "CHECK passes on an intact attachment: {}",
+        check.json
+    );
+    pod_a.ip(&["route", "del", "default"]);
+    let check = cni.run(
+        &node,
+        "CHECK",
+        "pod-a",
+        Some(&pod_a.path()),
+        &cni.conf(json!({"prevResult": result})),
+    );
+    assert!(!check.success);
+    assert_eq!(check.json["code"], 100, "{}", check.json);
+    assert!(
+        check.json["details"]
+            .as_str()
+            .unwrap()
+            .contains("default route"),
+        "{}",
+        check.json
+    );
+}
+
+#[test]
+#[ignore = "netns tier (root): run as root via ./scripts/test, or cargo build -p tug && cargo test -p tug-tests --test cni -- --ignored"]
+fn del_is_idempotent_and_releases_everything() {
+    require(Tier::Netns);
+    let cni = TugCni::new("10.244.8.0/24");
+    let node = node("dn", "192.168.201.1");
+    let pod = Netns::new("dp");
+    let (pod_ip, result) = cni.add(&node, "pod-del", &pod);
+    assert_eq!(cni.allocations(), std::slice::from_ref(&pod_ip));
+    for attempt in 1..=3 {
+        let del = cni.run(
+            &node,
+            "DEL",
+            "pod-del",
+            Some(&pod.path()),
+            &cni.conf(json!({"prevResult": result})),
+        );
+        assert!(del.success, "DEL #{attempt} succeeds: {}", del.json);
+    }
+    assert!(cni.allocations().is_empty(), "the address is released");
+    let host_links = String::from_utf8_lossy(&node.ip(&["-o", "link"]).stdout).into_owned();
+    assert!(
+        !host_links.contains(result["interfaces"][0]["name"].as_str().unwrap()),
+        "the host veth is gone: {host_links}"
+    );
+    let routes = String::from_utf8_lossy(&node.ip(&["route"]).stdout).into_owned();
+    assert!(
+        !routes.contains(&pod_ip),
+        "the host route is gone: {routes}"
+    );
+    drop(pod);
+    let del = cni.run(&node, "DEL", "pod-del", None, &cni.conf(json!({})));
+    assert!(
+        del.success,
+        "DEL with the netns already gone succeeds: {}",
+        del.json
+    );
+}
+
+#[test]
+#[ignore = "netns tier (root): run as root via ./scripts/test, or cargo build -p tug && cargo test -p tug-tests --test cni -- --ignored"]
+fn two_hundred_concurrent_adds_get_two_hundred_distinct_addresses() {
+    require(Tier::Netns);
+    let cni = TugCni::new("10.244.9.0/24");
+    let node = node("cc", "192.168.202.1");
+    let pods: Vec<Netns> = (0..200).map(|_| Netns::new("cp")).collect();
+    let conf = cni.conf(json!({})).to_string();
+    let children: Vec<_> = pods
+        .iter()
+        .enumerate()
+        .map(|(i, pod)| {
+            let mut child = cni
+                .command(&node, "ADD", &format!("ctr-{i}"), Some(&pod.path()))
+                .spawn()
+                .expect("exec tug-cni");
+            std::io::Write::write_all(&mut child.stdin.take().unwrap(), conf.as_bytes()).unwrap();
+            child
+        })
+        .collect();
+    let mut ips = Vec::new();
+    for (i, child) in children.into_iter().enumerate() {
+        let output = child.wait_with_output().unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|_| panic!("ADD ctr-{i}: {}", String::from_utf8_lossy(&output.stdout)));
+        assert!(output.status.success(), "ADD ctr-{i}: {json}");
+        ips.push(json["ips"][0]["address"].as_str().unwrap().to_owned());
+    }
+    let mut distinct = ips.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 200, "200 distinct addresses");
+    assert_eq!(cni.allocations().len(), 200);
+}
+
+#[test]
+#[ignore = "netns tier (root): run as root via ./scripts/test, or cargo build -p tug && cargo test -p tug-tests --test cni -- --ignored"]
+fn a_killed_add_leaves_nothing_gc_cannot_reclaim() {
+    require(Tier::Netns);
+    let cni = TugCni::new("10.244.10.0/24");
+    let node = node("kn", "192.168.203.1");
+    let keeper = Netns::new("kk");
+    cni.add(&node, "keeper", &keeper);
+    let conf = cni.conf(json!({})).to_string();
+    // Kill ADDs at different moments; some die before, some during, some after their work.
+    for (i, delay) in [0u64, 1, 2, 3, 5, 8, 13].iter().enumerate() {
+        let pod = Netns::new("kp");
+        let mut child = cni
+            .command(&node, "ADD", &format!("killed-{i}"), Some(&pod.path()))
+            .spawn()
+            .expect("exec tug-cni");
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), conf.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(*delay));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let gc = cni.run(
+        &node,
+        "GC",
+        "",
+        None,
+        &cni.conf(
+            json!({"cni.dev/valid-attachments": [{"containerID": "keeper", "ifname": "eth0"}]}),
+        ),
+    );
+    assert!(gc.success, "GC: {}", gc.json);
+    assert_eq!(
+        cni.allocations().len(),
+        1,
+        "only the keeper's address is left: {:?}",
+        cni.allocations()
+    );
+    let links = String::from_utf8_lossy(&node.ip(&["-o", "link"]).stdout).into_owned();
+    let tug_links = links
+        .lines()
+        .filter(|l| l.contains(": tug") || l.contains(": tmp"))
+        .count();
+    assert_eq!(tug_links, 1, "only the keeper's host veth is left: {links}");
+}
+
+#[test]
+#[ignore = "netns tier (root): run as root via ./scripts/test, or cargo build -p tug && cargo test -p tug-tests --test cni -- --ignored"]
+fn bad_input_gets_spec_error_json_with_the_right_code() {
+    require(Tier::Netns);
+    let cni = TugCni::new("10.244.11.0/24");
+    let node = node("bn", "192.168.204.1");
+    let pod = Netns::new("bp");
+    let cases = [
+        ("bad JSON", "ADD", Some(pod.path()), json!("{not json"), 6),
+        (
+            "unknown version",
+            "ADD",
+            Some(pod.path()),
+            cni.conf(json!({"cniVersion": "9.9.9"})),
+            1,
+        ),
+        (
+            "ipam delegation",
+            "ADD",
+            Some(pod.path()),
+            cni.conf(json!({"ipam": {"type": "host-local"}})),
+            2,
+        ),
+        (
+            "bad MTU",
+            "ADD",
+            Some(pod.path()),
+            cni.conf(json!({"mtu": 12})),
+            7,
+        ),
+        ("missing netns", "ADD", None, cni.conf(json!({})), 4),
+        (
+            "unknown netns",
+            "ADD",
+            Some("/run/netns/does-not-exist".into()),
+            cni.conf(json!({})),
+            3,
+        ),
+        (
+            "no pod CIDR yet",
+            "STATUS",
+            None,
+            cni.conf(json!({"podCIDRs": []})),
+            50,
+        ),
+        ("unknown command", "FROB", None, cni.conf(json!({})), 4),
+    ];
+    for (what, command, netns, conf, want) in cases {
+        let mut child = cni
+            .command(&node, command, "bad-input", netns.as_deref())
+            .spawn()
+            .expect("exec tug-cni");
+        let stdin = match &conf {
+            serde_json::Value::String(raw) => raw.clone(),
+            other => other.to_string(),
+        };
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), stdin.as_bytes()).unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert!(
+            !output.status.success(),
+            "{what}: exit status must be non-zero"
+        );
+        let error: serde_json::Value = serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|_| panic!("{what}: {}", String::from_utf8_lossy(&output.stdout)));
+        assert_eq!(error["code"], want, "{what}: {error}");
+        assert!(
+            error["msg"].as_str().is_some_and(|m| !m.is_empty()) && error["cniVersion"].is_string(),
+            "{what}: {error}"
+        );
+    }
+    assert!(
+        cni.allocations().is_empty(),
+        "failed ADDs leave no allocation"
+    );
+    let status = cni.run(&node, "STATUS", "", None, &cni.conf(json!({})));
+    assert!(
+        status.success && status.json.is_null(),
+        "STATUS with a pod CIDR is ready: {}",
+        status.json
+    );
+}
