@@ -6,6 +6,7 @@
 
 pub mod dataplane;
 pub mod ipam;
+pub mod netd;
 pub mod netns;
 pub mod plugin;
 pub mod spec;

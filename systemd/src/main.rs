@@ -10,6 +10,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod netd;
+mod shutdown;
+
 /// Exit status for a component that exists in the command line but is not built yet
 /// (`EX_UNAVAILABLE` from sysexits.h), so scripts can tell it from a usage error (2).
 const NOT_BUILT: u8 = 69;
@@ -35,7 +38,7 @@ enum Command {
     /// Run kube-proxy: program Services and EndpointSlices as iptables, nftables or IPVS rules.
     Proxy,
     /// Run the node network agent: CNI config for this node's pod CIDR, routes to other nodes.
-    Netd,
+    Netd(netd::NetdArgs),
     /// Act as the CNI plugin (what `tug-cni` runs when a CRI runtime execs it).
     Cni,
     /// Join an existing cluster with a bootstrap token and install tug's systemd units.
@@ -51,7 +54,7 @@ impl Command {
             Command::Kubelet => 7,
             Command::Shim => 5,
             Command::Proxy => 6,
-            Command::Netd | Command::Cni => 4,
+            Command::Netd(_) | Command::Cni => 4,
             Command::Join | Command::Reset => 9,
         }
     }
@@ -61,7 +64,7 @@ impl Command {
             Command::Kubelet => "kubelet",
             Command::Shim => "shim",
             Command::Proxy => "proxy",
-            Command::Netd => "netd",
+            Command::Netd(_) => "netd",
             Command::Cni => "cni",
             Command::Join => "join",
             Command::Reset => "reset",
@@ -84,9 +87,11 @@ fn normalise_args(mut args: Vec<OsString>) -> Vec<OsString> {
 fn main() -> ExitCode {
     let cli = Cli::parse_from(normalise_args(std::env::args_os().collect()));
     let command = cli.command;
-    if let Command::Cni = command {
+    match command {
         // The CNI protocol is environment + stdin + stdout; see tug_cni::plugin.
-        return ExitCode::from(tug_cni::plugin::run());
+        Command::Cni => return ExitCode::from(tug_cni::plugin::run()),
+        Command::Netd(args) => return run_async(netd::run(args)),
+        _ => {}
     }
     eprintln!(
         "tug {}: this component is not built yet (tracked by issue #{}); nothing was started.",
@@ -94,6 +99,29 @@ fn main() -> ExitCode {
         command.tracking_issue()
     );
     ExitCode::from(NOT_BUILT)
+}
+
+/// Runs a long-lived component on a multi-threaded runtime with logging; errors print their
+/// whole chain and exit 1.
+fn run_async(component: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    shutdown::init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("tug: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(component) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("tug: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[cfg(test)]
