@@ -30,6 +30,7 @@ pub struct TugCni {
     bin_dir: tempfile::TempDir,
     data_dir: tempfile::TempDir,
     pod_cidr: String,
+    template: Option<Value>,
 }
 
 /// What one invocation returned.
@@ -51,7 +52,24 @@ impl TugCni {
             bin_dir,
             data_dir: tempfile::tempdir().expect("data dir"),
             pod_cidr: pod_cidr.to_owned(),
+            template: None,
         }
+    }
+
+    /// A plugin driven by the conflist at `path` (as tug netd writes it), the way a runtime
+    /// builds the plugin's configuration from a conflist: its first plugin with the list's
+    /// `cniVersion` and `name`.
+    pub fn from_conflist(path: &Path) -> TugCni {
+        let text = std::fs::read_to_string(path)
+            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        let list: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()));
+        let mut conf = list["plugins"][0].clone();
+        conf["cniVersion"] = list["cniVersion"].clone();
+        conf["name"] = list["name"].clone();
+        let mut cni = TugCni::new(conf["podCIDRs"][0].as_str().expect("a pod CIDR"));
+        cni.template = Some(conf);
+        cni
     }
 
     /// The plugin's path.
@@ -85,7 +103,9 @@ impl TugCni {
 
     /// The network configuration, with `extra` fields merged in.
     pub fn conf(&self, extra: Value) -> Value {
-        let mut conf = json!({"cniVersion": "1.1.0", "name": "tug", "type": "tug-cni", "podCIDRs": [self.pod_cidr], "mtu": 1450, "dataDir": self.data_dir.path()});
+        let mut conf = self.template.clone().unwrap_or_else(|| {
+            json!({"cniVersion": "1.1.0", "name": "tug", "type": "tug-cni", "podCIDRs": [self.pod_cidr], "mtu": 1450, "dataDir": self.data_dir.path()})
+        });
         if let (Some(c), Some(e)) = (conf.as_object_mut(), extra.as_object()) {
             c.extend(e.clone());
         }

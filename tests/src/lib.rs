@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod cni;
 pub mod containerd;
 pub mod eventually;
+pub mod lan;
 pub mod netns;
 pub mod substrate;
 pub mod tier;

@@ -1,0 +1,183 @@
+//! Multi-node topologies from network namespaces: an L2 segment is a bridge inside a namespace
+//! of its own; nodes, routers and the host attach to it with veth pairs. A [`Relay`] on the
+//! host's attachment lets namespaced "nodes" reach the API server the tests use (the in-process
+//! one on 127.0.0.1, or a real cluster), with `tls-server-name` keeping TLS verification real.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use crate::netns::{Netns, ip};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// An L2 segment: a bridge in a namespace of its own.
+#[derive(Debug)]
+pub struct Lan {
+    ns: Netns,
+    host_links: std::sync::Mutex<Vec<String>>,
+}
+
+impl Lan {
+    /// A new empty segment.
+    pub fn new(label: &str) -> Lan {
+        let ns = Netns::new(label);
+        ns.ip(&["link", "add", "br0", "type", "bridge"]);
+        ns.ip(&["link", "set", "br0", "up"]);
+        Lan {
+            ns,
+            host_links: Default::default(),
+        }
+    }
+
+    fn veth_names(&self) -> (String, String) {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        (
+            format!("tl{}p{n}", std::process::id() % 100_000),
+            format!("tl{}q{n}", std::process::id() % 100_000),
+        )
+    }
+
+    /// Plugs `ns` into the segment as interface `ifname` with address `cidr` (e.g. "192.168.5.1/24").
+    pub fn attach(&self, ns: &Netns, ifname: &str, cidr: &str) {
+        let (port, peer) = self.veth_names();
+        ip(&[
+            "link",
+            "add",
+            &port,
+            "netns",
+            self.ns.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+            "netns",
+            ns.name(),
+        ]);
+        self.ns.ip(&["link", "set", &port, "master", "br0", "up"]);
+        ns.ip(&["link", "set", &peer, "name", ifname]);
+        ns.ip(&["addr", "add", cidr, "dev", ifname]);
+        ns.ip(&["link", "set", ifname, "up"]);
+    }
+
+    /// Plugs the host's own namespace into the segment with address `cidr`; returns the link name.
+    /// The link goes away with the segment.
+    pub fn attach_host(&self, cidr: &str) -> String {
+        let (port, host) = self.veth_names();
+        ip(&[
+            "link",
+            "add",
+            &port,
+            "netns",
+            self.ns.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &host,
+        ]);
+        self.ns.ip(&["link", "set", &port, "master", "br0", "up"]);
+        ip(&["addr", "add", cidr, "dev", &host]);
+        ip(&["link", "set", &host, "up"]);
+        self.host_links
+            .lock()
+            .expect("host links")
+            .push(host.clone());
+        host
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for link in self.host_links.lock().expect("host links").drain(..) {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", &link])
+                .status();
+        }
+    }
+}
+
+/// A TCP relay from a local address to a target (TLS passes through untouched).
+#[derive(Debug)]
+pub struct Relay {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl Relay {
+    /// Listens on `bind` (port 0 picks one) and forwards every connection to `target`.
+    pub fn start(bind: SocketAddr, target: &str) -> Relay {
+        let target = target
+            .to_socket_addrs()
+            .expect("resolve relay target")
+            .next()
+            .expect("a target address");
+        let listener = TcpListener::bind(bind).unwrap_or_else(|e| panic!("relay bind {bind}: {e}"));
+        let addr = listener.local_addr().expect("relay address");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stopping.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(client) = conn else { continue };
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (client.try_clone(), server.try_clone()),
+                    (server.try_clone(), client.try_clone()),
+                ]
+                .into_iter()
+                .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                {
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 * 1024];
+                        loop {
+                            match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Relay { addr, stop }
+    }
+
+    /// Where the relay listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+/// `kubeconfig` with its server replaced by `server` and TLS verified against `tls_server_name`.
+pub fn redirect_kubeconfig(kubeconfig: &str, server: &str, tls_server_name: &str) -> String {
+    kubeconfig
+        .lines()
+        .map(|line| match line.trim_start().strip_prefix("server: ") {
+            Some(_) => {
+                let indent = &line[..line.len() - line.trim_start().len()];
+                format!("{indent}server: {server}\n{indent}tls-server-name: {tls_server_name}")
+            }
+            None => line.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
