@@ -12,9 +12,9 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use futures::TryStreamExt;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::route::RouteScope;
-use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use sha2::{Digest, Sha256};
 
 use crate::netns;
@@ -164,7 +164,6 @@ impl Netlink {
 impl Dataplane for Netlink {
     fn setup(&self, attach: &Attach<'_>) -> Result<[Interface; 2], CniError> {
         let host_name = host_veth_name(attach.container_id, attach.ifname);
-        let temp_peer = format!("tmp{}", &host_name[3..]);
         let netns_file = std::fs::File::open(attach.netns).map_err(|e| {
             CniError::new(
                 code::UNKNOWN_CONTAINER,
@@ -172,45 +171,45 @@ impl Dataplane for Netlink {
                 format!("open netns {}: {e}", attach.netns),
             )
         })?;
+        // The pod end is created directly inside the pod's namespace: moving a device between
+        // namespaces afterwards waits for an RCU grace period (tens of milliseconds).
         let (host_mac, host_mac_bytes) = self.on_host(async |handle| {
-            for stale in [&host_name, &temp_peer] {
-                if let Some(link) = link_by_name(handle, stale).await? {
-                    handle
-                        .link()
-                        .del(link.header.index)
-                        .execute()
-                        .await
-                        .map_err(netlink_error(format!("delete leftover link {stale}")))?;
-                }
+            if let Some(link) = link_by_name(handle, &host_name).await? {
+                handle
+                    .link()
+                    .del(link.header.index)
+                    .execute()
+                    .await
+                    .map_err(netlink_error(format!("delete leftover link {host_name}")))?;
             }
+            let peer = LinkMessageBuilder::<LinkUnspec>::new()
+                .name(attach.ifname.to_owned())
+                .mtu(attach.mtu)
+                .setns_by_fd(netns_file.as_raw_fd())
+                .build();
+            let veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+                .name(host_name.clone())
+                .mtu(attach.mtu)
+                .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+                .build();
             handle
                 .link()
-                .add(
-                    LinkVeth::new(&host_name, &temp_peer)
-                        .mtu(attach.mtu)
-                        .build(),
-                )
+                .add(veth)
                 .execute()
                 .await
-                .map_err(netlink_error(format!(
-                    "create veth pair {host_name}/{temp_peer}"
-                )))?;
-            let peer = link_by_name(handle, &temp_peer)
-                .await?
-                .ok_or_else(|| CniError::new(code::IO, "veth peer vanished", temp_peer.clone()))?;
-            handle
-                .link()
-                .set(
-                    LinkUnspec::new_with_index(peer.header.index)
-                        .setns_by_fd(netns_file.as_raw_fd())
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(netlink_error(format!(
-                    "move {temp_peer} into netns {}",
-                    attach.netns
-                )))?;
+                .map_err(|e| match &e {
+                    rtnetlink::Error::NetlinkError(m) if -m.raw_code() == nix::libc::EEXIST => {
+                        CniError::new(
+                            code::IO,
+                            "interface already exists",
+                            format!("{} already exists in netns {}", attach.ifname, attach.netns),
+                        )
+                    }
+                    _ => netlink_error(format!(
+                        "create veth pair {host_name} / {} in {}",
+                        attach.ifname, attach.netns
+                    ))(e),
+                })?;
             let host = link_by_name(handle, &host_name)
                 .await?
                 .ok_or_else(|| CniError::new(code::IO, "host veth vanished", host_name.clone()))?;
@@ -239,31 +238,14 @@ impl Dataplane for Netlink {
         })?;
         let pod_mac = netns::run_in(Path::new(attach.netns), || async {
             let handle = connect()?;
-            if link_by_name(&handle, attach.ifname).await?.is_some() {
-                return Err(CniError::new(
+            let pod = link_by_name(&handle, attach.ifname).await?.ok_or_else(|| {
+                CniError::new(
                     code::IO,
-                    "interface already exists",
-                    format!("{} already exists in netns {}", attach.ifname, attach.netns),
-                ));
-            }
-            let peer = link_by_name(&handle, &temp_peer).await?.ok_or_else(|| {
-                CniError::new(code::IO, "veth peer missing in the pod", temp_peer.clone())
-            })?;
-            let index = peer.header.index;
-            handle
-                .link()
-                .set(
-                    LinkUnspec::new_with_index(index)
-                        .name(attach.ifname.to_owned())
-                        .mtu(attach.mtu)
-                        .build(),
+                    "pod interface missing",
+                    format!("{} is not in netns {}", attach.ifname, attach.netns),
                 )
-                .execute()
-                .await
-                .map_err(netlink_error(format!(
-                    "rename {temp_peer} to {}",
-                    attach.ifname
-                )))?;
+            })?;
+            let index = pod.header.index;
             handle
                 .link()
                 .set(LinkUnspec::new_with_index(index).up().build())
@@ -313,9 +295,6 @@ impl Dataplane for Netlink {
                     "add default route via {GATEWAY} dev {}",
                     attach.ifname
                 )))?;
-            let pod = link_by_name(&handle, attach.ifname).await?.ok_or_else(|| {
-                CniError::new(code::IO, "pod interface vanished", attach.ifname.to_owned())
-            })?;
             Ok(mac_of(&pod))
         })
         .map_err(netns_error)??;

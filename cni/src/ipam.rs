@@ -5,8 +5,10 @@
 //! `<container id>\n<ifname>` (the layout of the reference `host-local` plugin, so operators'
 //! habits carry over). An exclusive `flock` on `lock` serialises every change. A file is written
 //! completely under a temporary name and then published with a hard link, which fails if the
-//! name exists — so a crash leaves either no allocation or a complete one that GC can match
-//! against the runtime's valid attachments. The same IP is never handed out twice.
+//! name exists — so a killed plugin leaves either no allocation or a complete one that GC can
+//! match against the runtime's valid attachments. The same IP is never handed out twice. Files
+//! are not fsynced: they must survive a process, not the machine (after a power loss no pod
+//! survives either, and runtimes re-add every sandbox).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -135,14 +137,14 @@ impl Ipam {
             if path.exists() {
                 continue;
             }
-            write_synced(&temp, content.as_bytes())?;
+            write_file(&temp, content.as_bytes())?;
             let published = fs::hard_link(&temp, &path);
             let _ = fs::remove_file(&temp);
             match published {
                 Ok(()) => {
                     let last = self.dir.join(LAST_RESERVED);
                     let last_temp = self.dir.join(format!(".last-{}", std::process::id()));
-                    write_synced(&last_temp, ip.to_string().as_bytes())?;
+                    write_file(&last_temp, ip.to_string().as_bytes())?;
                     fs::rename(&last_temp, &last)
                         .map_err(|e| io_error("record last reserved IP", &last, e))?;
                     return Ok(*ip);
@@ -209,7 +211,7 @@ impl Ipam {
     }
 }
 
-fn write_synced(path: &Path, content: &[u8]) -> Result<(), CniError> {
+fn write_file(path: &Path, content: &[u8]) -> Result<(), CniError> {
     let mut file = OpenOptions::new()
         .create(true)
         .truncate(true)

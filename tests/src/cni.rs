@@ -9,8 +9,12 @@ use serde_json::{Value, json};
 
 use crate::netns::Netns;
 
-/// The `tug` binary of this workspace (built by `cargo build`; scripts/test builds it).
+/// The `tug` binary of this workspace (built by `cargo build`; scripts/test builds it), or the
+/// one `TUG_BINARY` names (benchmarks use the release build).
 pub fn tug_binary() -> PathBuf {
+    if let Some(binary) = std::env::var_os("TUG_BINARY") {
+        return PathBuf::from(binary);
+    }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
