@@ -3,7 +3,10 @@
 //! Needs root: `cargo build --release -p tug && TUG_BINARY=target/release/tug cargo bench -p
 //! tug-tests --bench cni`.
 
-#![allow(clippy::print_stdout, reason = "a benchmark reports its figures on stdout")]
+#![allow(
+    clippy::print_stdout,
+    reason = "a benchmark reports its figures on stdout"
+)]
 
 use std::io::Write;
 use std::path::Path;

@@ -11,6 +11,7 @@
 pub mod cluster;
 pub mod cni;
 pub mod containerd;
+pub mod cri;
 pub mod eventually;
 pub mod lan;
 pub mod netns;

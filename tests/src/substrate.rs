@@ -45,6 +45,16 @@ impl Substrate {
         self.images.join(format!("{name}.tar"))
     }
 
+    /// The CNI configuration directory of the test containerd's CRI plugin.
+    pub fn cri_cni_conf_dir(&self) -> PathBuf {
+        self.state.join("cni/net.d")
+    }
+
+    /// The CNI plugin directory of the test containerd's CRI plugin.
+    pub fn cri_cni_bin_dir(&self) -> PathBuf {
+        self.state.join("cni/bin")
+    }
+
     /// Debian's guest kernel and its modules, unpacked by `scripts/vm-assets`.
     pub fn vm_dir(&self) -> PathBuf {
         self.state.join("vm")
