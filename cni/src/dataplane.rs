@@ -7,18 +7,19 @@
 //! traffic from the node to its pods keeps the node's own source address. The host has a /32
 //! route to the pod through the host veth.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use futures::TryStreamExt;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::route::RouteScope;
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use sha2::{Digest, Sha256};
 
 use crate::netns;
-use crate::spec::{CniError, GATEWAY, Interface, code};
+use crate::spec::{CniError, GATEWAY, GATEWAY6, Interface, code};
 
 /// What to set up for one attachment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,8 +30,10 @@ pub struct Attach<'a> {
     pub ifname: &'a str,
     /// Path of the pod's network namespace.
     pub netns: &'a str,
-    /// The pod's address.
+    /// The pod's IPv4 address.
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address, when the node is dual-stack.
+    pub ip6: Option<Ipv6Addr>,
     /// MTU of both ends.
     pub mtu: u32,
 }
@@ -234,6 +237,21 @@ impl Dataplane for Netlink {
                     "add route {}/32 dev {host_name}",
                     attach.ip
                 )))?;
+            if let Some(ip6) = attach.ip6 {
+                let route = RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(ip6, 128)
+                    .output_interface(host.header.index)
+                    .build();
+                handle
+                    .route()
+                    .add(route)
+                    .replace()
+                    .execute()
+                    .await
+                    .map_err(netlink_error(format!(
+                        "add route {ip6}/128 dev {host_name}"
+                    )))?;
+            }
             Ok((mac_of(&host), mac_bytes(&host)))
         })?;
         let pod_mac = netns::run_in(Path::new(attach.netns), || async {
@@ -295,6 +313,42 @@ impl Dataplane for Netlink {
                     "add default route via {GATEWAY} dev {}",
                     attach.ifname
                 )))?;
+            if let Some(ip6) = attach.ip6 {
+                // No duplicate address detection: the address is ours alone, and DAD would hold
+                // it tentative (unusable) for a second.
+                let mut add = handle.address().add(index, IpAddr::V6(ip6), 128);
+                add.message_mut()
+                    .attributes
+                    .push(AddressAttribute::Flags(AddressFlags::Nodad));
+                add.execute()
+                    .await
+                    .map_err(netlink_error(format!("add {ip6}/128 to {}", attach.ifname)))?;
+                handle
+                    .neighbours()
+                    .add(index, IpAddr::V6(GATEWAY6))
+                    .link_layer_address(&host_mac_bytes)
+                    .replace()
+                    .execute()
+                    .await
+                    .map_err(netlink_error(format!(
+                        "add neighbour {GATEWAY6} lladdr {host_mac} dev {}",
+                        attach.ifname
+                    )))?;
+                let default6 = RouteMessageBuilder::<Ipv6Addr>::new()
+                    .gateway(GATEWAY6)
+                    .output_interface(index)
+                    .build();
+                handle
+                    .route()
+                    .add(default6)
+                    .replace()
+                    .execute()
+                    .await
+                    .map_err(netlink_error(format!(
+                        "add default route via {GATEWAY6} dev {}",
+                        attach.ifname
+                    )))?;
+            }
             Ok(mac_of(&pod))
         })
         .map_err(netns_error)??;

@@ -12,7 +12,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -20,21 +20,28 @@ use nix::fcntl::{Flock, FlockArg};
 
 use crate::spec::{Attachment, CniError, code};
 
-const LAST_RESERVED: &str = "last_reserved_ip.0";
+/// Per-range record of the last address handed out (`last_reserved_ip.0` for IPv4,
+/// `.1` for IPv6), so allocation continues after it instead of reusing a just-freed address.
+fn last_reserved_file(range: &ipnet::IpNet) -> &'static str {
+    match range {
+        ipnet::IpNet::V4(_) => "last_reserved_ip.0",
+        ipnet::IpNet::V6(_) => "last_reserved_ip.1",
+    }
+}
 const LOCK: &str = "lock";
 
 /// One network's allocations.
 #[derive(Debug)]
 pub struct Ipam {
     dir: PathBuf,
-    range: ipnet::Ipv4Net,
+    range: ipnet::IpNet,
 }
 
 /// An allocation: which attachment holds which IP.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Allocation {
     /// The address.
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// The container it belongs to.
     pub container_id: String,
     /// Its interface in that container.
@@ -51,7 +58,12 @@ fn io_error(what: impl std::fmt::Display, path: &Path, e: std::io::Error) -> Cni
 
 impl Ipam {
     /// Opens (creating if needed, mode 0700) the state of network `network` under `data_dir`.
-    pub fn open(data_dir: &Path, network: &str, range: ipnet::Ipv4Net) -> Result<Ipam, CniError> {
+    pub fn open(
+        data_dir: &Path,
+        network: &str,
+        range: impl Into<ipnet::IpNet>,
+    ) -> Result<Ipam, CniError> {
+        let range = range.into();
         if network.contains('/') || network.starts_with('.') {
             return Err(CniError::new(
                 code::INVALID_CONFIG,
@@ -89,10 +101,13 @@ impl Ipam {
             let Some(ip) = entry
                 .file_name()
                 .to_str()
-                .and_then(|n| n.parse::<Ipv4Addr>().ok())
+                .and_then(|n| n.parse::<IpAddr>().ok())
             else {
                 continue;
             };
+            if !self.range.contains(&ip) {
+                continue; // the other family's range shares the directory
+            }
             let text = fs::read_to_string(entry.path()).unwrap_or_default();
             let mut lines = text.lines().map(|l| l.trim_end_matches('\r'));
             let container_id = lines.next().unwrap_or_default().to_owned();
@@ -107,32 +122,69 @@ impl Ipam {
         Ok(allocations)
     }
 
-    /// The usable addresses of the range: all hosts but the network and broadcast addresses.
-    fn candidates(&self) -> Vec<Ipv4Addr> {
-        self.range.hosts().collect()
+    /// The usable addresses of the range as offsets from its network address: the network
+    /// address itself is never used, nor the IPv4 broadcast address.
+    fn usable(&self) -> (u128, u128) {
+        let (prefix, bits) = (
+            u32::from(self.range.prefix_len()),
+            u32::from(self.range.max_prefix_len()),
+        );
+        let size = 1u128.checked_shl(bits - prefix).unwrap_or(u128::MAX);
+        let last = match self.range {
+            ipnet::IpNet::V4(_) if prefix < 31 => size - 2,
+            _ => size - 1,
+        };
+        (1, last.max(1))
+    }
+
+    fn at(&self, offset: u128) -> IpAddr {
+        match self.range {
+            ipnet::IpNet::V4(net) => {
+                IpAddr::V4((u32::from(net.network()).wrapping_add(offset as u32)).into())
+            }
+            ipnet::IpNet::V6(net) => {
+                IpAddr::V6((u128::from(net.network()).wrapping_add(offset)).into())
+            }
+        }
+    }
+
+    fn offset(&self, ip: IpAddr) -> Option<u128> {
+        match (self.range, ip) {
+            (ipnet::IpNet::V4(net), IpAddr::V4(ip)) if net.contains(&ip) => {
+                Some(u128::from(u32::from(ip) - u32::from(net.network())))
+            }
+            (ipnet::IpNet::V6(net), IpAddr::V6(ip)) if net.contains(&ip) => {
+                Some(u128::from(ip) - u128::from(net.network()))
+            }
+            _ => None,
+        }
     }
 
     /// The IP of `container_id`/`ifname`: its existing allocation, or the next free address
     /// after the last one handed out.
-    pub fn allocate(&self, container_id: &str, ifname: &str) -> Result<Ipv4Addr, CniError> {
+    pub fn allocate(&self, container_id: &str, ifname: &str) -> Result<IpAddr, CniError> {
         let _lock = self.lock()?;
-        if let Some(existing) = self
-            .allocations()?
-            .into_iter()
+        let allocations = self.allocations()?;
+        if let Some(existing) = allocations
+            .iter()
             .find(|a| a.container_id == container_id && a.ifname == ifname)
         {
             return Ok(existing.ip);
         }
-        let candidates = self.candidates();
-        let last: Option<Ipv4Addr> = fs::read_to_string(self.dir.join(LAST_RESERVED))
+        let (first, last) = self.usable();
+        let count = last - first + 1;
+        let last_file = self.dir.join(last_reserved_file(&self.range));
+        let previous = fs::read_to_string(&last_file)
             .ok()
-            .and_then(|s| s.trim().parse().ok());
-        let start = last
-            .and_then(|l| candidates.iter().position(|c| *c == l))
-            .map_or(0, |i| i + 1);
+            .and_then(|s| s.trim().parse().ok())
+            .and_then(|ip| self.offset(ip));
+        let start = previous.map_or(first, |p| if p >= last { first } else { p + 1 });
+        // Among allocated+1 consecutive candidates at least one is free, if any is.
+        let attempts = count.min(allocations.len() as u128 + 1);
         let temp = self.dir.join(format!(".alloc-{}", std::process::id()));
         let content = format!("{container_id}\n{ifname}");
-        for ip in candidates.iter().cycle().skip(start).take(candidates.len()) {
+        for step in 0..attempts {
+            let ip = self.at(first + (start - first + step) % count);
             let path = self.dir.join(ip.to_string());
             if path.exists() {
                 continue;
@@ -142,12 +194,11 @@ impl Ipam {
             let _ = fs::remove_file(&temp);
             match published {
                 Ok(()) => {
-                    let last = self.dir.join(LAST_RESERVED);
                     let last_temp = self.dir.join(format!(".last-{}", std::process::id()));
                     write_file(&last_temp, ip.to_string().as_bytes())?;
-                    fs::rename(&last_temp, &last)
-                        .map_err(|e| io_error("record last reserved IP", &last, e))?;
-                    return Ok(*ip);
+                    fs::rename(&last_temp, &last_file)
+                        .map_err(|e| io_error("record last reserved IP", &last_file, e))?;
+                    return Ok(ip);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(io_error("publish allocation", &path, e)),
@@ -156,16 +207,12 @@ impl Ipam {
         Err(CniError::new(
             code::TRY_AGAIN,
             "no free pod IP",
-            format!(
-                "all {} addresses of {} are allocated",
-                candidates.len(),
-                self.range
-            ),
+            format!("all {count} addresses of {} are allocated", self.range),
         ))
     }
 
     /// Releases the IP of `container_id`/`ifname`; returns it, or `None` when it held none.
-    pub fn release(&self, container_id: &str, ifname: &str) -> Result<Option<Ipv4Addr>, CniError> {
+    pub fn release(&self, container_id: &str, ifname: &str) -> Result<Option<IpAddr>, CniError> {
         let _lock = self.lock()?;
         let mut released = None;
         for allocation in self.allocations()? {
@@ -194,14 +241,12 @@ impl Ipam {
     }
 
     /// How many addresses remain free.
-    pub fn free(&self) -> Result<usize, CniError> {
-        Ok(self
-            .candidates()
-            .len()
-            .saturating_sub(self.allocations()?.len()))
+    pub fn free(&self) -> Result<u128, CniError> {
+        let (first, last) = self.usable();
+        Ok((last - first + 1).saturating_sub(self.allocations()?.len() as u128))
     }
 
-    fn remove(&self, ip: Ipv4Addr) -> Result<(), CniError> {
+    fn remove(&self, ip: IpAddr) -> Result<(), CniError> {
         let path = self.dir.join(ip.to_string());
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),
@@ -229,7 +274,7 @@ mod tests {
     use super::*;
 
     fn ipam(dir: &Path, cidr: &str) -> Ipam {
-        Ipam::open(dir, "tug", cidr.parse().unwrap()).unwrap()
+        Ipam::open(dir, "tug", cidr.parse::<ipnet::IpNet>().unwrap()).unwrap()
     }
 
     #[test]
@@ -246,11 +291,15 @@ mod tests {
         );
         assert_eq!(
             a,
-            "10.244.1.1".parse::<Ipv4Addr>().unwrap(),
+            "10.244.1.1".parse::<IpAddr>().unwrap(),
             "the network address is never used"
         );
-        let reopened =
-            super::Ipam::open(dir.path(), "tug", "10.244.1.0/29".parse().unwrap()).unwrap();
+        let reopened = Ipam::open(
+            dir.path(),
+            "tug",
+            "10.244.1.0/29".parse::<ipnet::IpNet>().unwrap(),
+        )
+        .unwrap();
         assert_eq!(
             reopened.allocations().unwrap().len(),
             2,
@@ -318,6 +367,29 @@ mod tests {
             .map(|a| a.container_id)
             .collect();
         assert_eq!(left, ["keep"]);
+    }
+
+    #[test]
+    fn ipv6_ranges_allocate_without_enumerating_them_and_share_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let v6 = ipam(dir.path(), "fd00:10:244:1::/64");
+        let v4 = ipam(dir.path(), "10.244.1.0/24");
+        let a6 = v6.allocate("c1", "eth0").unwrap();
+        let a4 = v4.allocate("c1", "eth0").unwrap();
+        assert_eq!(a6, "fd00:10:244:1::1".parse::<IpAddr>().unwrap());
+        assert_eq!(a4, "10.244.1.1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            v6.allocations().unwrap().len(),
+            1,
+            "each range sees its own family only"
+        );
+        assert_ne!(v6.allocate("c2", "eth0").unwrap(), a6);
+        assert_eq!(v6.release("c1", "eth0").unwrap(), Some(a6));
+        assert_eq!(
+            v4.allocations().unwrap().len(),
+            1,
+            "releasing one family leaves the other"
+        );
     }
 
     #[test]

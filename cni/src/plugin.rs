@@ -5,6 +5,8 @@
 use std::io::{Read, Write};
 use std::path::Path;
 
+use std::net::IpAddr;
+
 use serde_json::{Value, json};
 
 use crate::dataplane::{Attach, Dataplane, Netlink, host_veth_name};
@@ -68,35 +70,65 @@ pub fn execute(
     }
 }
 
-fn ipam(conf: &NetConf) -> Result<Ipam, CniError> {
-    let range = conf.ipv4_cidr().ok_or_else(|| CniError::new(code::TRY_AGAIN, "no pod CIDR yet", "the network configuration has no IPv4 \"podCIDRs\"; tug netd writes them once the node has a pod CIDR"))?;
-    Ipam::open(Path::new(conf.data_dir()), &conf.name, range)
+/// One IPAM per address family of the node: IPv4 (required), then IPv6 when dual-stack.
+fn ipams(conf: &NetConf) -> Result<Vec<Ipam>, CniError> {
+    let v4 = conf.ipv4_cidr().ok_or_else(|| CniError::new(code::TRY_AGAIN, "no pod CIDR yet", "the network configuration has no IPv4 \"podCIDRs\"; tug netd writes them once the node has a pod CIDR"))?;
+    let mut ipams = vec![Ipam::open(Path::new(conf.data_dir()), &conf.name, v4)?];
+    if let Some(v6) = conf.ipv6_cidr() {
+        ipams.push(Ipam::open(Path::new(conf.data_dir()), &conf.name, v6)?);
+    }
+    Ok(ipams)
+}
+
+fn release_all(ipams: &[Ipam], env: &Env) -> Result<(), CniError> {
+    ipams
+        .iter()
+        .map(|ipam| ipam.release(&env.container_id, &env.ifname).map(|_| ()))
+        .fold(Ok(()), Result::and)
 }
 
 fn add(env: &Env, conf: &NetConf, dataplane: &dyn Dataplane) -> Result<Value, CniError> {
-    let ipam = ipam(conf)?;
-    let ip = ipam.allocate(&env.container_id, &env.ifname)?;
+    let ipams = ipams(conf)?;
+    let mut addresses = Vec::new();
+    for ipam in &ipams {
+        match ipam.allocate(&env.container_id, &env.ifname) {
+            Ok(ip) => addresses.push(ip),
+            Err(error) => {
+                let _ = release_all(&ipams, env);
+                return Err(error);
+            }
+        }
+    }
+    let ip = match addresses[0] {
+        IpAddr::V4(ip) => ip,
+        IpAddr::V6(_) => unreachable!("the first range is IPv4"),
+    };
+    let ip6 = addresses.iter().find_map(|a| {
+        if let IpAddr::V6(v6) = a {
+            Some(*v6)
+        } else {
+            None
+        }
+    });
     let attach = Attach {
         container_id: &env.container_id,
         ifname: &env.ifname,
         netns: env.netns.as_deref().unwrap_or_default(),
         ip,
+        ip6,
         mtu: conf.mtu.unwrap_or(DEFAULT_MTU),
     };
     match dataplane.setup(&attach) {
-        Ok(interfaces) => {
-            // ptp: the pod owns exactly its own address.
-            let address = ipnet::Ipv4Net::new(ip, 32).expect("/32 is a valid prefix");
-            Ok(AddResult {
-                interfaces: interfaces.to_vec(),
-                address,
-            }
-            .to_json(&conf.cni_version))
+        // ptp: the pod owns exactly its own addresses.
+        Ok(interfaces) => Ok(AddResult {
+            interfaces: interfaces.to_vec(),
+            addresses: addresses.into_iter().map(ipnet::IpNet::from).collect(),
         }
+        .to_json(&conf.cni_version)),
         Err(error) => {
             // Leave nothing behind: the runtime will retry the ADD or give up with a DEL.
             let _ = dataplane.teardown(&env.container_id, &env.ifname);
-            let _ = ipam.release(&env.container_id, &env.ifname);
+            let _ = release_all(&ipams, env);
             Err(error)
         }
     }
@@ -106,9 +138,7 @@ fn del(env: &Env, conf: &NetConf, dataplane: &dyn Dataplane) -> Result<(), CniEr
     // Best effort and idempotent: keep cleaning after a failure, report the first one.
     let teardown = dataplane.teardown(&env.container_id, &env.ifname);
     let release = match conf.ipv4_cidr() {
-        Some(_) => ipam(conf)
-            .and_then(|ipam| ipam.release(&env.container_id, &env.ifname))
-            .map(|_| ()),
+        Some(_) => ipams(conf).and_then(|ipams| release_all(&ipams, env)),
         None => Ok(()), // no pod CIDR: nothing can have been allocated
     };
     teardown.and(release)
@@ -122,49 +152,71 @@ fn check(env: &Env, conf: &NetConf, dataplane: &dyn Dataplane) -> Result<(), Cni
             "the configuration has no prevResult",
         )
     })?;
-    let address: ipnet::Ipv4Net = prev["ips"][0]["address"]
-        .as_str()
-        .and_then(|a| a.parse().ok())
+    let mut previous = Vec::new();
+    for ip in prev["ips"].as_array().into_iter().flatten() {
+        let address: ipnet::IpNet = ip["address"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| {
+                CniError::new(
+                    code::INVALID_CONFIG,
+                    "invalid prevResult",
+                    format!("prevResult ip {ip} has no CIDR address"),
+                )
+            })?;
+        previous.push(address.addr());
+    }
+    let mut held = Vec::new();
+    for ipam in ipams(conf)? {
+        held.extend(
+            ipam.allocations()?
+                .into_iter()
+                .filter(|a| a.container_id == env.container_id && a.ifname == env.ifname)
+                .map(|a| a.ip),
+        );
+    }
+    held.sort();
+    let mut wanted = previous.clone();
+    wanted.sort();
+    if held != wanted {
+        return Err(CniError::new(
+            code::CHECK_FAILED,
+            "the attachment is not as ADD left it",
+            format!(
+                "IPAM holds {held:?} for {}/{}, prevResult says {wanted:?}",
+                env.container_id, env.ifname
+            ),
+        ));
+    }
+    let ip = previous
+        .iter()
+        .find_map(|a| {
+            if let IpAddr::V4(v4) = a {
+                Some(*v4)
+            } else {
+                None
+            }
+        })
         .ok_or_else(|| {
             CniError::new(
                 code::INVALID_CONFIG,
                 "invalid prevResult",
-                "prevResult.ips[0].address is not an IPv4 CIDR",
+                "prevResult has no IPv4 address",
             )
         })?;
-    let allocated = ipam(conf)?
-        .allocations()?
-        .into_iter()
-        .find(|a| a.container_id == env.container_id && a.ifname == env.ifname);
-    match allocated {
-        Some(a) if a.ip == address.addr() => {}
-        Some(a) => {
-            return Err(CniError::new(
-                code::CHECK_FAILED,
-                "the attachment is not as ADD left it",
-                format!(
-                    "IPAM holds {} for this attachment, prevResult says {}",
-                    a.ip,
-                    address.addr()
-                ),
-            ));
+    let ip6 = previous.iter().find_map(|a| {
+        if let IpAddr::V6(v6) = a {
+            Some(*v6)
+        } else {
+            None
         }
-        None => {
-            return Err(CniError::new(
-                code::CHECK_FAILED,
-                "the attachment is not as ADD left it",
-                format!(
-                    "IPAM holds no address for {}/{}",
-                    env.container_id, env.ifname
-                ),
-            ));
-        }
-    }
+    });
     let attach = Attach {
         container_id: &env.container_id,
         ifname: &env.ifname,
         netns: env.netns.as_deref().unwrap_or_default(),
-        ip: address.addr(),
+        ip,
+        ip6,
         mtu: conf.mtu.unwrap_or(DEFAULT_MTU),
     };
     dataplane.check(&attach)
@@ -178,12 +230,14 @@ fn status(conf: &NetConf) -> Result<(), CniError> {
             "no pod CIDR yet: tug netd writes it into the configuration once the node has one",
         ));
     };
-    if ipam(conf)?.free()? == 0 {
-        return Err(CniError::new(
-            code::NOT_AVAILABLE_FOR_ADD,
-            "no free pod IP",
-            "every address of the node's pod CIDR is allocated",
-        ));
+    for ipam in ipams(conf)? {
+        if ipam.free()? == 0 {
+            return Err(CniError::new(
+                code::NOT_AVAILABLE_FOR_ADD,
+                "no free pod IP",
+                "every address of one of the node's pod CIDRs is allocated",
+            ));
+        }
     }
     Ok(())
 }
@@ -202,10 +256,16 @@ fn gc(conf: &NetConf, dataplane: &dyn Dataplane) -> Result<(), CniError> {
             first_error.get_or_insert(e);
         }
     }
-    if conf.ipv4_cidr().is_some()
-        && let Err(e) = ipam(conf).and_then(|ipam| ipam.gc(&valid))
-    {
-        first_error.get_or_insert(e);
+    if conf.ipv4_cidr().is_some() {
+        let result = ipams(conf).and_then(|ipams| {
+            ipams
+                .iter()
+                .map(|ipam| ipam.gc(&valid).map(|_| ()))
+                .fold(Ok(()), Result::and)
+        });
+        if let Err(e) = result {
+            first_error.get_or_insert(e);
+        }
     }
     first_error.map_or(Ok(()), Err)
 }
@@ -325,7 +385,7 @@ mod tests {
         let ipam = Ipam::open(
             &dir.path().join("."),
             "tug",
-            "10.244.3.0/24".parse().unwrap(),
+            "10.244.3.0/24".parse::<ipnet::IpNet>().unwrap(),
         )
         .unwrap();
         assert!(
@@ -355,7 +415,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(*dp.veths.borrow(), [host_veth_name("keep", "eth0")]);
-        let ipam = Ipam::open(dir.path(), "tug", "10.244.3.0/24".parse().unwrap()).unwrap();
+        let ipam = Ipam::open(
+            dir.path(),
+            "tug",
+            "10.244.3.0/24".parse::<ipnet::IpNet>().unwrap(),
+        )
+        .unwrap();
         assert_eq!(ipam.allocations().unwrap().len(), 1);
     }
 

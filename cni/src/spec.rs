@@ -3,7 +3,7 @@
 //! configuration asked for (0.3.0 through 1.1.0).
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -17,6 +17,9 @@ pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1
 /// The link-local gateway every pod routes through (never on the wire: the pod resolves it to
 /// its host veth's MAC with a permanent neighbour entry).
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+
+/// The IPv6 gateway every dual-stack pod routes through (resolved the same way).
+pub const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
 /// A CNI error: what goes to stdout as JSON, with a non-zero exit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -319,6 +322,14 @@ impl NetConf {
         })
     }
 
+    /// The IPv6 pod CIDR, when the node is dual-stack.
+    pub fn ipv6_cidr(&self) -> Option<ipnet::Ipv6Net> {
+        self.pod_cidrs.iter().find_map(|c| match c {
+            ipnet::IpNet::V6(v6) => Some(*v6),
+            ipnet::IpNet::V4(_) => None,
+        })
+    }
+
     /// The IPAM state directory.
     pub fn data_dir(&self) -> &str {
         self.data_dir.as_deref().unwrap_or("/var/lib/tug/ipam")
@@ -342,24 +353,28 @@ pub struct Interface {
 pub struct AddResult {
     /// Host veth, then the container interface.
     pub interfaces: Vec<Interface>,
-    /// The pod's address with its prefix.
-    pub address: ipnet::Ipv4Net,
+    /// The pod's addresses: IPv4 (/32), then IPv6 (/128) when the node is dual-stack.
+    pub addresses: Vec<ipnet::IpNet>,
 }
 
 impl AddResult {
     /// The result JSON in `version`'s format.
     pub fn to_json(&self, version: &str) -> Value {
-        let mut ip = json!({"address": self.address.to_string(), "gateway": GATEWAY.to_string(), "interface": 1});
-        if version.starts_with("0.") {
-            ip["version"] = json!("4"); // 0.3.x and 0.4.0 tag each IP with its family
+        let (mut ips, mut routes) = (Vec::new(), Vec::new());
+        for address in &self.addresses {
+            let (gateway, default, family) = match address {
+                ipnet::IpNet::V4(_) => (GATEWAY.to_string(), "0.0.0.0/0", "4"),
+                ipnet::IpNet::V6(_) => (GATEWAY6.to_string(), "::/0", "6"),
+            };
+            let mut ip =
+                json!({"address": address.to_string(), "gateway": gateway, "interface": 1});
+            if version.starts_with("0.") {
+                ip["version"] = json!(family); // 0.3.x and 0.4.0 tag each IP with its family
+            }
+            ips.push(ip);
+            routes.push(json!({"dst": default, "gw": gateway}));
         }
-        json!({
-            "cniVersion": version,
-            "interfaces": self.interfaces,
-            "ips": [ip],
-            "routes": [{"dst": "0.0.0.0/0", "gw": GATEWAY.to_string()}],
-            "dns": {},
-        })
+        json!({"cniVersion": version, "interfaces": self.interfaces, "ips": ips, "routes": routes, "dns": {}})
     }
 }
 
@@ -460,15 +475,24 @@ mod tests {
                 mac: "02:00:00:00:00:01".into(),
                 sandbox: Some("/run/netns/x".into()),
             }],
-            address: "10.244.1.5/32".parse().unwrap(),
+            addresses: vec![
+                "10.244.1.5/32".parse().unwrap(),
+                "fd00::5/128".parse().unwrap(),
+            ],
         };
         let new = result.to_json("1.1.0");
         assert_eq!(
             new["ips"][0],
             json!({"address": "10.244.1.5/32", "gateway": "169.254.1.1", "interface": 1})
         );
+        assert_eq!(
+            new["ips"][1],
+            json!({"address": "fd00::5/128", "gateway": "fe80::1", "interface": 1})
+        );
+        assert_eq!(new["routes"][1], json!({"dst": "::/0", "gw": "fe80::1"}));
         let old = result.to_json("0.4.0");
         assert_eq!(old["ips"][0]["version"], "4");
+        assert_eq!(old["ips"][1]["version"], "6");
         assert_eq!(old["cniVersion"], "0.4.0");
     }
 }

@@ -95,7 +95,7 @@ impl TugCni {
                     .filter_map(|e| {
                         e.file_name()
                             .to_str()
-                            .filter(|n| n.parse::<std::net::Ipv4Addr>().is_ok())
+                            .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
                             .map(str::to_owned)
                     })
                     .collect()
@@ -177,6 +177,14 @@ impl TugCni {
             success: output.status.success(),
             json,
         }
+    }
+
+    /// Makes the plugin dual-stack: `podCIDRs` gets `v6_cidr` too.
+    pub fn with_ipv6(mut self, v6_cidr: &str) -> TugCni {
+        let mut conf = self.conf(json!({}));
+        conf["podCIDRs"] = json!([self.pod_cidr, v6_cidr]);
+        self.template = Some(conf);
+        self
     }
 
     /// ADD `pod` as `container_id`; panics unless it succeeds; returns the pod IP.

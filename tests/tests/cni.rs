@@ -302,3 +302,80 @@ fn bad_input_gets_spec_error_json_with_the_right_code() {
         status.json
     );
 }
+
+#[test]
+#[ignore = "netns tier (root): run as root via ./scripts/test, or cargo build -p tug && cargo test -p tug-tests --test cni -- --ignored"]
+fn dual_stack_pods_get_both_families_and_talk_over_ipv6() {
+    require(Tier::Netns);
+    let cni = TugCni::new("10.244.12.0/24").with_ipv6("fd00:10:244:12::/64");
+    let node = node("ds", "192.168.205.1");
+    node.ip(&["-6", "addr", "add", "fd00:192:168:205::1/128", "dev", "lo"]);
+    node.run(|| std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1"))
+        .expect("enable IPv6 forwarding in the node");
+    let (pod_a, pod_b) = (Netns::new("d6a"), Netns::new("d6b"));
+    let (_, result_a) = cni.add(&node, "dual-a", &pod_a);
+    let (_, result_b) = cni.add(&node, "dual-b", &pod_b);
+    let v6 = |result: &serde_json::Value| -> std::net::Ipv6Addr {
+        let ips = result["ips"].as_array().expect("ips");
+        assert_eq!(ips.len(), 2, "one address per family: {result}");
+        assert_eq!(ips[1]["gateway"], "fe80::1");
+        ips[1]["address"]
+            .as_str()
+            .unwrap()
+            .trim_end_matches("/128")
+            .parse()
+            .expect("an IPv6 address")
+    };
+    let (a6, b6) = (v6(&result_a), v6(&result_b));
+    assert!(
+        "fd00:10:244:12::/64"
+            .parse::<ipnet::Ipv6Net>()
+            .unwrap()
+            .contains(&a6)
+    );
+    assert_eq!(
+        result_a["routes"][1],
+        json!({"dst": "::/0", "gw": "fe80::1"})
+    );
+
+    let peer = tcp_round_trip(&pod_a, &pod_b, SocketAddr::from((b6, 8090)));
+    assert_eq!(
+        peer.ip(),
+        std::net::IpAddr::V6(a6),
+        "pod B sees pod A's own IPv6 address"
+    );
+    let node6: std::net::Ipv6Addr = "fd00:192:168:205::1".parse().unwrap();
+    let peer = tcp_round_trip(&node, &pod_a, SocketAddr::from((a6, 8091)));
+    assert_eq!(
+        peer.ip(),
+        std::net::IpAddr::V6(node6),
+        "a pod sees the node's own IPv6 address"
+    );
+
+    let check = cni.run(
+        &node,
+        "CHECK",
+        "dual-a",
+        Some(&pod_a.path()),
+        &cni.conf(json!({"prevResult": result_a})),
+    );
+    assert!(
+        check.success,
+        "CHECK of a dual-stack attachment: {}",
+        check.json
+    );
+    let del = cni.run(
+        &node,
+        "DEL",
+        "dual-a",
+        Some(&pod_a.path()),
+        &cni.conf(json!({"prevResult": result_a})),
+    );
+    assert!(del.success, "{}", del.json);
+    assert_eq!(
+        cni.allocations().len(),
+        2,
+        "DEL released both of pod A's addresses; pod B's two stay: {:?}",
+        cni.allocations()
+    );
+}
