@@ -73,8 +73,9 @@ pub struct Dataplane {
     pub nft: PathBuf,
 }
 
-/// The IPv4 subnets directly connected to this node (addresses shorter than /32).
-pub async fn local_subnets(handle: &Handle) -> Result<Vec<Ipv4Net>, ApplyError> {
+/// The subnets directly connected to this node, both families (host routes, loopback and
+/// link-local addresses left out).
+pub async fn local_subnets(handle: &Handle) -> Result<Vec<ipnet::IpNet>, ApplyError> {
     let addresses: Vec<_> = handle
         .address()
         .get()
@@ -84,19 +85,26 @@ pub async fn local_subnets(handle: &Handle) -> Result<Vec<Ipv4Net>, ApplyError> 
         .map_err(nl("list addresses"))?;
     Ok(addresses
         .iter()
-        .filter(|a| a.header.prefix_len < 32)
         .filter_map(|a| {
-            a.attributes.iter().find_map(|attr| match attr {
-                AddressAttribute::Local(IpAddr::V4(ip))
-                | AddressAttribute::Address(IpAddr::V4(ip)) => {
-                    Ipv4Net::new(*ip, a.header.prefix_len)
+            let ip = a.attributes.iter().find_map(|attr| match attr {
+                AddressAttribute::Local(ip) => Some(*ip),
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            })?;
+            let host_route = match ip {
+                IpAddr::V4(_) => a.header.prefix_len >= 32,
+                IpAddr::V6(v6) => {
+                    a.header.prefix_len >= 128 || (v6.segments()[0] & 0xffc0) == 0xfe80
+                }
+            };
+            (!host_route && !ip.is_loopback())
+                .then(|| {
+                    ipnet::IpNet::new(ip, a.header.prefix_len)
                         .ok()
                         .map(|n| n.trunc())
-                }
-                _ => None,
-            })
+                })
+                .flatten()
         })
-        .filter(|n| !n.addr().is_loopback())
         .collect())
 }
 
@@ -155,6 +163,10 @@ pub async fn apply(
         }
     }
     sync_routes(handle, &desired.routes, vxlan_index, &mut changes).await?;
+    if !desired.routes6.is_empty() {
+        enable_forwarding6()?;
+    }
+    sync_routes6(handle, &desired.routes6, &mut changes).await?;
     Ok(changes)
 }
 
@@ -358,6 +370,84 @@ pub fn write_if_changed(path: &Path, content: &str) -> Result<bool, ApplyError> 
         path.display()
     )))?;
     Ok(true)
+}
+
+/// IPv6 routes to dual-stack peers, reconciled like the IPv4 ones.
+async fn sync_routes6(
+    handle: &Handle,
+    routes: &[(ipnet::Ipv6Net, std::net::Ipv6Addr)],
+    changes: &mut Vec<String>,
+) -> Result<(), ApplyError> {
+    let existing: Vec<RouteMessage> = handle
+        .route()
+        .get(RouteMessageBuilder::<std::net::Ipv6Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("list IPv6 routes"))?;
+    let destination = |r: &RouteMessage| {
+        r.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => {
+                ipnet::Ipv6Net::new(*ip, r.header.destination_prefix_length).ok()
+            }
+            _ => None,
+        })
+    };
+    let gateway = |r: &RouteMessage| {
+        r.attributes.iter().find_map(|a| {
+            if let RouteAttribute::Gateway(RouteAddress::Inet6(g)) = a {
+                Some(*g)
+            } else {
+                None
+            }
+        })
+    };
+    let ours: Vec<&RouteMessage> = existing
+        .iter()
+        .filter(|r| r.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL))
+        .collect();
+    for stale in ours
+        .iter()
+        .filter(|r| destination(r).is_none_or(|d| !routes.iter().any(|(cidr, _)| *cidr == d)))
+    {
+        handle
+            .route()
+            .del((*stale).clone())
+            .execute()
+            .await
+            .map_err(nl(format!("delete route {:?}", destination(stale))))?;
+        changes.push(format!("deleted route {:?}", destination(stale)));
+    }
+    for (cidr, via) in routes {
+        if ours
+            .iter()
+            .any(|r| destination(r) == Some(*cidr) && gateway(r) == Some(*via))
+        {
+            continue;
+        }
+        let message = RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+            .destination_prefix(cidr.network(), cidr.prefix_len())
+            .gateway(*via)
+            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+            .build();
+        handle
+            .route()
+            .add(message)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl(format!("add route {cidr} via {via}")))?;
+        changes.push(format!("route {cidr} via {via}"));
+    }
+    Ok(())
+}
+
+fn enable_forwarding6() -> Result<(), ApplyError> {
+    let path = "/proc/sys/net/ipv6/conf/all/forwarding";
+    if std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "1") {
+        return Ok(());
+    }
+    std::fs::write(path, "1").map_err(io(format!("enable IPv6 forwarding in {path}")))
 }
 
 fn enable_forwarding() -> Result<(), ApplyError> {

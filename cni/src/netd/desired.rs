@@ -3,9 +3,9 @@
 //! direct when the peer is on a local subnet, through VXLAN otherwise.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use k8s_openapi::api::core::v1::Node;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -63,6 +63,8 @@ pub struct Desired {
     pub routes: Vec<PeerRoute>,
     /// The local VTEP, when any route uses VXLAN.
     pub vtep: Option<LocalVtep>,
+    /// IPv6 routes to dual-stack peers' IPv6 pod CIDRs, via their on-link IPv6 InternalIPs.
+    pub routes6: Vec<(Ipv6Net, Ipv6Addr)>,
     /// Peers left out, with why (logged).
     pub skipped: Vec<(String, String)>,
 }
@@ -96,6 +98,26 @@ pub fn internal_ip(node: &Node) -> Option<Ipv4Addr> {
         .and_then(|a| a.address.parse().ok())
 }
 
+/// A node's IPv6 InternalIP.
+pub fn internal_ip6(node: &Node) -> Option<Ipv6Addr> {
+    node.status
+        .as_ref()?
+        .addresses
+        .as_ref()?
+        .iter()
+        .filter(|a| a.type_ == "InternalIP")
+        .find_map(|a| a.address.parse().ok())
+}
+
+/// A node's IPv6 pod CIDR.
+pub fn pod_cidr6(node: &Node) -> Option<Ipv6Net> {
+    let spec = node.spec.as_ref()?;
+    spec.pod_cidrs
+        .iter()
+        .flatten()
+        .find_map(|c| c.parse::<Ipv6Net>().ok())
+}
+
 /// A node's IPv4 pod CIDR.
 pub fn pod_cidr(node: &Node) -> Option<Ipv4Net> {
     let spec = node.spec.as_ref()?;
@@ -110,8 +132,44 @@ pub fn pod_cidr(node: &Node) -> Option<Ipv4Net> {
 pub fn desired(
     settings: &Settings,
     nodes: &BTreeMap<String, Node>,
-    local_subnets: &[Ipv4Net],
+    local: &[ipnet::IpNet],
 ) -> Desired {
+    let local_subnets: Vec<Ipv4Net> = local
+        .iter()
+        .filter_map(|n| {
+            if let ipnet::IpNet::V4(v4) = n {
+                Some(*v4)
+            } else {
+                None
+            }
+        })
+        .collect();
+    let local_subnets6: Vec<Ipv6Net> = local
+        .iter()
+        .filter_map(|n| {
+            if let ipnet::IpNet::V6(v6) = n {
+                Some(*v6)
+            } else {
+                None
+            }
+        })
+        .collect();
+    let mut routes6 = Vec::new();
+    for (name, node) in nodes
+        .iter()
+        .filter(|(name, _)| **name != settings.node_name)
+    {
+        match (pod_cidr6(node), internal_ip6(node)) {
+            (Some(cidr), Some(ip)) if local_subnets6.iter().any(|s| s.contains(&ip)) => {
+                routes6.push((cidr, ip))
+            }
+            (Some(_), _) => {
+                tracing::debug!(node = %name, "IPv6 pod CIDR without an on-link IPv6 InternalIP: not routed (VXLAN carries IPv4 pods only)")
+            }
+            _ => {}
+        }
+    }
+    routes6.sort();
     let own = nodes.get(&settings.node_name);
     let own_cidrs: Vec<String> = own
         .and_then(|n| n.spec.as_ref())
@@ -176,6 +234,7 @@ pub fn desired(
         conflist,
         routes,
         vtep,
+        routes6,
         skipped,
     }
 }
@@ -261,6 +320,49 @@ mod tests {
         let d = desired(&settings(), &nodes, &["192.168.1.0/24".parse().unwrap()]);
         assert_eq!(d.conflist, None);
         assert!(d.routes.is_empty() && d.vtep.is_none());
+    }
+
+    #[test]
+    fn dual_stack_peers_on_link_get_ipv6_routes() {
+        let mut a = node("a", Some("10.244.0.0/24"), Some("192.168.1.10")).1;
+        a.spec.as_mut().unwrap().pod_cidrs =
+            Some(vec!["10.244.0.0/24".into(), "fd00:10:244::/64".into()]);
+        let mut b = node("b", Some("10.244.1.0/24"), Some("192.168.1.11")).1;
+        b.spec.as_mut().unwrap().pod_cidrs =
+            Some(vec!["10.244.1.0/24".into(), "fd00:10:244:1::/64".into()]);
+        b.status.as_mut().unwrap().addresses.as_mut().unwrap().push(
+            serde_json::from_value(
+                serde_json::json!({"type": "InternalIP", "address": "fd00:1::11"}),
+            )
+            .unwrap(),
+        );
+        let nodes: BTreeMap<_, _> = [("a".to_owned(), a), ("b".to_owned(), b)].into();
+        let d = desired(
+            &settings(),
+            &nodes,
+            &[
+                "192.168.1.0/24".parse().unwrap(),
+                "fd00:1::/64".parse().unwrap(),
+            ],
+        );
+        assert_eq!(
+            d.routes6,
+            vec![(
+                "fd00:10:244:1::/64".parse().unwrap(),
+                "fd00:1::11".parse().unwrap()
+            )]
+        );
+        let conf: serde_json::Value = serde_json::from_str(d.conflist.as_deref().unwrap()).unwrap();
+        assert_eq!(
+            conf["plugins"][0]["podCIDRs"],
+            serde_json::json!(["10.244.0.0/24", "fd00:10:244::/64"]),
+            "the CNI configuration is dual-stack"
+        );
+        let off_link = desired(&settings(), &nodes, &["192.168.1.0/24".parse().unwrap()]);
+        assert!(
+            off_link.routes6.is_empty(),
+            "no on-link IPv6 InternalIP, no IPv6 route"
+        );
     }
 
     #[test]
