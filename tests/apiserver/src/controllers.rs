@@ -33,11 +33,13 @@ pub fn spawn(
     state: Arc<ApiState>,
     cluster_cidr: ipnet::Ipv4Net,
     prefix: u8,
+    cluster_cidr_v6: Option<(ipnet::Ipv6Net, u8)>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let controllers = Controllers {
             state,
             cluster_cidr,
+            cluster_cidr_v6,
             prefix,
         };
         let mut changes = controllers.state.store.subscribe();
@@ -60,6 +62,8 @@ struct Controllers {
     state: Arc<ApiState>,
     cluster_cidr: ipnet::Ipv4Net,
     prefix: u8,
+    /// A dual-stack cluster's IPv6 cluster CIDR and per-node prefix length.
+    cluster_cidr_v6: Option<(ipnet::Ipv6Net, u8)>,
 }
 
 impl Controllers {
@@ -247,10 +251,28 @@ impl Controllers {
             tracing::warn!(node, "no pod CIDR left in {}", self.cluster_cidr);
             return;
         };
+        // Dual-stack: one IPv6 subnet per node as well, listed after the IPv4 one.
+        let free6 = self.cluster_cidr_v6.and_then(|(cidr, prefix)| {
+            let used6: BTreeSet<String> = nodes
+                .iter()
+                .flat_map(|n| {
+                    n["spec"]["podCIDRs"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                })
+                .filter_map(|c| c.as_str().filter(|c| c.contains(':')).map(str::to_owned))
+                .collect();
+            cidr.subnets(prefix)
+                .ok()?
+                .find(|s| !used6.contains(&s.to_string()))
+        });
         let _ = self.store().update_with(resources::NODES, "", node, |n| {
             if n["spec"]["podCIDR"].as_str().is_none_or(str::is_empty) {
                 n["spec"]["podCIDR"] = json!(free.to_string());
-                n["spec"]["podCIDRs"] = json!([free.to_string()]);
+                let mut cidrs = vec![free.to_string()];
+                cidrs.extend(free6.map(|c| c.to_string()));
+                n["spec"]["podCIDRs"] = json!(cidrs);
             }
             Ok::<_, ()>(())
         });

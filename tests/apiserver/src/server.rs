@@ -31,6 +31,8 @@ pub struct ServerConfig {
     pub cluster_cidr: ipnet::Ipv4Net,
     /// Prefix length of each node's pod CIDR.
     pub node_cidr_prefix: u8,
+    /// A dual-stack cluster's IPv6 cluster CIDR and per-node prefix length (`None`: IPv4 only).
+    pub cluster_cidr_v6: Option<(ipnet::Ipv6Net, u8)>,
     /// Service ClusterIP range.
     pub service_cidr: ipnet::Ipv4Net,
     /// NodePort range, inclusive.
@@ -46,6 +48,7 @@ impl Default for ServerConfig {
             extra_ips: Vec::new(),
             cluster_cidr: "10.244.0.0/16".parse().expect("static CIDR"),
             node_cidr_prefix: 24,
+            cluster_cidr_v6: Some(("fd00:10:244::/56".parse().expect("static CIDR"), 64)),
             service_cidr: "10.96.0.0/12".parse().expect("static CIDR"),
             node_ports: (30000, 32767),
             bookmark_interval: Duration::from_secs(5),
@@ -110,6 +113,7 @@ impl TestApiServer {
                         thread_state.clone(),
                         config.cluster_cidr,
                         config.node_cidr_prefix,
+                        config.cluster_cidr_v6,
                     );
                     tokio::select! {
                         () = accept_loop(listener, tls, thread_state) => {}
