@@ -61,6 +61,34 @@ fn invoke(
     })
 }
 
+/// The cost of exec'ing a plugin at all: VERSION does no work.
+fn exec_floor(plugin: &Path) -> (Duration, Duration) {
+    let mut samples: Vec<Duration> = (0..ITERATIONS)
+        .map(|_| {
+            let started = Instant::now();
+            let mut child = Command::new(plugin)
+                .env_clear()
+                .env("CNI_COMMAND", "VERSION")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("exec plugin");
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(br#"{"cniVersion":"1.0.0"}"#)
+                .unwrap();
+            assert!(child.wait_with_output().unwrap().status.success());
+            started.elapsed()
+        })
+        .collect();
+    (
+        percentile(&mut samples, 0.5),
+        percentile(&mut samples, 0.99),
+    )
+}
+
 fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples.sort();
     let index = ((samples.len() as f64 - 1.0) * p).round() as usize;
@@ -124,6 +152,8 @@ fn main() {
     let ref_conf = json!({"cniVersion": "1.0.0", "name": "ref", "type": "bridge", "bridge": "tugbench0", "isGateway": true, "ipMasq": false,
         "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.252.0.0/16"}]], "dataDir": state.path().join("host-local")}});
 
+    let tug_floor = exec_floor(&bin.path().join("tug-cni"));
+    let ref_floor = exec_floor(&reference_dir.join("bridge"));
     let tug = measure("tug", &bin.path().join("tug-cni"), bin.path(), &tug_conf);
     let reference = measure(
         "ref",
@@ -158,6 +188,18 @@ fn main() {
         "bridge+host-local DEL",
         ms(reference.del.0),
         ms(reference.del.1)
+    );
+    println!(
+        "{:<28} {:>10.2} {:>10.2}",
+        "tug-cni VERSION (exec floor)",
+        ms(tug_floor.0),
+        ms(tug_floor.1)
+    );
+    println!(
+        "{:<28} {:>10.2} {:>10.2}",
+        "bridge VERSION (exec floor)",
+        ms(ref_floor.0),
+        ms(ref_floor.1)
     );
     println!(
         "ADD: tug-cni is {:.1}x faster at p50, {:.1}x at p99",
