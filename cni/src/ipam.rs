@@ -3,12 +3,11 @@
 //!
 //! State lives in `<data_dir>/<network>/`, one file per allocated IP named after it and holding
 //! `<container id>\n<ifname>` (the layout of the reference `host-local` plugin, so operators'
-//! habits carry over). An exclusive `flock` on `lock` serialises every change. A file is written
-//! completely under a temporary name and then published with a hard link, which fails if the
-//! name exists — so a killed plugin leaves either no allocation or a complete one that GC can
-//! match against the runtime's valid attachments. The same IP is never handed out twice. Files
-//! are not fsynced: they must survive a process, not the machine (after a power loss no pod
-//! survives either, and runtimes re-add every sandbox).
+//! habits carry over). An exclusive `flock` on `lock` serialises every change, and each address
+//! is claimed by creating its file with `O_EXCL`, so the same IP is never handed out twice. A
+//! killed plugin leaves at most a claimed file (possibly empty) that names no valid attachment,
+//! which GC reclaims. Files are not fsynced: they must survive a process, not the machine (after
+//! a power loss no pod survives either, and runtimes re-add every sandbox).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -181,27 +180,28 @@ impl Ipam {
         let start = previous.map_or(first, |p| if p >= last { first } else { p + 1 });
         // Among allocated+1 consecutive candidates at least one is free, if any is.
         let attempts = count.min(allocations.len() as u128 + 1);
-        let temp = self.dir.join(format!(".alloc-{}", std::process::id()));
         let content = format!("{container_id}\n{ifname}");
         for step in 0..attempts {
             let ip = self.at(first + (start - first + step) % count);
             let path = self.dir.join(ip.to_string());
-            if path.exists() {
-                continue;
-            }
-            write_file(&temp, content.as_bytes())?;
-            let published = fs::hard_link(&temp, &path);
-            let _ = fs::remove_file(&temp);
-            match published {
-                Ok(()) => {
-                    let last_temp = self.dir.join(format!(".last-{}", std::process::id()));
-                    write_file(&last_temp, ip.to_string().as_bytes())?;
-                    fs::rename(&last_temp, &last_file)
+            // O_EXCL claims the address. A plugin killed before writing the content leaves an
+            // empty file: it names no valid attachment, so GC reclaims it.
+            let claimed = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path);
+            match claimed {
+                Ok(mut file) => {
+                    file.write_all(content.as_bytes())
+                        .map_err(|e| io_error("write allocation", &path, e))?;
+                    // Only a hint of where to continue: written in place.
+                    fs::write(&last_file, ip.to_string())
                         .map_err(|e| io_error("record last reserved IP", &last_file, e))?;
                     return Ok(ip);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(io_error("publish allocation", &path, e)),
+                Err(e) => return Err(io_error("claim address", &path, e)),
             }
         }
         Err(CniError::new(
@@ -254,19 +254,6 @@ impl Ipam {
             Err(e) => Err(io_error("release", &path, e)),
         }
     }
-}
-
-fn write_file(path: &Path, content: &[u8]) -> Result<(), CniError> {
-    let mut file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| io_error("write", path, e))?;
-    file.write_all(content)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| io_error("write", path, e))
 }
 
 #[cfg(test)]
