@@ -216,6 +216,18 @@ impl Dataplane for Netlink {
             let host = link_by_name(handle, &host_name)
                 .await?
                 .ok_or_else(|| CniError::new(code::IO, "host veth vanished", host_name.clone()))?;
+            if attach.ip6.is_some() {
+                // The host veth's link-local address would sit in duplicate address detection
+                // for a second, holding up neighbour discovery towards the pod.
+                let dad = format!("/proc/sys/net/ipv6/conf/{host_name}/accept_dad");
+                std::fs::write(&dad, "0").map_err(|e| {
+                    CniError::new(
+                        code::IO,
+                        "cannot configure the host veth",
+                        format!("write 0 to {dad}: {e}"),
+                    )
+                })?;
+            }
             handle
                 .link()
                 .set(LinkUnspec::new_with_index(host.header.index).up().build())
