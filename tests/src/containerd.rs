@@ -99,11 +99,36 @@ impl ContainerdNs {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        ContainerdNs {
+        let fixture = ContainerdNs {
             client: ClientDebug(client),
             namespace,
             substrate,
-        }
+        };
+        // Everything this fixture creates is held by a lease, so a garbage collection triggered
+        // by someone else cannot take a snapshot between Prepare and the container that uses it.
+        let expire = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1)).to_string();
+        let lease = containerd_client::services::v1::CreateRequest {
+            id: fixture.lease_id(),
+            labels: HashMap::from([("containerd.io/gc.expire".to_owned(), expire)]),
+        };
+        let mut request = tonic::Request::new(lease);
+        let value = fixture
+            .namespace
+            .parse()
+            .expect("namespace is valid metadata");
+        request.metadata_mut().insert("containerd-namespace", value);
+        fixture
+            .client
+            .0
+            .leases()
+            .create(request)
+            .await
+            .unwrap_or_else(|e| panic!("create lease {}: {e}", fixture.lease_id()));
+        fixture
+    }
+
+    fn lease_id(&self) -> String {
+        format!("{}-lease", self.namespace)
     }
 
     /// The containerd namespace this fixture works in.
@@ -111,11 +136,14 @@ impl ContainerdNs {
         &self.namespace
     }
 
-    /// Wraps a message in a request carrying this fixture's `containerd-namespace` metadata.
+    /// Wraps a message in a request carrying this fixture's `containerd-namespace` and
+    /// `containerd-lease` metadata.
     pub fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         let value = self.namespace.parse().expect("namespace is valid metadata");
         request.metadata_mut().insert("containerd-namespace", value);
+        let lease = self.lease_id().parse().expect("lease id is valid metadata");
+        request.metadata_mut().insert("containerd-lease", lease);
         request
     }
 
@@ -347,8 +375,9 @@ impl Drop for ContainerdNs {
             let _ = std::fs::remove_file(self.log_path(&container));
         }
         for image in list("images") {
-            let _ = try_ctr(sock, ns, &["images", "rm", "--sync", &image]);
+            let _ = try_ctr(sock, ns, &["images", "rm", &image]);
         }
+        let _ = try_ctr(sock, ns, &["leases", "rm", "--sync", &self.lease_id()]);
         // Garbage collection of content and snapshots is asynchronous; retry the removal briefly.
         for _ in 0..50 {
             if try_ctr(sock, ns, &["namespaces", "remove", ns]).is_ok() {
