@@ -73,9 +73,7 @@ fn netlink_error(what: String) -> impl FnOnce(rtnetlink::Error) -> CniError {
     move |e| CniError::new(code::IO, "netlink request failed", format!("{what}: {e}"))
 }
 
-fn is_not_found(e: &rtnetlink::Error) -> bool {
-    matches!(e, rtnetlink::Error::NetlinkError(m) if -m.raw_code() == nix::libc::ENODEV || -m.raw_code() == nix::libc::ENOENT || -m.raw_code() == nix::libc::ESRCH)
-}
+use crate::netlink::is_not_found;
 
 fn connect() -> Result<Handle, CniError> {
     let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| {
@@ -90,18 +88,9 @@ fn connect() -> Result<Handle, CniError> {
 }
 
 async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, CniError> {
-    match handle
-        .link()
-        .get()
-        .match_name(name.to_owned())
-        .execute()
-        .try_next()
+    crate::netlink::link_by_name(handle, name)
         .await
-    {
-        Ok(link) => Ok(link),
-        Err(e) if is_not_found(&e) => Ok(None),
-        Err(e) => Err(netlink_error(format!("get link {name}"))(e)),
-    }
+        .map_err(netlink_error(format!("get link {name}")))
 }
 
 fn mac_of(link: &LinkMessage) -> String {

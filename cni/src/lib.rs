@@ -7,6 +7,7 @@
 pub mod dataplane;
 pub mod ipam;
 pub mod netd;
+pub mod netlink;
 pub mod netns;
 pub mod plugin;
 pub mod spec;

@@ -80,6 +80,43 @@ fn ipams(conf: &NetConf) -> Result<Vec<Ipam>, CniError> {
     Ok(ipams)
 }
 
+/// The attachment of `env`'s container with `addresses` (an IPv4 one required, IPv6 optional).
+fn attachment<'a>(
+    env: &'a Env,
+    conf: &NetConf,
+    addresses: &[IpAddr],
+) -> Result<Attach<'a>, CniError> {
+    let ip = addresses.iter().find_map(|a| {
+        if let IpAddr::V4(v4) = a {
+            Some(*v4)
+        } else {
+            None
+        }
+    });
+    let ip = ip.ok_or_else(|| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            "no IPv4 address",
+            "an attachment needs an IPv4 address (prevResult has none)",
+        )
+    })?;
+    let ip6 = addresses.iter().find_map(|a| {
+        if let IpAddr::V6(v6) = a {
+            Some(*v6)
+        } else {
+            None
+        }
+    });
+    Ok(Attach {
+        container_id: &env.container_id,
+        ifname: &env.ifname,
+        netns: env.netns.as_deref().unwrap_or_default(),
+        ip,
+        ip6,
+        mtu: conf.mtu.unwrap_or(DEFAULT_MTU),
+    })
+}
+
 fn release_all(ipams: &[Ipam], env: &Env) -> Result<(), CniError> {
     ipams
         .iter()
@@ -99,25 +136,7 @@ fn add(env: &Env, conf: &NetConf, dataplane: &dyn Dataplane) -> Result<Value, Cn
             }
         }
     }
-    let ip = match addresses[0] {
-        IpAddr::V4(ip) => ip,
-        IpAddr::V6(_) => unreachable!("the first range is IPv4"),
-    };
-    let ip6 = addresses.iter().find_map(|a| {
-        if let IpAddr::V6(v6) = a {
-            Some(*v6)
-        } else {
-            None
-        }
-    });
-    let attach = Attach {
-        container_id: &env.container_id,
-        ifname: &env.ifname,
-        netns: env.netns.as_deref().unwrap_or_default(),
-        ip,
-        ip6,
-        mtu: conf.mtu.unwrap_or(DEFAULT_MTU),
-    };
+    let attach = attachment(env, conf, &addresses)?;
     match dataplane.setup(&attach) {
         // ptp: the pod owns exactly its own addresses.
         Ok(interfaces) => Ok(AddResult {
@@ -188,37 +207,7 @@ fn check(env: &Env, conf: &NetConf, dataplane: &dyn Dataplane) -> Result<(), Cni
             ),
         ));
     }
-    let ip = previous
-        .iter()
-        .find_map(|a| {
-            if let IpAddr::V4(v4) = a {
-                Some(*v4)
-            } else {
-                None
-            }
-        })
-        .ok_or_else(|| {
-            CniError::new(
-                code::INVALID_CONFIG,
-                "invalid prevResult",
-                "prevResult has no IPv4 address",
-            )
-        })?;
-    let ip6 = previous.iter().find_map(|a| {
-        if let IpAddr::V6(v6) = a {
-            Some(*v6)
-        } else {
-            None
-        }
-    });
-    let attach = Attach {
-        container_id: &env.container_id,
-        ifname: &env.ifname,
-        netns: env.netns.as_deref().unwrap_or_default(),
-        ip,
-        ip6,
-        mtu: conf.mtu.unwrap_or(DEFAULT_MTU),
-    };
+    let attach = attachment(env, conf, &previous)?;
     dataplane.check(&attach)
 }
 

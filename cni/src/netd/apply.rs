@@ -123,7 +123,7 @@ pub async fn apply(
             plane.cni_conf_dir.join(&plane.cni_conf_name).display()
         ));
     }
-    enable_forwarding()?;
+    enable_sysctl("/proc/sys/net/ipv4/ip_forward")?;
     masquerade(plane)?;
     let vxlan_index = match &desired.vtep {
         Some(vtep) => Some(ensure_vxlan(handle, plane, vtep, &mut changes).await?),
@@ -164,25 +164,16 @@ pub async fn apply(
     }
     sync_routes(handle, &desired.routes, vxlan_index, &mut changes).await?;
     if !desired.routes6.is_empty() {
-        enable_forwarding6()?;
+        enable_sysctl("/proc/sys/net/ipv6/conf/all/forwarding")?;
     }
     sync_routes6(handle, &desired.routes6, &mut changes).await?;
     Ok(changes)
 }
 
 async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, ApplyError> {
-    match handle
-        .link()
-        .get()
-        .match_name(name.to_owned())
-        .execute()
-        .try_next()
+    crate::netlink::link_by_name(handle, name)
         .await
-    {
-        Ok(link) => Ok(link),
-        Err(rtnetlink::Error::NetlinkError(e)) if -e.raw_code() == nix::libc::ENODEV => Ok(None),
-        Err(e) => Err(nl(format!("get link {name}"))(e)),
-    }
+        .map_err(nl(format!("get link {name}")))
 }
 
 async fn ensure_vxlan(
@@ -442,20 +433,12 @@ async fn sync_routes6(
     Ok(())
 }
 
-fn enable_forwarding6() -> Result<(), ApplyError> {
-    let path = "/proc/sys/net/ipv6/conf/all/forwarding";
+/// Sets a boolean sysctl to 1 unless it already is.
+fn enable_sysctl(path: &str) -> Result<(), ApplyError> {
     if std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "1") {
         return Ok(());
     }
-    std::fs::write(path, "1").map_err(io(format!("enable IPv6 forwarding in {path}")))
-}
-
-fn enable_forwarding() -> Result<(), ApplyError> {
-    let path = "/proc/sys/net/ipv4/ip_forward";
-    if std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "1") {
-        return Ok(());
-    }
-    std::fs::write(path, "1").map_err(io(format!("enable forwarding in {path}")))
+    std::fs::write(path, "1").map_err(io(format!("write 1 to {path}")))
 }
 
 /// The `tug-netd` table: masquerade what leaves the cluster CIDR from inside it, nothing else.
