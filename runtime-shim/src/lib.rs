@@ -4,4 +4,6 @@
 //! sandboxes with pinned namespaces and CNI, containers built from CRI configs into OCI specs, image
 //! pull from OCI registries, logs and streaming. See `DESIGN.md` §3 (pod start) and §4 (CRI facts).
 //!
-//! Not built yet: the work is tracked by issue #5.
+//! Built so far: image pull ([`image`]). The CRI server is tracked by issue #5.
+
+pub mod image;

@@ -97,3 +97,75 @@ fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
     conn.read_to_string(&mut response)?;
     Ok(response)
 }
+
+#[tokio::test]
+#[ignore = "containerd tier (root): run as root via ./scripts/test, or scripts/substrate up then cargo test -p tug-tests --test containerd -- --ignored"]
+async fn tugs_own_pull_fetches_unpacks_and_the_image_runs() {
+    use tug_runtime_shim::image::pull::{Containerd, PullError, pull};
+    use tug_runtime_shim::image::reference::Reference;
+    use tug_runtime_shim::image::registry::{Credentials, Registry, RegistryConfig, RegistryError};
+    use tug_tests::substrate::Substrate;
+
+    require(Tier::Containerd);
+    let substrate = Substrate::from_env();
+    let ns = ContainerdNs::connect("pull").await;
+    let channel = containerd_client::connect(&substrate.containerd_sock)
+        .await
+        .expect("connect to containerd");
+    let containerd = Containerd::new(channel, ns.namespace());
+    let registry = Registry::new(RegistryConfig {
+        insecure: vec![substrate.registry.clone()],
+        ..Default::default()
+    });
+    let reference = Reference::parse(&substrate.registry_image("exit")).unwrap();
+
+    let pulled = pull(&containerd, &registry, &reference, &Credentials::default())
+        .await
+        .expect("pull from the local registry");
+    assert_eq!(pulled.name, substrate.registry_image("exit"));
+    assert!(
+        pulled.id.starts_with("sha256:") && pulled.id.len() == 71,
+        "{pulled:?}"
+    );
+    let again = pull(&containerd, &registry, &reference, &Credentials::default())
+        .await
+        .expect("pulling again is a no-op");
+    assert_eq!(again, pulled);
+
+    // The container runs from the snapshots this pull unpacked.
+    let run = RunSpec {
+        args: Some(vec!["7".into()]),
+        ..Default::default()
+    };
+    let exited = ns.run_to_exit("pulled-7", &pulled.name, run).await;
+    assert_eq!(exited.status, 7, "output: {}", exited.output);
+
+    let missing = Reference::parse(&substrate.registry_image("does-not-exist")).unwrap();
+    let error = pull(&containerd, &registry, &missing, &Credentials::default())
+        .await
+        .expect_err("a missing image");
+    assert!(
+        matches!(error, PullError::Registry(RegistryError::NotFound { .. })),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains("does-not-exist"),
+        "the error names the image: {error}"
+    );
+    let unreachable = Registry::new(RegistryConfig {
+        insecure: vec!["127.0.0.1:1".into()],
+        ..Default::default()
+    });
+    let error = pull(
+        &containerd,
+        &unreachable,
+        &Reference::parse("127.0.0.1:1/x/y:1").unwrap(),
+        &Credentials::default(),
+    )
+    .await
+    .expect_err("an unreachable registry");
+    assert!(
+        matches!(error, PullError::Registry(RegistryError::Transport { .. })),
+        "{error}"
+    );
+}

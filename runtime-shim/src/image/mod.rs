@@ -1,0 +1,5 @@
+//! Images: references, the registry client, and client-side pull into containerd.
+
+pub mod pull;
+pub mod reference;
+pub mod registry;
