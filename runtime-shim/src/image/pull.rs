@@ -74,7 +74,13 @@ impl Containerd {
         }
     }
 
-    fn request<T>(&self, message: T, lease: Option<&str>) -> tonic::Request<T> {
+    /// The gRPC channel to containerd.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// A request in this namespace, under `lease` when given.
+    pub fn request<T>(&self, message: T, lease: Option<&str>) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         request.metadata_mut().insert(
             "containerd-namespace",

@@ -1,0 +1,3 @@
+//! The CRI v1 services.
+
+pub mod images;
