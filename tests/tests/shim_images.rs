@@ -50,8 +50,30 @@ async fn image_service_pulls_lists_reports_and_removes_images() {
             .add_service(ImageServiceServer::new(service))
             .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
     );
-    let mut cri = Cri::connect(&socket).await;
+    let cri = Cri::connect(&socket).await;
+    exercise_image_service(cri, &substrate, true).await;
+    server.abort();
+}
+
+#[tokio::test]
+#[ignore = "containerd tier (root): run as root via ./scripts/test, or scripts/substrate up then cargo test -p tug-tests --test shim_images -- --ignored"]
+async fn the_same_image_suite_passes_against_containerds_own_cri() {
+    require(Tier::Containerd);
+    let substrate = Substrate::from_env();
+    let cri = Cri::connect(&substrate.containerd_sock).await;
+    exercise_image_service(cri, &substrate, false).await;
+}
+
+/// The ImageService behaviour the kubelet relies on, for any CRI runtime. `strict` adds tug's
+/// own promises beyond the CRI (error codes that say what went wrong).
+async fn exercise_image_service(mut cri: Cri, substrate: &Substrate, strict: bool) {
     let name = substrate.registry_image("busybox");
+    // Start from absent (a run that failed may have left the image); removing an absent image
+    // must succeed anyway.
+    cri.images
+        .remove_image(RemoveImageRequest { image: spec(&name) })
+        .await
+        .expect("RemoveImage of an absent or present image");
 
     let absent = cri
         .images
@@ -132,7 +154,11 @@ async fn image_service_pulls_lists_reports_and_removes_images() {
         .unwrap()
         .into_inner()
         .images;
-    assert_eq!(filtered.len(), 1);
+    // containerd 1.6's CRI ignores ListImages filters (the kubelet never sends one); tug honours them.
+    if strict {
+        assert_eq!(filtered.len(), 1);
+    }
+    assert!(filtered.iter().any(|i| i.id == image_ref));
     let fs = cri
         .images
         .image_fs_info(ImageFsInfoRequest {})
@@ -174,7 +200,9 @@ async fn image_service_pulls_lists_reports_and_removes_images() {
         })
         .await
         .expect_err("a missing image");
-    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing}");
+    if strict {
+        assert_eq!(missing.code(), tonic::Code::NotFound, "{missing}");
+    }
     assert!(
         missing.message().contains("does-not-exist"),
         "the error names the image: {missing}"
@@ -187,6 +215,8 @@ async fn image_service_pulls_lists_reports_and_removes_images() {
         })
         .await
         .expect_err("a malformed reference");
-    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad}");
-    server.abort();
+    assert!(!bad.message().is_empty());
+    if strict {
+        assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad}");
+    }
 }
