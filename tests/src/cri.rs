@@ -43,3 +43,46 @@ impl Cri {
             .is_some_and(|s| s.conditions.iter().any(|c| c.r#type == kind && c.status))
     }
 }
+
+/// tug-cni and a conflist for `pod_cidr`, installed where the test containerd's CRI plugin looks
+/// for them; both removed on drop.
+#[derive(Debug)]
+pub struct InstalledCni {
+    files: Vec<std::path::PathBuf>,
+    ipam: tempfile::TempDir,
+}
+
+impl InstalledCni {
+    /// tug-cni's IPAM directory for network `tug`.
+    pub fn ipam_dir(&self) -> std::path::PathBuf {
+        self.ipam.path().join("tug")
+    }
+}
+
+impl Drop for InstalledCni {
+    fn drop(&mut self) {
+        for file in &self.files {
+            let _ = std::fs::remove_file(file);
+        }
+    }
+}
+
+/// Installs tug-cni for the test containerd's CRI plugin.
+pub fn install_tug_cni(substrate: &crate::substrate::Substrate, pod_cidr: &str) -> InstalledCni {
+    let ipam = tempfile::tempdir().expect("IPAM dir");
+    let link = substrate.cri_cni_bin_dir().join("tug-cni");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(crate::cni::tug_binary(), &link)
+        .expect("install tug-cni in the runtime's CNI bin dir");
+    let conflist = substrate.cri_cni_conf_dir().join("10-tug.conflist");
+    let conf = serde_json::json!({"cniVersion": "1.0.0", "name": "tug", "plugins": [{"type": "tug-cni", "podCIDRs": [pod_cidr], "mtu": 1450, "dataDir": ipam.path()}]});
+    std::fs::write(
+        &conflist,
+        serde_json::to_string_pretty(&conf).expect("JSON"),
+    )
+    .expect("write the conflist");
+    InstalledCni {
+        files: vec![conflist, link],
+        ipam,
+    }
+}

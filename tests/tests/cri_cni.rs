@@ -10,44 +10,13 @@ use k8s_cri::v1::{
     PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest, PullImageRequest,
     RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
 };
-use serde_json::json;
 use tug_tests::cluster::unique_name;
-use tug_tests::cni::tug_binary;
-use tug_tests::cri::Cri;
+use tug_tests::cri::{Cri, install_tug_cni};
 use tug_tests::eventually::eventually;
 use tug_tests::substrate::Substrate;
 use tug_tests::tier::{Tier, require};
 
 const POD_CIDR: &str = "10.254.0.0/24";
-
-/// Installs tug-cni and its conflist for containerd's CRI; removes both on drop.
-struct Installed {
-    files: Vec<std::path::PathBuf>,
-    ipam: tempfile::TempDir,
-}
-
-impl Drop for Installed {
-    fn drop(&mut self) {
-        for file in &self.files {
-            let _ = std::fs::remove_file(file);
-        }
-    }
-}
-
-fn install(substrate: &Substrate) -> Installed {
-    let ipam = tempfile::tempdir().unwrap();
-    let link = substrate.cri_cni_bin_dir().join("tug-cni");
-    let _ = std::fs::remove_file(&link);
-    std::os::unix::fs::symlink(tug_binary(), &link)
-        .expect("install tug-cni in the runtime's CNI bin dir");
-    let conflist = substrate.cri_cni_conf_dir().join("10-tug.conflist");
-    let conf = json!({"cniVersion": "1.0.0", "name": "tug", "plugins": [{"type": "tug-cni", "podCIDRs": [POD_CIDR], "mtu": 1450, "dataDir": ipam.path()}]});
-    std::fs::write(&conflist, serde_json::to_string_pretty(&conf).unwrap()).unwrap();
-    Installed {
-        files: vec![conflist, link],
-        ipam,
-    }
-}
 
 fn http_get(addr: &str) -> std::io::Result<String> {
     let mut conn =
@@ -64,7 +33,7 @@ fn http_get(addr: &str) -> std::io::Result<String> {
 async fn containerd_cri_runs_a_pod_on_tug_cni() {
     require(Tier::Containerd);
     let substrate = Substrate::from_env();
-    let installed = install(&substrate);
+    let installed = install_tug_cni(&substrate, POD_CIDR);
     let mut cri = Cri::connect(&substrate.containerd_sock).await;
     eventually(
         "containerd's CRI to load tug's CNI configuration (NetworkReady)",
@@ -188,7 +157,7 @@ async fn containerd_cri_runs_a_pod_on_tug_cni() {
         })
         .await
         .expect("StopPodSandbox (CNI DEL)");
-    let left: Vec<_> = std::fs::read_dir(installed.ipam.path().join("tug"))
+    let left: Vec<_> = std::fs::read_dir(installed.ipam_dir().join("tug"))
         .unwrap()
         .flatten()
         .filter(|e| {

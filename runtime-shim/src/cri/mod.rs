@@ -1,3 +1,4 @@
 //! The CRI v1 services.
 
 pub mod images;
+pub mod runtime;

@@ -1,0 +1,647 @@
+//! The CRI RuntimeService: so far Version, Status and the pod sandbox lifecycle.
+//!
+//! A sandbox is a pinned network namespace (none for hostNetwork pods) attached through CNI; it
+//! needs no pause process or image. Its state lives in containerd — a container record holding
+//! the CRI `PodSandboxConfig` (protobuf) and the sandbox state (JSON) as extensions — so a
+//! restarted shim finds every sandbox again. Container calls answer `Unimplemented` (issue #5).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+
+use containerd_client::services::v1::container::Runtime as CdRuntime;
+use containerd_client::services::v1::containers_client::ContainersClient;
+use containerd_client::services::v1::{
+    Container as CdContainer, CreateContainerRequest as CdCreate, DeleteContainerRequest,
+    GetContainerRequest, ListContainersRequest as CdList, UpdateContainerRequest as CdUpdate,
+};
+use k8s_cri::v1::runtime_service_server::RuntimeService;
+use k8s_cri::v1::*;
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use tonic::{Request, Response, Status};
+
+use crate::image::pull::Containerd;
+use crate::netns;
+use crate::network::{Attachment, Cni, NetworkError, result_ips};
+
+const KIND_LABEL: &str = "tug.io/kind";
+const STATE_LABEL: &str = "tug.io/sandbox-state";
+const CONFIG_EXTENSION: &str = "tug.io/sandbox-config";
+const STATE_EXTENSION: &str = "tug.io/sandbox";
+
+/// The RuntimeService.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    containerd: Containerd,
+    cni: Cni,
+    netns_dir: PathBuf,
+}
+
+/// What the shim keeps about a sandbox beyond its CRI config.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct SandboxState {
+    ready: bool,
+    created_at: i64,
+    netns: Option<PathBuf>,
+    cni_result: Option<serde_json::Value>,
+    ips: Vec<String>,
+}
+
+struct Sandbox {
+    id: String,
+    config: PodSandboxConfig,
+    state: SandboxState,
+}
+
+fn network_status(error: &NetworkError) -> Status {
+    match error {
+        NetworkError::NotConfigured { .. } | NetworkError::PluginNotFound { .. } => {
+            Status::failed_precondition(error.to_string())
+        }
+        NetworkError::Plugin { .. } | NetworkError::Exec { .. } => {
+            Status::internal(error.to_string())
+        }
+    }
+}
+
+fn host_network(config: &PodSandboxConfig) -> bool {
+    config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.as_ref())
+        .is_some_and(|o| o.network == NamespaceMode::Node as i32)
+}
+
+fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+fn unimplemented<T>(call: &str) -> Result<Response<T>, Status> {
+    Err(Status::unimplemented(format!(
+        "{call} is not implemented by tug shim yet (issue #5)"
+    )))
+}
+
+impl Runtime {
+    /// A RuntimeService keeping sandboxes in `containerd`'s namespace, attaching them with `cni`
+    /// and pinning their namespaces under `netns_dir`.
+    pub fn new(containerd: Containerd, cni: Cni, netns_dir: impl Into<PathBuf>) -> Runtime {
+        Runtime {
+            containerd,
+            cni,
+            netns_dir: netns_dir.into(),
+        }
+    }
+
+    fn record(&self, sandbox: &Sandbox) -> CdContainer {
+        let mut labels = HashMap::from([(KIND_LABEL.to_owned(), "sandbox".to_owned())]);
+        labels.insert(
+            STATE_LABEL.into(),
+            if sandbox.state.ready {
+                "ready".into()
+            } else {
+                "notready".into()
+            },
+        );
+        let extensions = HashMap::from([
+            (
+                CONFIG_EXTENSION.to_owned(),
+                prost_types::Any {
+                    type_url: "runtime.v1.PodSandboxConfig".into(),
+                    value: sandbox.config.encode_to_vec(),
+                },
+            ),
+            (
+                STATE_EXTENSION.to_owned(),
+                prost_types::Any {
+                    type_url: "tug.io/SandboxState".into(),
+                    value: serde_json::to_vec(&sandbox.state).expect("state serialises"),
+                },
+            ),
+        ]);
+        CdContainer {
+            id: sandbox.id.clone(),
+            labels,
+            runtime: Some(CdRuntime {
+                name: "io.containerd.runc.v2".into(),
+                options: None,
+            }),
+            spec: Some(prost_types::Any {
+                type_url: "types.containerd.io/opencontainers/runtime-spec/1/Spec".into(),
+                value: b"{}".to_vec(),
+            }),
+            extensions,
+            ..Default::default()
+        }
+    }
+
+    fn decode(record: CdContainer) -> Option<Sandbox> {
+        if record.labels.get(KIND_LABEL).map(String::as_str) != Some("sandbox") {
+            return None;
+        }
+        let config =
+            PodSandboxConfig::decode(record.extensions.get(CONFIG_EXTENSION)?.value.as_slice())
+                .ok()?;
+        let state = serde_json::from_slice(&record.extensions.get(STATE_EXTENSION)?.value).ok()?;
+        Some(Sandbox {
+            id: record.id,
+            config,
+            state,
+        })
+    }
+
+    async fn load(&self, id: &str) -> Result<Option<Sandbox>, Status> {
+        let mut client = ContainersClient::new(self.containerd.channel());
+        match client
+            .get(
+                self.containerd
+                    .request(GetContainerRequest { id: id.to_owned() }, None),
+            )
+            .await
+        {
+            Ok(response) => Ok(response.into_inner().container.and_then(Self::decode)),
+            Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
+            Err(status) => Err(status),
+        }
+    }
+
+    async fn require(&self, id: &str) -> Result<Sandbox, Status> {
+        if id.is_empty() {
+            return Err(Status::invalid_argument("pod sandbox ID is required"));
+        }
+        self.load(id)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("pod sandbox {id} not found")))
+    }
+
+    async fn save(&self, sandbox: &Sandbox) -> Result<(), Status> {
+        let mut client = ContainersClient::new(self.containerd.channel());
+        let update = CdUpdate {
+            container: Some(self.record(sandbox)),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["labels".into(), "extensions".into()],
+            }),
+        };
+        client
+            .update(self.containerd.request(update, None))
+            .await
+            .map(|_| ())
+    }
+
+    async fn all(&self) -> Result<Vec<Sandbox>, Status> {
+        let mut client = ContainersClient::new(self.containerd.channel());
+        let filter = format!("labels.\"{KIND_LABEL}\"==sandbox");
+        let records = client
+            .list(self.containerd.request(
+                CdList {
+                    filters: vec![filter],
+                },
+                None,
+            ))
+            .await?
+            .into_inner()
+            .containers;
+        Ok(records.into_iter().filter_map(Self::decode).collect())
+    }
+
+    fn attachment(sandbox: &Sandbox, netns: &std::path::Path) -> Attachment {
+        let metadata = sandbox.config.metadata.clone().unwrap_or_default();
+        let ports: Vec<serde_json::Value> = sandbox
+            .config
+            .port_mappings
+            .iter()
+            .filter(|p| p.host_port > 0)
+            .map(|p| {
+                let protocol = match Protocol::try_from(p.protocol) {
+                    Ok(Protocol::Udp) => "udp",
+                    Ok(Protocol::Sctp) => "sctp",
+                    _ => "tcp",
+                };
+                serde_json::json!({"hostPort": p.host_port, "containerPort": p.container_port, "protocol": protocol, "hostIP": p.host_ip})
+            })
+            .collect();
+        let mut capabilities = std::collections::BTreeMap::new();
+        if !ports.is_empty() {
+            capabilities.insert("portMappings".to_owned(), serde_json::Value::Array(ports));
+        }
+        Attachment {
+            container_id: sandbox.id.clone(),
+            netns: netns.to_owned(),
+            ifname: "eth0".into(),
+            args: vec![
+                ("K8S_POD_NAMESPACE".into(), metadata.namespace),
+                ("K8S_POD_NAME".into(), metadata.name),
+                ("K8S_POD_INFRA_CONTAINER_ID".into(), sandbox.id.clone()),
+                ("K8S_POD_UID".into(), metadata.uid),
+            ],
+            capabilities,
+        }
+    }
+
+    /// Detaches and unpins the sandbox's network; idempotent.
+    async fn release_network(&self, sandbox: &mut Sandbox) -> Result<(), Status> {
+        if let Some(netns) = sandbox.state.netns.clone()
+            && (sandbox.state.cni_result.is_some() || !sandbox.state.ips.is_empty())
+        {
+            let list = self.cni.load().map_err(|e| network_status(&e))?;
+            self.cni
+                .del(
+                    &list,
+                    &Self::attachment(sandbox, &netns),
+                    sandbox.state.cni_result.as_ref(),
+                )
+                .await
+                .map_err(|e| network_status(&e))?;
+            sandbox.state.cni_result = None;
+            sandbox.state.ips.clear();
+        }
+        Ok(())
+    }
+}
+
+fn cri_sandbox(sandbox: &Sandbox) -> PodSandbox {
+    PodSandbox {
+        id: sandbox.id.clone(),
+        metadata: sandbox.config.metadata.clone(),
+        state: if sandbox.state.ready {
+            PodSandboxState::SandboxReady
+        } else {
+            PodSandboxState::SandboxNotready
+        } as i32,
+        created_at: sandbox.state.created_at,
+        labels: sandbox.config.labels.clone(),
+        annotations: sandbox.config.annotations.clone(),
+        runtime_handler: String::new(),
+    }
+}
+
+type EventStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<ContainerEventResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RuntimeService for Runtime {
+    async fn version(
+        &self,
+        _request: Request<VersionRequest>,
+    ) -> Result<Response<VersionResponse>, Status> {
+        Ok(Response::new(VersionResponse {
+            version: "0.1.0".into(),
+            runtime_name: "tug".into(),
+            runtime_version: env!("CARGO_PKG_VERSION").into(),
+            runtime_api_version: "v1".into(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let mut client = ContainersClient::new(self.containerd.channel());
+        let runtime = client
+            .list(self.containerd.request(
+                CdList {
+                    filters: vec![format!("labels.\"{KIND_LABEL}\"==sandbox")],
+                },
+                None,
+            ))
+            .await;
+        let network = self.cni.load();
+        let conditions = vec![
+            RuntimeCondition {
+                r#type: "RuntimeReady".into(),
+                status: runtime.is_ok(),
+                reason: if runtime.is_ok() {
+                    String::new()
+                } else {
+                    "ContainerdUnreachable".into()
+                },
+                message: runtime.err().map(|e| e.to_string()).unwrap_or_default(),
+            },
+            RuntimeCondition {
+                r#type: "NetworkReady".into(),
+                status: network.is_ok(),
+                reason: if network.is_ok() {
+                    String::new()
+                } else {
+                    "NetworkPluginNotReady".into()
+                },
+                message: network.err().map(|e| e.to_string()).unwrap_or_default(),
+            },
+        ];
+        Ok(Response::new(StatusResponse {
+            status: Some(RuntimeStatus { conditions }),
+            ..Default::default()
+        }))
+    }
+
+    async fn run_pod_sandbox(
+        &self,
+        request: Request<RunPodSandboxRequest>,
+    ) -> Result<Response<RunPodSandboxResponse>, Status> {
+        let config = request
+            .into_inner()
+            .config
+            .ok_or_else(|| Status::invalid_argument("RunPodSandbox needs a config"))?;
+        let metadata = config
+            .metadata
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("the sandbox config needs metadata"))?;
+        if metadata.name.is_empty() || metadata.namespace.is_empty() || metadata.uid.is_empty() {
+            return Err(Status::invalid_argument(
+                "sandbox metadata needs a name, namespace and uid",
+            ));
+        }
+        let id = format!("{:032x}{:032x}", rand_u128(), rand_u128());
+        let mut sandbox = Sandbox {
+            id: id.clone(),
+            config,
+            state: SandboxState {
+                ready: true,
+                created_at: now_nanos(),
+                netns: None,
+                cni_result: None,
+                ips: Vec::new(),
+            },
+        };
+        if !host_network(&sandbox.config) {
+            let list = self.cni.load().map_err(|e| network_status(&e))?;
+            let netns = netns::create(&self.netns_dir, &format!("tug-{}", &id[..16]))
+                .map_err(|e| Status::internal(e.to_string()))?;
+            match self
+                .cni
+                .add(&list, &Self::attachment(&sandbox, &netns))
+                .await
+            {
+                Ok(result) => {
+                    sandbox.state.ips = result_ips(&result);
+                    sandbox.state.cni_result = Some(result);
+                    sandbox.state.netns = Some(netns);
+                }
+                Err(error) => {
+                    let _ = netns::remove(&netns);
+                    return Err(network_status(&error));
+                }
+            }
+        }
+        let mut client = ContainersClient::new(self.containerd.channel());
+        if let Err(status) = client
+            .create(self.containerd.request(
+                CdCreate {
+                    container: Some(self.record(&sandbox)),
+                },
+                None,
+            ))
+            .await
+        {
+            let _ = self.release_network(&mut sandbox).await;
+            if let Some(netns) = &sandbox.state.netns {
+                let _ = netns::remove(netns);
+            }
+            return Err(status);
+        }
+        tracing::info!(sandbox = %id, pod = %sandbox.config.metadata.as_ref().map(|m| format!("{}/{}", m.namespace, m.name)).unwrap_or_default(), ips = ?sandbox.state.ips, "sandbox ready");
+        Ok(Response::new(RunPodSandboxResponse { pod_sandbox_id: id }))
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        request: Request<StopPodSandboxRequest>,
+    ) -> Result<Response<StopPodSandboxResponse>, Status> {
+        let id = request.into_inner().pod_sandbox_id;
+        // Idempotent: stopping what is gone succeeds.
+        let Some(mut sandbox) = self.load(&id).await? else {
+            return Ok(Response::new(StopPodSandboxResponse {}));
+        };
+        self.release_network(&mut sandbox).await?;
+        sandbox.state.ready = false;
+        self.save(&sandbox).await?;
+        Ok(Response::new(StopPodSandboxResponse {}))
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        request: Request<RemovePodSandboxRequest>,
+    ) -> Result<Response<RemovePodSandboxResponse>, Status> {
+        let id = request.into_inner().pod_sandbox_id;
+        let Some(mut sandbox) = self.load(&id).await? else {
+            return Ok(Response::new(RemovePodSandboxResponse {}));
+        };
+        self.release_network(&mut sandbox).await?;
+        if let Some(netns) = &sandbox.state.netns {
+            netns::remove(netns).map_err(|e| Status::internal(e.to_string()))?;
+        }
+        let mut client = ContainersClient::new(self.containerd.channel());
+        match client
+            .delete(
+                self.containerd
+                    .request(DeleteContainerRequest { id: id.clone() }, None),
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(status) if status.code() == tonic::Code::NotFound => {}
+            Err(status) => return Err(status),
+        }
+        Ok(Response::new(RemovePodSandboxResponse {}))
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        request: Request<PodSandboxStatusRequest>,
+    ) -> Result<Response<PodSandboxStatusResponse>, Status> {
+        let sandbox = self.require(&request.into_inner().pod_sandbox_id).await?;
+        let mut ips = sandbox.state.ips.iter();
+        let network = PodSandboxNetworkStatus {
+            ip: ips.next().cloned().unwrap_or_default(),
+            additional_ips: ips.map(|ip| PodIp { ip: ip.clone() }).collect(),
+        };
+        let options = sandbox
+            .config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .and_then(|s| s.namespace_options.clone());
+        let base = cri_sandbox(&sandbox);
+        let status = PodSandboxStatus {
+            id: base.id,
+            metadata: base.metadata,
+            state: base.state,
+            created_at: base.created_at,
+            network: Some(network),
+            linux: Some(LinuxPodSandboxStatus {
+                namespaces: Some(Namespace { options }),
+            }),
+            labels: base.labels,
+            annotations: base.annotations,
+            runtime_handler: String::new(),
+        };
+        Ok(Response::new(PodSandboxStatusResponse {
+            status: Some(status),
+            ..Default::default()
+        }))
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        request: Request<ListPodSandboxRequest>,
+    ) -> Result<Response<ListPodSandboxResponse>, Status> {
+        let filter = request.into_inner().filter.unwrap_or_default();
+        let items = self
+            .all()
+            .await?
+            .iter()
+            .map(cri_sandbox)
+            .filter(|s| filter.id.is_empty() || s.id.starts_with(&filter.id))
+            .filter(|s| {
+                filter
+                    .state
+                    .as_ref()
+                    .is_none_or(|want| want.state == s.state)
+            })
+            .filter(|s| {
+                filter
+                    .label_selector
+                    .iter()
+                    .all(|(k, v)| s.labels.get(k) == Some(v))
+            })
+            .collect();
+        Ok(Response::new(ListPodSandboxResponse { items }))
+    }
+
+    async fn create_container(
+        &self,
+        _: Request<CreateContainerRequest>,
+    ) -> Result<Response<CreateContainerResponse>, Status> {
+        unimplemented("CreateContainer")
+    }
+    async fn start_container(
+        &self,
+        _: Request<StartContainerRequest>,
+    ) -> Result<Response<StartContainerResponse>, Status> {
+        unimplemented("StartContainer")
+    }
+    async fn stop_container(
+        &self,
+        _: Request<StopContainerRequest>,
+    ) -> Result<Response<StopContainerResponse>, Status> {
+        unimplemented("StopContainer")
+    }
+    async fn remove_container(
+        &self,
+        _: Request<RemoveContainerRequest>,
+    ) -> Result<Response<RemoveContainerResponse>, Status> {
+        unimplemented("RemoveContainer")
+    }
+    async fn list_containers(
+        &self,
+        _: Request<ListContainersRequest>,
+    ) -> Result<Response<ListContainersResponse>, Status> {
+        unimplemented("ListContainers")
+    }
+    async fn container_status(
+        &self,
+        _: Request<ContainerStatusRequest>,
+    ) -> Result<Response<ContainerStatusResponse>, Status> {
+        unimplemented("ContainerStatus")
+    }
+    async fn update_container_resources(
+        &self,
+        _: Request<UpdateContainerResourcesRequest>,
+    ) -> Result<Response<UpdateContainerResourcesResponse>, Status> {
+        unimplemented("UpdateContainerResources")
+    }
+    async fn reopen_container_log(
+        &self,
+        _: Request<ReopenContainerLogRequest>,
+    ) -> Result<Response<ReopenContainerLogResponse>, Status> {
+        unimplemented("ReopenContainerLog")
+    }
+    async fn exec_sync(
+        &self,
+        _: Request<ExecSyncRequest>,
+    ) -> Result<Response<ExecSyncResponse>, Status> {
+        unimplemented("ExecSync")
+    }
+    async fn exec(&self, _: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
+        unimplemented("Exec")
+    }
+    async fn attach(&self, _: Request<AttachRequest>) -> Result<Response<AttachResponse>, Status> {
+        unimplemented("Attach")
+    }
+    async fn port_forward(
+        &self,
+        _: Request<PortForwardRequest>,
+    ) -> Result<Response<PortForwardResponse>, Status> {
+        unimplemented("PortForward")
+    }
+    async fn container_stats(
+        &self,
+        _: Request<ContainerStatsRequest>,
+    ) -> Result<Response<ContainerStatsResponse>, Status> {
+        unimplemented("ContainerStats")
+    }
+    async fn list_container_stats(
+        &self,
+        _: Request<ListContainerStatsRequest>,
+    ) -> Result<Response<ListContainerStatsResponse>, Status> {
+        unimplemented("ListContainerStats")
+    }
+    async fn pod_sandbox_stats(
+        &self,
+        _: Request<PodSandboxStatsRequest>,
+    ) -> Result<Response<PodSandboxStatsResponse>, Status> {
+        unimplemented("PodSandboxStats")
+    }
+    async fn list_pod_sandbox_stats(
+        &self,
+        _: Request<ListPodSandboxStatsRequest>,
+    ) -> Result<Response<ListPodSandboxStatsResponse>, Status> {
+        unimplemented("ListPodSandboxStats")
+    }
+    async fn update_runtime_config(
+        &self,
+        _: Request<UpdateRuntimeConfigRequest>,
+    ) -> Result<Response<UpdateRuntimeConfigResponse>, Status> {
+        Ok(Response::new(UpdateRuntimeConfigResponse {}))
+    }
+    async fn checkpoint_container(
+        &self,
+        _: Request<CheckpointContainerRequest>,
+    ) -> Result<Response<CheckpointContainerResponse>, Status> {
+        unimplemented("CheckpointContainer")
+    }
+    type GetContainerEventsStream = EventStream;
+    async fn get_container_events(
+        &self,
+        _: Request<GetEventsRequest>,
+    ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
+        unimplemented("GetContainerEvents")
+    }
+    async fn list_metric_descriptors(
+        &self,
+        _: Request<ListMetricDescriptorsRequest>,
+    ) -> Result<Response<ListMetricDescriptorsResponse>, Status> {
+        unimplemented("ListMetricDescriptors")
+    }
+    async fn list_pod_sandbox_metrics(
+        &self,
+        _: Request<ListPodSandboxMetricsRequest>,
+    ) -> Result<Response<ListPodSandboxMetricsResponse>, Status> {
+        unimplemented("ListPodSandboxMetrics")
+    }
+    async fn runtime_config(
+        &self,
+        _: Request<RuntimeConfigRequest>,
+    ) -> Result<Response<RuntimeConfigResponse>, Status> {
+        unimplemented("RuntimeConfig")
+    }
+}
+
+fn rand_u128() -> u128 {
+    u128::from_le_bytes(*uuid::Uuid::new_v4().as_bytes())
+}

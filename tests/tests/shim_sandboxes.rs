@@ -1,0 +1,259 @@
+//! containerd tier: the pod sandbox lifecycle through the CRI, as the kubelet drives it — the
+//! same suite against tug shim and against containerd's own CRI, both attaching pods with tug-cni.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
+use k8s_cri::v1::{
+    LinuxPodSandboxConfig, ListPodSandboxRequest, PodSandboxConfig, PodSandboxFilter,
+    PodSandboxMetadata, PodSandboxState, PodSandboxStateValue, PodSandboxStatusRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StopPodSandboxRequest,
+};
+use tug_runtime_shim::cri::runtime::Runtime;
+use tug_runtime_shim::image::pull::Containerd;
+use tug_runtime_shim::network::Cni;
+use tug_tests::cluster::unique_name;
+use tug_tests::cni::tug_binary;
+use tug_tests::containerd::ContainerdNs;
+use tug_tests::cri::{Cri, install_tug_cni};
+use tug_tests::eventually::eventually;
+use tug_tests::substrate::Substrate;
+use tug_tests::tier::{Tier, require};
+
+#[tokio::test]
+#[ignore = "containerd tier (root): run as root via ./scripts/test, or scripts/substrate up && cargo build -p tug && cargo test -p tug-tests --test shim_sandboxes -- --ignored"]
+async fn sandbox_lifecycle_on_tug_shim() {
+    require(Tier::Containerd);
+    let substrate = Substrate::from_env();
+    let ns = ContainerdNs::connect("sandboxes").await;
+    let (conf, bin, ipam, pins, sock_dir) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    std::os::unix::fs::symlink(tug_binary(), bin.path().join("tug-cni")).unwrap();
+    let pod_cidr = "10.254.1.0/24";
+    let list = serde_json::json!({"cniVersion": "1.0.0", "name": "tug", "plugins": [{"type": "tug-cni", "podCIDRs": [pod_cidr], "dataDir": ipam.path()}]});
+    std::fs::write(conf.path().join("10-tug.conflist"), list.to_string()).unwrap();
+    let channel = containerd_client::connect(&substrate.containerd_sock)
+        .await
+        .unwrap();
+    let runtime = Runtime::new(
+        Containerd::new(channel, ns.namespace()),
+        Cni {
+            conf_dir: conf.path().to_owned(),
+            bin_dirs: vec![bin.path().to_owned()],
+        },
+        pins.path(),
+    );
+    let socket = sock_dir.path().join("cri.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RuntimeServiceServer::new(runtime))
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+    );
+    exercise_sandboxes(
+        Cri::connect(&socket).await,
+        pod_cidr,
+        &ipam.path().join("tug"),
+    )
+    .await;
+    server.abort();
+}
+
+#[tokio::test]
+#[ignore = "containerd tier (root): run as root via ./scripts/test, or scripts/substrate up && cargo build -p tug && cargo test -p tug-tests --test shim_sandboxes -- --ignored"]
+async fn the_same_sandbox_suite_passes_against_containerds_own_cri() {
+    require(Tier::Containerd);
+    let substrate = Substrate::from_env();
+    let pod_cidr = "10.254.2.0/24";
+    let installed = install_tug_cni(&substrate, pod_cidr);
+    exercise_sandboxes(
+        Cri::connect(&substrate.containerd_sock).await,
+        pod_cidr,
+        &installed.ipam_dir(),
+    )
+    .await;
+}
+
+fn allocations(ipam_dir: &Path) -> usize {
+    std::fs::read_dir(ipam_dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .parse::<std::net::IpAddr>()
+                        .is_ok()
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// The sandbox behaviour the kubelet relies on, for any CRI runtime whose network is tug-cni
+/// on `pod_cidr` with IPAM state in `ipam_dir`.
+async fn exercise_sandboxes(mut cri: Cri, pod_cidr: &str, ipam_dir: &Path) {
+    eventually(
+        "the runtime to report RuntimeReady and NetworkReady",
+        Duration::from_secs(30),
+        || {
+            let mut cri = cri.clone();
+            async move {
+                (cri.condition("RuntimeReady").await && cri.condition("NetworkReady").await)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    let name = unique_name("suite");
+    let logs = tempfile::tempdir().unwrap();
+    let config = PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.clone(),
+            uid: format!("uid-{name}"),
+            namespace: "tug-test".into(),
+            attempt: 0,
+        }),
+        hostname: name.clone(),
+        log_directory: logs.path().display().to_string(),
+        linux: Some(LinuxPodSandboxConfig::default()),
+        labels: HashMap::from([
+            ("app".to_owned(), "suite".to_owned()),
+            ("io.kubernetes.pod.name".to_owned(), name.clone()),
+        ]),
+        ..Default::default()
+    };
+    let id = cri
+        .runtime
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config),
+            runtime_handler: String::new(),
+        })
+        .await
+        .expect("RunPodSandbox")
+        .into_inner()
+        .pod_sandbox_id;
+
+    let status = cri
+        .runtime
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: id.clone(),
+            verbose: false,
+        })
+        .await
+        .expect("PodSandboxStatus")
+        .into_inner()
+        .status
+        .expect("a status");
+    assert_eq!(status.state, PodSandboxState::SandboxReady as i32);
+    assert_eq!(status.metadata.map(|m| m.name), Some(name.clone()));
+    assert_eq!(status.labels.get("app").map(String::as_str), Some("suite"));
+    let ip = status.network.map(|n| n.ip).unwrap_or_default();
+    let cidr: ipnet::Ipv4Net = pod_cidr.parse().unwrap();
+    assert!(
+        ip.parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| cidr.contains(&ip)),
+        "the sandbox IP {ip:?} comes from tug-cni's {pod_cidr}"
+    );
+    assert_eq!(allocations(ipam_dir), 1);
+
+    let by_id = cri
+        .runtime
+        .list_pod_sandbox(ListPodSandboxRequest {
+            filter: Some(PodSandboxFilter {
+                id: id.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert_eq!(by_id.len(), 1);
+    let by_label = PodSandboxFilter {
+        label_selector: HashMap::from([("io.kubernetes.pod.name".to_owned(), name.clone())]),
+        ..Default::default()
+    };
+    let labelled = cri
+        .runtime
+        .list_pod_sandbox(ListPodSandboxRequest {
+            filter: Some(by_label),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert!(
+        labelled.len() == 1 && labelled[0].id == id,
+        "the label selector finds exactly this sandbox"
+    );
+    let not_ready = PodSandboxFilter {
+        state: Some(PodSandboxStateValue {
+            state: PodSandboxState::SandboxNotready as i32,
+        }),
+        ..Default::default()
+    };
+    let stopped = cri
+        .runtime
+        .list_pod_sandbox(ListPodSandboxRequest {
+            filter: Some(not_ready),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert!(
+        !stopped.iter().any(|s| s.id == id),
+        "a ready sandbox is not listed as not ready"
+    );
+
+    for _ in 0..2 {
+        cri.runtime
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: id.clone(),
+            })
+            .await
+            .expect("StopPodSandbox, twice");
+    }
+    let status = cri
+        .runtime
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: id.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(status.state, PodSandboxState::SandboxNotready as i32);
+    assert_eq!(
+        allocations(ipam_dir),
+        0,
+        "StopPodSandbox released the network (CNI DEL)"
+    );
+
+    for _ in 0..2 {
+        cri.runtime
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: id.clone(),
+            })
+            .await
+            .expect("RemovePodSandbox, twice");
+    }
+    let gone = cri
+        .runtime
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: id.clone(),
+            verbose: false,
+        })
+        .await
+        .expect_err("a removed sandbox has no status");
+    assert_eq!(gone.code(), tonic::Code::NotFound, "{gone}");
+}
