@@ -157,7 +157,7 @@ async fn containerd_cri_runs_a_pod_on_tug_cni() {
         })
         .await
         .expect("StopPodSandbox (CNI DEL)");
-    let left: Vec<_> = std::fs::read_dir(installed.ipam_dir().join("tug"))
+    let left: Vec<_> = std::fs::read_dir(installed.ipam_dir())
         .unwrap()
         .flatten()
         .filter(|e| {
