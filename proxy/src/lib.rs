@@ -4,4 +4,6 @@
 //! desired rules and the iptables, nftables and IPVS backends that apply only its difference. See
 //! `DESIGN.md` §3 (service flow) and §4 (rule layout).
 //!
-//! Not built yet: the work is tracked by issue #6.
+//! Built so far: the pure model ([`model`]). The backends are tracked by issue #6.
+
+pub mod model;
