@@ -27,6 +27,26 @@ pub fn tug_binary() -> PathBuf {
     binary
 }
 
+/// The addresses tug-cni's IPAM holds in `dir` (one file per address), sorted; none when the
+/// directory does not exist.
+pub fn ipam_allocations(dir: &Path) -> Vec<String> {
+    let mut ips: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()
+                        .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
+                        .map(str::to_owned)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    ips.sort();
+    ips
+}
+
 /// A CNI bin dir holding `tug-cni` (a link to the tug binary, as installed), and the plugin's
 /// state directory, both removed on drop.
 #[derive(Debug)]
@@ -88,21 +108,7 @@ impl TugCni {
 
     /// The IPs IPAM holds.
     pub fn allocations(&self) -> Vec<String> {
-        let mut ips: Vec<String> = std::fs::read_dir(self.ipam_dir())
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .filter_map(|e| {
-                        e.file_name()
-                            .to_str()
-                            .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
-                            .map(str::to_owned)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        ips.sort();
-        ips
+        ipam_allocations(&self.ipam_dir())
     }
 
     /// The network configuration, with `extra` fields merged in.

@@ -13,6 +13,7 @@ pub mod cni;
 pub mod containerd;
 pub mod cri;
 pub mod eventually;
+pub mod http;
 pub mod lan;
 pub mod netns;
 pub mod substrate;

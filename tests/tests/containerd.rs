@@ -1,8 +1,6 @@
 //! containerd tier: containers from the local registry and from OCI archives, run through
 //! containerd's native gRPC API on the test-owned containerd.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use tug_tests::containerd::{ContainerdNs, RunSpec};
@@ -60,7 +58,7 @@ async fn imported_http_image_serves_inside_a_given_network_namespace() {
         "the http image to answer on :8080",
         Duration::from_secs(20),
         || {
-            let reply = pod_net.run(|| http_get("127.0.0.1:8080", "/").ok());
+            let reply = pod_net.run(|| tug_tests::http::get("127.0.0.1:8080", "/").ok());
             async move { reply }
         },
     )
@@ -72,7 +70,7 @@ async fn imported_http_image_serves_inside_a_given_network_namespace() {
     assert!(body.ends_with("tug-test http\n"), "body: {body}");
 
     let hostname = pod_net
-        .run(|| http_get("127.0.0.1:8080", "/cgi-bin/hostname"))
+        .run(|| tug_tests::http::get("127.0.0.1:8080", "/cgi-bin/hostname"))
         .expect("cgi");
     assert!(
         hostname.ends_with("web\n"),
@@ -86,16 +84,6 @@ async fn imported_http_image_serves_inside_a_given_network_namespace() {
         128 + 9,
         "a SIGKILLed container reports 128+9"
     );
-}
-
-/// One HTTP/1.0 GET; returns the whole response.
-fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
-    let mut conn = TcpStream::connect(addr)?;
-    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(conn, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut response = String::new();
-    conn.read_to_string(&mut response)?;
-    Ok(response)
 }
 
 #[tokio::test]

@@ -2,7 +2,6 @@
 //! plugin (libcni) — through the same CRI calls a kubelet makes.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use k8s_cri::v1::{
@@ -11,22 +10,13 @@ use k8s_cri::v1::{
     RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
 };
 use tug_tests::cluster::unique_name;
+use tug_tests::cni::ipam_allocations;
 use tug_tests::cri::{Cri, install_tug_cni};
 use tug_tests::eventually::eventually;
 use tug_tests::substrate::Substrate;
 use tug_tests::tier::{Tier, require};
 
 const POD_CIDR: &str = "10.254.0.0/24";
-
-fn http_get(addr: &str) -> std::io::Result<String> {
-    let mut conn =
-        std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2))?;
-    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(conn, "GET / HTTP/1.0\r\n\r\n")?;
-    let mut body = String::new();
-    conn.read_to_string(&mut body)?;
-    Ok(body)
-}
 
 #[tokio::test]
 #[ignore = "containerd tier (root): run as root via ./scripts/test, or scripts/substrate up && cargo build -p tug && cargo test -p tug-tests --test cri_cni -- --ignored"]
@@ -142,7 +132,7 @@ async fn containerd_cri_runs_a_pod_on_tug_cni() {
         || {
             let addr = addr.clone();
             async move {
-                tokio::task::spawn_blocking(move || http_get(&addr).ok())
+                tokio::task::spawn_blocking(move || tug_tests::http::get(&addr, "/").ok())
                     .await
                     .unwrap()
             }
@@ -157,16 +147,7 @@ async fn containerd_cri_runs_a_pod_on_tug_cni() {
         })
         .await
         .expect("StopPodSandbox (CNI DEL)");
-    let left: Vec<_> = std::fs::read_dir(installed.ipam_dir())
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .parse::<std::net::Ipv4Addr>()
-                .is_ok()
-        })
-        .collect();
+    let left = ipam_allocations(&installed.ipam_dir());
     assert!(
         left.is_empty(),
         "StopPodSandbox released the address through tug-cni DEL"

@@ -15,7 +15,7 @@ use tug_runtime_shim::cri::runtime::Runtime;
 use tug_runtime_shim::image::pull::Containerd;
 use tug_runtime_shim::network::Cni;
 use tug_tests::cluster::unique_name;
-use tug_tests::cni::tug_binary;
+use tug_tests::cni::{ipam_allocations, tug_binary};
 use tug_tests::containerd::ContainerdNs;
 use tug_tests::cri::{Cri, install_tug_cni};
 use tug_tests::eventually::eventually;
@@ -79,21 +79,6 @@ async fn the_same_sandbox_suite_passes_against_containerds_own_cri() {
         &installed.ipam_dir(),
     )
     .await;
-}
-
-fn allocations(ipam_dir: &Path) -> usize {
-    std::fs::read_dir(ipam_dir)
-        .map(|d| {
-            d.flatten()
-                .filter(|e| {
-                    e.file_name()
-                        .to_string_lossy()
-                        .parse::<std::net::IpAddr>()
-                        .is_ok()
-                })
-                .count()
-        })
-        .unwrap_or(0)
 }
 
 /// The sandbox behaviour the kubelet relies on, for any CRI runtime whose network is tug-cni
@@ -161,7 +146,7 @@ async fn exercise_sandboxes(mut cri: Cri, pod_cidr: &str, ipam_dir: &Path) {
             .is_ok_and(|ip| cidr.contains(&ip)),
         "the sandbox IP {ip:?} comes from tug-cni's {pod_cidr}"
     );
-    assert_eq!(allocations(ipam_dir), 1);
+    assert_eq!(ipam_allocations(ipam_dir).len(), 1);
 
     let by_id = cri
         .runtime
@@ -234,7 +219,7 @@ async fn exercise_sandboxes(mut cri: Cri, pod_cidr: &str, ipam_dir: &Path) {
         .unwrap();
     assert_eq!(status.state, PodSandboxState::SandboxNotready as i32);
     assert_eq!(
-        allocations(ipam_dir),
+        ipam_allocations(ipam_dir).len(),
         0,
         "StopPodSandbox released the network (CNI DEL)"
     );
