@@ -12,3 +12,4 @@ pub mod cri;
 pub mod image;
 pub mod netns;
 pub mod network;
+pub mod spec;
