@@ -4,12 +4,14 @@
 //! sandboxes with pinned namespaces and CNI, containers built from CRI configs into OCI specs, image
 //! pull from OCI registries, logs and streaming. See `DESIGN.md` §3 (pod start) and §4 (CRI facts).
 //!
-//! Built so far: image pull ([`image`]), the CRI ImageService ([`cri::images`]), pinned pod
-//! network namespaces ([`netns`]) and CNI invocation ([`network`]). The RuntimeService and the
-//! `tug shim` server are tracked by issue #5.
+//! Parts: image pull ([`image`]), the CRI services ([`cri`]), OCI specs ([`spec`]), pinned pod
+//! network namespaces ([`netns`]), CNI invocation ([`network`]), the container log writer
+//! ([`logger`]) and the server ([`server`]). Streaming (Exec/Attach/PortForward) is not built yet.
 
 pub mod cri;
 pub mod image;
+pub mod logger;
 pub mod netns;
 pub mod network;
+pub mod server;
 pub mod spec;

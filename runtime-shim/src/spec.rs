@@ -661,7 +661,6 @@ pub fn build(input: &SpecInput<'_>) -> Result<Value, SpecError> {
         "env": environment(config, input.image, &hostname),
         "cwd": working_dir,
         "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1_048_576u64, "soft": 1_048_576u64}],
         "noNewPrivileges": security.is_some_and(|s| s.no_new_privs),
         "oomScoreAdj": oom_score_adj,
     });

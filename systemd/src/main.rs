@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod netd;
+mod shim;
 mod shutdown;
 
 /// Exit status for a component that exists in the command line but is not built yet
@@ -34,7 +35,13 @@ enum Command {
     /// Run the kubelet: register the node, run the pods bound to it, probe them, report status.
     Kubelet,
     /// Run the CRI v1 runtime shim on containerd (serves /run/tug/cri.sock).
-    Shim,
+    Shim(shim::ShimArgs),
+    /// Write a container's output as a CRI log (run by containerd's shim, not by hand).
+    #[command(hide = true)]
+    ShimLogger {
+        /// The log file.
+        path: std::path::PathBuf,
+    },
     /// Run kube-proxy: program Services and EndpointSlices as iptables, nftables or IPVS rules.
     Proxy,
     /// Run the node network agent: CNI config for this node's pod CIDR, routes to other nodes.
@@ -52,7 +59,7 @@ impl Command {
     fn tracking_issue(&self) -> u32 {
         match self {
             Command::Kubelet => 7,
-            Command::Shim => 5,
+            Command::Shim(_) | Command::ShimLogger { .. } => 5,
             Command::Proxy => 6,
             Command::Netd(_) | Command::Cni => 4,
             Command::Join | Command::Reset => 9,
@@ -62,7 +69,8 @@ impl Command {
     fn name(&self) -> &'static str {
         match self {
             Command::Kubelet => "kubelet",
-            Command::Shim => "shim",
+            Command::Shim(_) => "shim",
+            Command::ShimLogger { .. } => "shim-logger",
             Command::Proxy => "proxy",
             Command::Netd(_) => "netd",
             Command::Cni => "cni",
@@ -91,6 +99,10 @@ fn main() -> ExitCode {
         // The CNI protocol is environment + stdin + stdout; see tug_cni::plugin.
         Command::Cni => return ExitCode::from(tug_cni::plugin::run()),
         Command::Netd(args) => return run_async(netd::run(args)),
+        Command::Shim(args) => return run_async(shim::run(args)),
+        Command::ShimLogger { path } => {
+            return ExitCode::from(tug_runtime_shim::logger::run(&path));
+        }
         _ => {}
     }
     eprintln!(
@@ -151,6 +163,19 @@ mod tests {
             parse(&["/usr/bin/tug", "proxy"]).command,
             Command::Proxy
         ));
+    }
+
+    #[test]
+    fn the_log_writer_command_line_containerd_builds_parses() {
+        // containerd's shim turns `binary:///usr/local/bin/tug?shim-logger=<path>` into this.
+        let cli = parse(&[
+            "/usr/local/bin/tug",
+            "shim-logger",
+            "/var/log/pods/a_b_c/app/0.log",
+        ]);
+        assert!(
+            matches!(cli.command, Command::ShimLogger { path } if path == Path::new("/var/log/pods/a_b_c/app/0.log"))
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod eventually;
 pub mod http;
 pub mod lan;
 pub mod netns;
+pub mod shim;
 pub mod substrate;
 pub mod tier;
 pub mod vm;

@@ -5,20 +5,16 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
 use k8s_cri::v1::{
     LinuxPodSandboxConfig, ListPodSandboxRequest, PodSandboxConfig, PodSandboxFilter,
     PodSandboxMetadata, PodSandboxState, PodSandboxStateValue, PodSandboxStatusRequest,
     RemovePodSandboxRequest, RunPodSandboxRequest, StopPodSandboxRequest,
 };
-use tug_runtime_shim::cri::runtime::Runtime;
-use tug_runtime_shim::image::pull::Containerd;
-use tug_runtime_shim::network::Cni;
 use tug_tests::cluster::unique_name;
-use tug_tests::cni::{ipam_allocations, tug_binary};
-use tug_tests::containerd::ContainerdNs;
+use tug_tests::cni::ipam_allocations;
 use tug_tests::cri::{Cri, install_tug_cni};
 use tug_tests::eventually::eventually;
+use tug_tests::shim::TugShim;
 use tug_tests::substrate::Substrate;
 use tug_tests::tier::{Tier, require};
 
@@ -26,44 +22,8 @@ use tug_tests::tier::{Tier, require};
 #[ignore = "containerd tier (root): run as root via ./scripts/test, or scripts/substrate up && cargo build -p tug && cargo test -p tug-tests --test shim_sandboxes -- --ignored"]
 async fn sandbox_lifecycle_on_tug_shim() {
     require(Tier::Containerd);
-    let substrate = Substrate::from_env();
-    let ns = ContainerdNs::connect("sandboxes").await;
-    let (conf, bin, ipam, pins, sock_dir) = (
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-    );
-    std::os::unix::fs::symlink(tug_binary(), bin.path().join("tug-cni")).unwrap();
-    let pod_cidr = "10.254.1.0/24";
-    let list = serde_json::json!({"cniVersion": "1.0.0", "name": "tug", "plugins": [{"type": "tug-cni", "podCIDRs": [pod_cidr], "dataDir": ipam.path()}]});
-    std::fs::write(conf.path().join("10-tug.conflist"), list.to_string()).unwrap();
-    let channel = containerd_client::connect(&substrate.containerd_sock)
-        .await
-        .unwrap();
-    let runtime = Runtime::new(
-        Containerd::new(channel, ns.namespace()),
-        Cni {
-            conf_dir: conf.path().to_owned(),
-            bin_dirs: vec![bin.path().to_owned()],
-        },
-        pins.path(),
-    );
-    let socket = sock_dir.path().join("cri.sock");
-    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(RuntimeServiceServer::new(runtime))
-            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
-    );
-    exercise_sandboxes(
-        Cri::connect(&socket).await,
-        pod_cidr,
-        &ipam.path().join("tug"),
-    )
-    .await;
-    server.abort();
+    let shim = TugShim::start("sandboxes", "10.254.1.0/24").await;
+    exercise_sandboxes(shim.cri().await, "10.254.1.0/24", &shim.ipam_dir()).await;
 }
 
 #[tokio::test]

@@ -19,7 +19,8 @@ use k8s_cri::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::image::pull::{Containerd, PullError, SNAPSHOTTER, pull};
+use crate::image::config::{self as image_config, ImageConfig};
+use crate::image::pull::{Containerd, PullError, SNAPSHOTTER, chain_ids, pull};
 use crate::image::reference::Reference;
 use crate::image::registry::{Credentials, Manifest, Registry, RegistryError, host_platform};
 
@@ -158,6 +159,55 @@ impl Images {
             .map_err(|e| Status::invalid_argument(e.to_string()))?
             .name();
         Ok(entries.into_iter().find(|e| e.names.contains(&name)))
+    }
+}
+
+/// An image as a container is created from it.
+#[derive(Debug, Clone)]
+pub struct ContainerImage {
+    /// The image ID (config digest).
+    pub id: String,
+    /// A `repository@digest` name for it, when it was pulled by one (what statuses report).
+    pub repo_digest: Option<String>,
+    /// The chain ID of its top layer: the parent of a container's snapshot.
+    pub chain_id: String,
+    /// Its run configuration.
+    pub config: ImageConfig,
+}
+
+impl Images {
+    /// Where the snapshotter keeps layers and container root filesystems.
+    pub fn snapshotter_root(&self) -> &str {
+        &self.snapshotter_root
+    }
+
+    /// The image `spec` names (a reference or an image ID), ready to create a container from;
+    /// `None` when it is not present.
+    pub async fn for_container(&self, spec: &str) -> Result<Option<ContainerImage>, Status> {
+        let Some(entry) = self.find(spec).await? else {
+            return Ok(None);
+        };
+        let blob = self.read(&entry.id).await?;
+        let invalid =
+            |detail: String| Status::internal(format!("image {spec} ({}): {detail}", entry.id));
+        let config = image_config::parse(&blob).map_err(|e| invalid(format!("config: {e}")))?;
+        let document: serde_json::Value =
+            serde_json::from_slice(&blob).map_err(|e| invalid(format!("config: {e}")))?;
+        let diff_ids: Vec<String> = document["rootfs"]["diff_ids"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d.as_str().map(str::to_owned))
+            .collect();
+        let chain_id = chain_ids(&diff_ids)
+            .pop()
+            .ok_or_else(|| invalid("no layers".into()))?;
+        Ok(Some(ContainerImage {
+            repo_digest: cri_image(&entry).repo_digests.into_iter().next(),
+            id: entry.id,
+            chain_id,
+            config,
+        }))
     }
 }
 

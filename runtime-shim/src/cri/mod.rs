@@ -1,4 +1,7 @@
 //! The CRI v1 services.
 
+pub mod containers;
+pub mod exec;
 pub mod images;
 pub mod runtime;
+pub mod stats;

@@ -1,13 +1,14 @@
-//! The CRI RuntimeService: so far Version, Status and the pod sandbox lifecycle.
+//! The CRI RuntimeService: Version, Status and the pod sandbox lifecycle here; containers in
+//! [`super::containers`], exec in [`super::exec`], stats in [`super::stats`].
 //!
-//! A sandbox is a pinned network namespace (none for hostNetwork pods) attached through CNI; it
-//! needs no pause process or image. Its state lives in containerd — a container record holding
-//! the CRI `PodSandboxConfig` (protobuf) and the sandbox state (JSON) as extensions — so a
-//! restarted shim finds every sandbox again. Container calls answer `Unimplemented` (issue #5).
+//! A sandbox is a pinned network namespace (none for hostNetwork pods) attached through CNI, plus
+//! its `resolv.conf` and `hostname` files; it needs no pause process or image. Its state lives in
+//! containerd — a container record holding the CRI `PodSandboxConfig` (protobuf) and the sandbox
+//! state (JSON) as extensions — so a restarted shim finds every sandbox again.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::pin::Pin;
+use std::sync::Arc;
 
 use containerd_client::services::v1::container::Runtime as CdRuntime;
 use containerd_client::services::v1::containers_client::ContainersClient;
@@ -21,6 +22,8 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
+use super::containers::{EventStream, cri_status};
+use super::images::Images;
 use crate::image::pull::Containerd;
 use crate::netns;
 use crate::network::{Attachment, Cni, NetworkError, result_ips};
@@ -30,28 +33,56 @@ const STATE_LABEL: &str = "tug.io/sandbox-state";
 const CONFIG_EXTENSION: &str = "tug.io/sandbox-config";
 const STATE_EXTENSION: &str = "tug.io/sandbox";
 
+/// What a RuntimeService is built from.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// containerd clients in the CRI namespace.
+    pub containerd: Containerd,
+    /// Images (shared with the ImageService).
+    pub images: Images,
+    /// The CNI configuration and plugin directories.
+    pub cni: Cni,
+    /// Where sandbox network namespaces are pinned.
+    pub netns_dir: PathBuf,
+    /// Where sandbox files (`resolv.conf`, `hostname`) and exec FIFOs live.
+    pub state_dir: PathBuf,
+    /// The `tug` binary containerd's shim runs as each container's log writer.
+    pub logger: PathBuf,
+}
+
 /// The RuntimeService.
 #[derive(Debug, Clone)]
 pub struct Runtime {
-    containerd: Containerd,
-    cni: Cni,
-    netns_dir: PathBuf,
+    pub(super) inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(super) struct Inner {
+    pub(super) containerd: Containerd,
+    pub(super) images: Images,
+    pub(super) cni: Cni,
+    pub(super) netns_dir: PathBuf,
+    pub(super) state_dir: PathBuf,
+    pub(super) logger: PathBuf,
+    pub(super) events: tokio::sync::broadcast::Sender<ContainerEventResponse>,
+    pub(super) locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub(super) cpu_samples: std::sync::Mutex<HashMap<String, (i64, u64)>>,
 }
 
 /// What the shim keeps about a sandbox beyond its CRI config.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-struct SandboxState {
-    ready: bool,
+pub(super) struct SandboxState {
+    pub(super) ready: bool,
     created_at: i64,
-    netns: Option<PathBuf>,
+    pub(super) netns: Option<PathBuf>,
     cni_result: Option<serde_json::Value>,
     ips: Vec<String>,
 }
 
-struct Sandbox {
-    id: String,
-    config: PodSandboxConfig,
-    state: SandboxState,
+pub(super) struct Sandbox {
+    pub(super) id: String,
+    pub(super) config: PodSandboxConfig,
+    pub(super) state: SandboxState,
 }
 
 fn network_status(error: &NetworkError) -> Status {
@@ -74,7 +105,7 @@ fn host_network(config: &PodSandboxConfig) -> bool {
         .is_some_and(|o| o.network == NamespaceMode::Node as i32)
 }
 
-fn now_nanos() -> i64 {
+pub(super) fn now_nanos() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
@@ -87,15 +118,74 @@ fn unimplemented<T>(call: &str) -> Result<Response<T>, Status> {
     )))
 }
 
+/// The `resolv.conf` of a sandbox: its DNS config, or the host's when it gives none (as
+/// containerd does for `dnsPolicy: Default` pods that the kubelet hands no servers).
+pub fn resolv_conf(dns: Option<&DnsConfig>, host: &str) -> String {
+    let Some(dns) =
+        dns.filter(|d| !d.servers.is_empty() || !d.searches.is_empty() || !d.options.is_empty())
+    else {
+        return host.to_owned();
+    };
+    let mut out = String::new();
+    if !dns.searches.is_empty() {
+        out.push_str(&format!("search {}\n", dns.searches.join(" ")));
+    }
+    for server in &dns.servers {
+        out.push_str(&format!("nameserver {server}\n"));
+    }
+    if !dns.options.is_empty() {
+        out.push_str(&format!("options {}\n", dns.options.join(" ")));
+    }
+    out
+}
+
 impl Runtime {
-    /// A RuntimeService keeping sandboxes in `containerd`'s namespace, attaching them with `cni`
-    /// and pinning their namespaces under `netns_dir`.
-    pub fn new(containerd: Containerd, cni: Cni, netns_dir: impl Into<PathBuf>) -> Runtime {
+    /// A RuntimeService keeping sandboxes and containers in containerd's namespace. Call
+    /// [`Runtime::watch_exits`] to follow containers exiting.
+    pub fn new(config: RuntimeConfig) -> Runtime {
+        let (events, _) = tokio::sync::broadcast::channel(1024);
         Runtime {
-            containerd,
-            cni,
-            netns_dir: netns_dir.into(),
+            inner: Arc::new(Inner {
+                containerd: config.containerd,
+                images: config.images,
+                cni: config.cni,
+                netns_dir: config.netns_dir,
+                state_dir: config.state_dir,
+                logger: config.logger,
+                events,
+                locks: std::sync::Mutex::new(HashMap::new()),
+                cpu_samples: std::sync::Mutex::new(HashMap::new()),
+            }),
         }
+    }
+
+    /// The directory holding a sandbox's `resolv.conf` and `hostname`.
+    pub(super) fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.inner.state_dir.join("sandboxes").join(id)
+    }
+
+    fn write_sandbox_files(&self, sandbox: &Sandbox) -> Result<(), Status> {
+        let dir = self.sandbox_dir(&sandbox.id);
+        let io = |what: &str, e: std::io::Error| {
+            Status::internal(format!("{what} {}: {e}", dir.display()))
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| io("create sandbox directory", e))?;
+        let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        std::fs::write(
+            dir.join("resolv.conf"),
+            resolv_conf(sandbox.config.dns_config.as_ref(), &host),
+        )
+        .map_err(|e| io("write resolv.conf in", e))?;
+        let hostname = if host_network(&sandbox.config) {
+            nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        } else {
+            sandbox.config.hostname.clone()
+        };
+        std::fs::write(dir.join("hostname"), format!("{hostname}\n"))
+            .map_err(|e| io("write hostname in", e))?;
+        Ok(())
     }
 
     fn record(&self, sandbox: &Sandbox) -> CdContainer {
@@ -155,11 +245,12 @@ impl Runtime {
         })
     }
 
-    async fn load(&self, id: &str) -> Result<Option<Sandbox>, Status> {
-        let mut client = ContainersClient::new(self.containerd.channel());
+    pub(super) async fn load(&self, id: &str) -> Result<Option<Sandbox>, Status> {
+        let mut client = ContainersClient::new(self.inner.containerd.channel());
         match client
             .get(
-                self.containerd
+                self.inner
+                    .containerd
                     .request(GetContainerRequest { id: id.to_owned() }, None),
             )
             .await
@@ -170,7 +261,7 @@ impl Runtime {
         }
     }
 
-    async fn require(&self, id: &str) -> Result<Sandbox, Status> {
+    pub(super) async fn require(&self, id: &str) -> Result<Sandbox, Status> {
         if id.is_empty() {
             return Err(Status::invalid_argument("pod sandbox ID is required"));
         }
@@ -180,7 +271,7 @@ impl Runtime {
     }
 
     async fn save(&self, sandbox: &Sandbox) -> Result<(), Status> {
-        let mut client = ContainersClient::new(self.containerd.channel());
+        let mut client = ContainersClient::new(self.inner.containerd.channel());
         let update = CdUpdate {
             container: Some(self.record(sandbox)),
             update_mask: Some(prost_types::FieldMask {
@@ -188,16 +279,16 @@ impl Runtime {
             }),
         };
         client
-            .update(self.containerd.request(update, None))
+            .update(self.inner.containerd.request(update, None))
             .await
             .map(|_| ())
     }
 
-    async fn all(&self) -> Result<Vec<Sandbox>, Status> {
-        let mut client = ContainersClient::new(self.containerd.channel());
+    pub(super) async fn all(&self) -> Result<Vec<Sandbox>, Status> {
+        let mut client = ContainersClient::new(self.inner.containerd.channel());
         let filter = format!("labels.\"{KIND_LABEL}\"==sandbox");
         let records = client
-            .list(self.containerd.request(
+            .list(self.inner.containerd.request(
                 CdList {
                     filters: vec![filter],
                 },
@@ -248,8 +339,9 @@ impl Runtime {
         if let Some(netns) = sandbox.state.netns.clone()
             && (sandbox.state.cni_result.is_some() || !sandbox.state.ips.is_empty())
         {
-            let list = self.cni.load().map_err(|e| network_status(&e))?;
-            self.cni
+            let list = self.inner.cni.load().map_err(|e| network_status(&e))?;
+            self.inner
+                .cni
                 .del(
                     &list,
                     &Self::attachment(sandbox, &netns),
@@ -280,9 +372,6 @@ fn cri_sandbox(sandbox: &Sandbox) -> PodSandbox {
     }
 }
 
-type EventStream =
-    Pin<Box<dyn tokio_stream::Stream<Item = Result<ContainerEventResponse, Status>> + Send>>;
-
 #[tonic::async_trait]
 impl RuntimeService for Runtime {
     async fn version(
@@ -301,16 +390,16 @@ impl RuntimeService for Runtime {
         &self,
         _request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        let mut client = ContainersClient::new(self.containerd.channel());
+        let mut client = ContainersClient::new(self.inner.containerd.channel());
         let runtime = client
-            .list(self.containerd.request(
+            .list(self.inner.containerd.request(
                 CdList {
                     filters: vec![format!("labels.\"{KIND_LABEL}\"==sandbox")],
                 },
                 None,
             ))
             .await;
-        let network = self.cni.load();
+        let network = self.inner.cni.load();
         let conditions = vec![
             RuntimeCondition {
                 r#type: "RuntimeReady".into(),
@@ -369,10 +458,11 @@ impl RuntimeService for Runtime {
             },
         };
         if !host_network(&sandbox.config) {
-            let list = self.cni.load().map_err(|e| network_status(&e))?;
-            let netns = netns::create(&self.netns_dir, &format!("tug-{}", &id[..16]))
+            let list = self.inner.cni.load().map_err(|e| network_status(&e))?;
+            let netns = netns::create(&self.inner.netns_dir, &format!("tug-{}", &id[..16]))
                 .map_err(|e| Status::internal(e.to_string()))?;
             match self
+                .inner
                 .cni
                 .add(&list, &Self::attachment(&sandbox, &netns))
                 .await
@@ -388,16 +478,21 @@ impl RuntimeService for Runtime {
                 }
             }
         }
-        let mut client = ContainersClient::new(self.containerd.channel());
-        if let Err(status) = client
-            .create(self.containerd.request(
-                CdCreate {
-                    container: Some(self.record(&sandbox)),
-                },
-                None,
-            ))
-            .await
-        {
+        let mut client = ContainersClient::new(self.inner.containerd.channel());
+        let created = match self.write_sandbox_files(&sandbox) {
+            Ok(()) => client
+                .create(self.inner.containerd.request(
+                    CdCreate {
+                        container: Some(self.record(&sandbox)),
+                    },
+                    None,
+                ))
+                .await
+                .map(|_| ()),
+            Err(status) => Err(status),
+        };
+        if let Err(status) = created {
+            let _ = std::fs::remove_dir_all(self.sandbox_dir(&id));
             let _ = self.release_network(&mut sandbox).await;
             if let Some(netns) = &sandbox.state.netns {
                 let _ = netns::remove(netns);
@@ -417,6 +512,11 @@ impl RuntimeService for Runtime {
         let Some(mut sandbox) = self.load(&id).await? else {
             return Ok(Response::new(StopPodSandboxResponse {}));
         };
+        // Every container in the sandbox is killed first (containerd's CRI does the same: the
+        // kubelet has already stopped them gracefully).
+        for container in self.containers_of(&id).await? {
+            self.stop(&container, 0).await?;
+        }
         self.release_network(&mut sandbox).await?;
         sandbox.state.ready = false;
         self.save(&sandbox).await?;
@@ -431,14 +531,28 @@ impl RuntimeService for Runtime {
         let Some(mut sandbox) = self.load(&id).await? else {
             return Ok(Response::new(RemovePodSandboxResponse {}));
         };
+        for container in self.containers_of(&id).await? {
+            self.remove(&container).await?;
+        }
         self.release_network(&mut sandbox).await?;
+        match std::fs::remove_dir_all(self.sandbox_dir(&id)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Status::internal(format!(
+                    "remove {}: {e}",
+                    self.sandbox_dir(&id).display()
+                )));
+            }
+        }
         if let Some(netns) = &sandbox.state.netns {
             netns::remove(netns).map_err(|e| Status::internal(e.to_string()))?;
         }
-        let mut client = ContainersClient::new(self.containerd.channel());
+        let mut client = ContainersClient::new(self.inner.containerd.channel());
         match client
             .delete(
-                self.containerd
+                self.inner
+                    .containerd
                     .request(DeleteContainerRequest { id: id.clone() }, None),
             )
             .await
@@ -515,93 +629,156 @@ impl RuntimeService for Runtime {
 
     async fn create_container(
         &self,
-        _: Request<CreateContainerRequest>,
+        request: Request<CreateContainerRequest>,
     ) -> Result<Response<CreateContainerResponse>, Status> {
-        unimplemented("CreateContainer")
+        self.create(request.into_inner()).await.map(Response::new)
     }
     async fn start_container(
         &self,
-        _: Request<StartContainerRequest>,
+        request: Request<StartContainerRequest>,
     ) -> Result<Response<StartContainerResponse>, Status> {
-        unimplemented("StartContainer")
+        self.start(&request.into_inner().container_id).await?;
+        Ok(Response::new(StartContainerResponse {}))
     }
     async fn stop_container(
         &self,
-        _: Request<StopContainerRequest>,
+        request: Request<StopContainerRequest>,
     ) -> Result<Response<StopContainerResponse>, Status> {
-        unimplemented("StopContainer")
+        let request = request.into_inner();
+        // Idempotent: stopping what is gone succeeds.
+        if let Some(container) = self.load_container(&request.container_id).await? {
+            self.stop(&container, request.timeout).await?;
+        }
+        Ok(Response::new(StopContainerResponse {}))
     }
     async fn remove_container(
         &self,
-        _: Request<RemoveContainerRequest>,
+        request: Request<RemoveContainerRequest>,
     ) -> Result<Response<RemoveContainerResponse>, Status> {
-        unimplemented("RemoveContainer")
+        if let Some(container) = self
+            .load_container(&request.into_inner().container_id)
+            .await?
+        {
+            self.remove(&container).await?;
+        }
+        Ok(Response::new(RemoveContainerResponse {}))
     }
     async fn list_containers(
         &self,
-        _: Request<ListContainersRequest>,
+        request: Request<ListContainersRequest>,
     ) -> Result<Response<ListContainersResponse>, Status> {
-        unimplemented("ListContainers")
+        let containers = self.list(request.into_inner().filter).await?;
+        Ok(Response::new(ListContainersResponse { containers }))
     }
     async fn container_status(
         &self,
-        _: Request<ContainerStatusRequest>,
+        request: Request<ContainerStatusRequest>,
     ) -> Result<Response<ContainerStatusResponse>, Status> {
-        unimplemented("ContainerStatus")
+        let container = self
+            .require_container(&request.into_inner().container_id)
+            .await?;
+        Ok(Response::new(ContainerStatusResponse {
+            status: Some(cri_status(&container)),
+            info: Default::default(),
+        }))
     }
     async fn update_container_resources(
         &self,
-        _: Request<UpdateContainerResourcesRequest>,
+        request: Request<UpdateContainerResourcesRequest>,
     ) -> Result<Response<UpdateContainerResourcesResponse>, Status> {
-        unimplemented("UpdateContainerResources")
+        self.update_resources(request.into_inner()).await?;
+        Ok(Response::new(UpdateContainerResourcesResponse {}))
     }
     async fn reopen_container_log(
         &self,
-        _: Request<ReopenContainerLogRequest>,
+        request: Request<ReopenContainerLogRequest>,
     ) -> Result<Response<ReopenContainerLogResponse>, Status> {
-        unimplemented("ReopenContainerLog")
+        self.reopen_log(&request.into_inner().container_id).await?;
+        Ok(Response::new(ReopenContainerLogResponse {}))
     }
     async fn exec_sync(
         &self,
-        _: Request<ExecSyncRequest>,
+        request: Request<ExecSyncRequest>,
     ) -> Result<Response<ExecSyncResponse>, Status> {
-        unimplemented("ExecSync")
+        Runtime::exec_sync(self, request.into_inner())
+            .await
+            .map(Response::new)
     }
     async fn exec(&self, _: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
-        unimplemented("Exec")
+        unimplemented("Exec (streaming)")
     }
     async fn attach(&self, _: Request<AttachRequest>) -> Result<Response<AttachResponse>, Status> {
-        unimplemented("Attach")
+        unimplemented("Attach (streaming)")
     }
     async fn port_forward(
         &self,
         _: Request<PortForwardRequest>,
     ) -> Result<Response<PortForwardResponse>, Status> {
-        unimplemented("PortForward")
+        unimplemented("PortForward (streaming)")
     }
     async fn container_stats(
         &self,
-        _: Request<ContainerStatsRequest>,
+        request: Request<ContainerStatsRequest>,
     ) -> Result<Response<ContainerStatsResponse>, Status> {
-        unimplemented("ContainerStats")
+        let container = self
+            .require_container(&request.into_inner().container_id)
+            .await?;
+        Ok(Response::new(ContainerStatsResponse {
+            stats: Some(self.stats_of(&container).await),
+        }))
     }
     async fn list_container_stats(
         &self,
-        _: Request<ListContainerStatsRequest>,
+        request: Request<ListContainerStatsRequest>,
     ) -> Result<Response<ListContainerStatsResponse>, Status> {
-        unimplemented("ListContainerStats")
+        let filter = request.into_inner().filter.unwrap_or_default();
+        let containers = if filter.pod_sandbox_id.is_empty() {
+            self.all_containers().await?
+        } else {
+            self.containers_of(&filter.pod_sandbox_id).await?
+        };
+        let mut stats = Vec::new();
+        for container in containers
+            .iter()
+            .filter(|c| filter.id.is_empty() || c.id.starts_with(&filter.id))
+            .filter(|c| {
+                filter
+                    .label_selector
+                    .iter()
+                    .all(|(k, v)| c.config.labels.get(k) == Some(v))
+            })
+        {
+            stats.push(self.stats_of(container).await);
+        }
+        Ok(Response::new(ListContainerStatsResponse { stats }))
     }
     async fn pod_sandbox_stats(
         &self,
-        _: Request<PodSandboxStatsRequest>,
+        request: Request<PodSandboxStatsRequest>,
     ) -> Result<Response<PodSandboxStatsResponse>, Status> {
-        unimplemented("PodSandboxStats")
+        let sandbox = self.require(&request.into_inner().pod_sandbox_id).await?;
+        Ok(Response::new(PodSandboxStatsResponse {
+            stats: Some(self.sandbox_stats(&sandbox).await?),
+        }))
     }
     async fn list_pod_sandbox_stats(
         &self,
-        _: Request<ListPodSandboxStatsRequest>,
+        request: Request<ListPodSandboxStatsRequest>,
     ) -> Result<Response<ListPodSandboxStatsResponse>, Status> {
-        unimplemented("ListPodSandboxStats")
+        let filter = request.into_inner().filter.unwrap_or_default();
+        let mut stats = Vec::new();
+        for sandbox in self.all().await? {
+            if (!filter.id.is_empty() && !sandbox.id.starts_with(&filter.id))
+                || !filter
+                    .label_selector
+                    .iter()
+                    .all(|(k, v)| sandbox.config.labels.get(k) == Some(v))
+            {
+                continue;
+            }
+            stats.push(self.sandbox_stats(&sandbox).await?);
+        }
+        Ok(Response::new(ListPodSandboxStatsResponse { stats }))
     }
     async fn update_runtime_config(
         &self,
@@ -620,7 +797,7 @@ impl RuntimeService for Runtime {
         &self,
         _: Request<GetEventsRequest>,
     ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
-        unimplemented("GetContainerEvents")
+        Ok(Response::new(self.subscribe()))
     }
     async fn list_metric_descriptors(
         &self,
@@ -638,7 +815,11 @@ impl RuntimeService for Runtime {
         &self,
         _: Request<RuntimeConfigRequest>,
     ) -> Result<Response<RuntimeConfigResponse>, Status> {
-        unimplemented("RuntimeConfig")
+        Ok(Response::new(RuntimeConfigResponse {
+            linux: Some(LinuxRuntimeConfiguration {
+                cgroup_driver: CgroupDriver::Cgroupfs as i32,
+            }),
+        }))
     }
 }
 

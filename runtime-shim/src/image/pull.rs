@@ -74,6 +74,11 @@ impl Containerd {
         }
     }
 
+    /// The containerd namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
     /// The gRPC channel to containerd.
     pub fn channel(&self) -> Channel {
         self.channel.clone()
