@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tug_tests::cni::tug_binary;
+use tug_tests::measure::percentile;
 use tug_tests::netns::Netns;
 
 const ITERATIONS: usize = 200;
@@ -87,12 +88,6 @@ fn exec_floor(plugin: &Path) -> (Duration, Duration) {
         percentile(&mut samples, 0.5),
         percentile(&mut samples, 0.99),
     )
-}
-
-fn percentile(samples: &mut [Duration], p: f64) -> Duration {
-    samples.sort();
-    let index = ((samples.len() as f64 - 1.0) * p).round() as usize;
-    samples[index]
 }
 
 struct Figures {

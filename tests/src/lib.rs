@@ -15,6 +15,7 @@ pub mod cri;
 pub mod eventually;
 pub mod http;
 pub mod lan;
+pub mod measure;
 pub mod netns;
 pub mod shim;
 pub mod substrate;
