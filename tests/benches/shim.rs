@@ -145,10 +145,11 @@ fn main() {
         let substrate = Substrate::from_env();
         let image = substrate.registry_image("busybox");
         let shim = TugShim::start("bench", "10.254.7.0/24").await;
-        let mut tug = measure(shim.cri().await, &image, "tug").await;
+        let mut tug = Box::pin(measure(shim.cri().await, &image, "tug")).await;
         drop(shim);
         let _cni = install_tug_cni(&substrate, "10.254.8.0/24");
-        let mut containerd = measure(Cri::connect(&substrate.containerd_sock).await, &image, "cd").await;
+        let mut containerd =
+            Box::pin(measure(Cri::connect(&substrate.containerd_sock).await, &image, "cd")).await;
         let (tug50, tug99) = (percentile(&mut tug, 0.5), percentile(&mut tug, 0.99));
         let (cd50, cd99) = (percentile(&mut containerd, 0.5), percentile(&mut containerd, 0.99));
         println!("pod start (RunPodSandbox + CreateContainer + StartContainer), {PODS} pods each, tug-cni network");
