@@ -6,4 +6,5 @@
 //!
 //! Built so far: the pure model ([`model`]). The backends are tracked by issue #6.
 
+pub mod iptables;
 pub mod model;

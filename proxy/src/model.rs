@@ -111,6 +111,9 @@ pub struct ServicePort {
     pub external_endpoints: Vec<Endpoint>,
     /// The health-check NodePort of an `externalTrafficPolicy: Local` Service.
     pub health_check_node_port: Option<u16>,
+    /// `externalTrafficPolicy: Local`: external traffic keeps its source address and goes only
+    /// to this node's endpoints.
+    pub external_policy_local: bool,
 }
 
 impl ServicePort {
@@ -122,6 +125,11 @@ impl ServicePort {
     /// Upstream's external-traffic chain: `KUBE-EXT-<hash>`.
     pub fn external_chain(&self) -> String {
         format!("KUBE-EXT-{}", port_proto_hash(&self.name, self.protocol))
+    }
+
+    /// Upstream's chain for this node's endpoints (`externalTrafficPolicy: Local`): `KUBE-SVL-<hash>`.
+    pub fn local_chain(&self) -> String {
+        format!("KUBE-SVL-{}", port_proto_hash(&self.name, self.protocol))
     }
 
     /// Upstream's per-endpoint chain: `KUBE-SEP-<hash>`.
@@ -354,6 +362,7 @@ pub fn build(
                 cluster_endpoints,
                 external_endpoints,
                 health_check_node_port,
+                external_policy_local: external_local,
             });
         }
     }
@@ -500,6 +509,7 @@ mod tests {
             cluster_endpoints: vec![],
             external_endpoints: vec![],
             health_check_node_port: None,
+            external_policy_local: false,
         };
         assert_eq!(port.service_chain(), "KUBE-SVC-XPGD46QRK7WJZT7O");
         let endpoint = Endpoint {
