@@ -123,8 +123,8 @@ pub fn render(ports: &[ServicePort], config: &IptablesConfig) -> Rendered {
             .filter(|e| family(&e.ip))
             .collect();
         let has_external = port.node_port.is_some()
-            || port.external_ips.iter().any(|ip| family(ip))
-            || port.load_balancer_ips.iter().any(|ip| family(ip));
+            || port.external_ips.iter().any(&family)
+            || port.load_balancer_ips.iter().any(&family);
         let externals_reject = if port.external_policy_local {
             external_eps.is_empty()
         } else {

@@ -17,6 +17,7 @@ pub mod http;
 pub mod lan;
 pub mod measure;
 pub mod netns;
+pub mod services;
 pub mod shim;
 pub mod substrate;
 pub mod tier;
