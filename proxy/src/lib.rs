@@ -4,7 +4,10 @@
 //! desired rules and the iptables, nftables and IPVS backends that apply only its difference. See
 //! `DESIGN.md` §3 (service flow) and §4 (rule layout).
 //!
-//! Built so far: the pure model ([`model`]). The backends are tracked by issue #6.
+//! Built so far: the pure model ([`model`]), the iptables backend ([`iptables`]) and the
+//! watch-and-sync loop with health and metrics ([`run`]). nftables and IPVS are not built yet.
 
+pub mod config;
 pub mod iptables;
 pub mod model;
+pub mod run;

@@ -10,7 +10,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod kubeconfig;
 mod netd;
+mod proxy;
 mod shim;
 mod shutdown;
 
@@ -43,7 +45,7 @@ enum Command {
         path: std::path::PathBuf,
     },
     /// Run kube-proxy: program Services and EndpointSlices as iptables, nftables or IPVS rules.
-    Proxy,
+    Proxy(proxy::ProxyArgs),
     /// Run the node network agent: CNI config for this node's pod CIDR, routes to other nodes.
     Netd(netd::NetdArgs),
     /// Act as the CNI plugin (what `tug-cni` runs when a CRI runtime execs it).
@@ -60,7 +62,7 @@ impl Command {
         match self {
             Command::Kubelet => 7,
             Command::Shim(_) | Command::ShimLogger { .. } => 5,
-            Command::Proxy => 6,
+            Command::Proxy(_) => 6,
             Command::Netd(_) | Command::Cni => 4,
             Command::Join | Command::Reset => 9,
         }
@@ -71,7 +73,7 @@ impl Command {
             Command::Kubelet => "kubelet",
             Command::Shim(_) => "shim",
             Command::ShimLogger { .. } => "shim-logger",
-            Command::Proxy => "proxy",
+            Command::Proxy(_) => "proxy",
             Command::Netd(_) => "netd",
             Command::Cni => "cni",
             Command::Join => "join",
@@ -100,6 +102,7 @@ fn main() -> ExitCode {
         Command::Cni => return ExitCode::from(tug_cni::plugin::run()),
         Command::Netd(args) => return run_async(netd::run(args)),
         Command::Shim(args) => return run_async(shim::run(args)),
+        Command::Proxy(args) => return run_async(proxy::run(args)),
         Command::ShimLogger { path } => {
             return ExitCode::from(tug_runtime_shim::logger::run(&path));
         }
@@ -161,7 +164,7 @@ mod tests {
         ));
         assert!(matches!(
             parse(&["/usr/bin/tug", "proxy"]).command,
-            Command::Proxy
+            Command::Proxy(_)
         ));
     }
 

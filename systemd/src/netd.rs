@@ -46,19 +46,8 @@ pub struct NetdArgs {
 
 /// Runs netd until a signal.
 pub async fn run(args: NetdArgs) -> anyhow::Result<()> {
-    let node_name = match args.node_name {
-        Some(name) => name,
-        None => nix::unistd::gethostname()
-            .context("read the host name (or pass --node-name)")?
-            .to_string_lossy()
-            .to_lowercase(),
-    };
-    let kubeconfig = kube::config::Kubeconfig::read_from(&args.kubeconfig)
-        .with_context(|| format!("read kubeconfig {}", args.kubeconfig.display()))?;
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-        .await
-        .with_context(|| format!("load kubeconfig {}", args.kubeconfig.display()))?;
-    let client = kube::Client::try_from(config).context("build the API client")?;
+    let node_name = crate::kubeconfig::node_name(args.node_name)?;
+    let client = crate::kubeconfig::client(&args.kubeconfig).await?;
     let config = tug_cni::netd::Config {
         node_name,
         dataplane: tug_cni::netd::apply::Dataplane {

@@ -10,6 +10,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::json;
 use tug_proxy::iptables::{Iptables, IptablesConfig};
 use tug_proxy::model::{NodeContext, ServicePort, build};
+use tug_tests::cluster::cluster;
 use tug_tests::netns::Netns;
 use tug_tests::services::{CLUSTER_CIDR, NODE_IP, ServiceLab};
 use tug_tests::tier::{Tier, require};
@@ -230,4 +231,190 @@ fn iptables_mode_with_the_nf_tables_backend() {
 fn iptables_mode_with_the_legacy_backend() {
     require(Tier::Netns);
     exercise_iptables("iptables-legacy");
+}
+
+/// A kube-proxy identity: a token for `kube-system/kube-proxy` (bound to `system:node-proxier`
+/// by kubeadm), as a kubeconfig.
+async fn proxy_kubeconfig() -> String {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use kube::api::{Api, PostParams};
+    let admin = cluster().admin().await;
+    let accounts: Api<ServiceAccount> = Api::namespaced(admin, "kube-system");
+    let account: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "kube-proxy"}})).unwrap();
+    let _ = accounts.create(&PostParams::default(), &account).await;
+    let request: TokenRequest =
+        serde_json::from_value(json!({"spec": {"expirationSeconds": 3600}})).unwrap();
+    let token = accounts
+        .create_token_request("kube-proxy", &PostParams::default(), &request)
+        .await
+        .expect("a token for kube-system/kube-proxy")
+        .status
+        .expect("token status")
+        .token;
+    cluster().token_kubeconfig(Some(&token))
+}
+
+fn http_get(ns: &Netns, addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    ns.run(|| {
+        let mut conn = std::net::TcpStream::connect(addr).ok()?;
+        conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .ok()?;
+        let mut text = String::new();
+        conn.read_to_string(&mut text).ok()?;
+        let status = text.split_whitespace().nth(1)?.parse().ok()?;
+        Some((status, text.split_once("\r\n\r\n")?.1.to_owned()))
+    })
+}
+
+#[test]
+#[ignore = "netns tier (root) with the cluster tier: run as root via ./scripts/test, or cargo build -p tug && cargo test -p tug-tests --test proxy -- --ignored"]
+fn tug_proxy_follows_services_and_endpoint_slices_from_the_api() {
+    use k8s_openapi::api::core::v1::Service;
+    use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+    use std::time::Duration;
+    use tug_tests::cluster::unique_name;
+    use tug_tests::cni::tug_binary;
+    use tug_tests::lan::{Lan, Relay, redirect_kubeconfig};
+    require(Tier::Netns);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let lab = ServiceLab::new(2, 8080, 8053);
+    // The node reaches the API through a relay on a link of its own to the host.
+    let lan = Lan::new("px");
+    lan.attach_host("192.168.59.254/24");
+    lan.attach(&lab.node, "eth1", "192.168.59.1/24");
+    let server = cluster()
+        .server_url()
+        .trim_start_matches("https://")
+        .to_owned();
+    let relay = Relay::start("192.168.59.254:0".parse().unwrap(), &server);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    let yaml = runtime.block_on(proxy_kubeconfig());
+    std::fs::write(
+        &kubeconfig,
+        redirect_kubeconfig(&yaml, &format!("https://{}", relay.addr()), "kubernetes"),
+    )
+    .unwrap();
+
+    let admin = runtime.block_on(cluster().admin());
+    let ns = runtime.block_on(cluster().namespace("proxy"));
+    let services: Api<Service> = Api::namespaced(admin.clone(), ns.name());
+    let slices: Api<EndpointSlice> = Api::namespaced(admin.clone(), ns.name());
+    let name = unique_name("web");
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}]}
+    }))
+    .unwrap();
+    let created = runtime
+        .block_on(services.create(&PostParams::default(), &service))
+        .expect("create the Service");
+    let cluster_ip = created.spec.unwrap().cluster_ip.expect("a ClusterIP");
+    let slice_for = |pods: &[u8]| -> EndpointSlice {
+        let endpoints: Vec<_> = pods
+            .iter()
+            .map(|i| json!({"addresses": [format!("10.180.0.{i}")], "conditions": {"ready": true}}))
+            .collect();
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("{name}-tug"), "labels": {"kubernetes.io/service-name": name, "endpointslice.kubernetes.io/managed-by": "tug-test"}},
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": [{"name": "http", "protocol": "TCP", "port": 8080}]
+        }))
+        .unwrap()
+    };
+    runtime
+        .block_on(slices.create(&PostParams::default(), &slice_for(&[1, 2])))
+        .expect("create the EndpointSlice");
+
+    let log = dir.path().join("proxy.log");
+    let mut proxy = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", lab.node.path().display()))
+        .arg(tug_binary())
+        .args(["proxy", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .args([
+            "--hostname-override",
+            "tug-proxy-test",
+            "--cluster-cidr",
+            CLUSTER_CIDR,
+            "--iptables-program",
+            "iptables-nft",
+        ])
+        .args([
+            "--healthz-bind-address",
+            "127.0.0.1:10256",
+            "--metrics-bind-address",
+            "127.0.0.1:10249",
+        ])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start tug proxy");
+    let _kill = KillOnDrop(&mut proxy);
+    let proxy_log = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    let vip: SocketAddr = format!("{cluster_ip}:80").parse().unwrap();
+    let wait = |what: &str, check: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !check() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} within 30 s; proxy log:\n{}",
+                proxy_log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait("the ClusterIP to reach both endpoints", &|| {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            match ServiceLab::tcp_once(&lab.client, vip) {
+                Ok((pod, _)) => {
+                    seen.insert(pod);
+                }
+                Err(_) => return false,
+            }
+        }
+        seen.len() == 2
+    });
+    let (status, body) =
+        http_get(&lab.node, "127.0.0.1:10256", "/healthz").expect("healthz answers");
+    assert_eq!(status, 200, "{body}");
+    let (_, metrics) = http_get(&lab.node, "127.0.0.1:10249", "/metrics").expect("metrics answer");
+    assert!(metrics.contains("tug_proxy_syncs_total"), "{metrics}");
+
+    // The EndpointSlice loses pod 1: traffic follows.
+    let patch =
+        json!({"endpoints": [{"addresses": ["10.180.0.2"], "conditions": {"ready": true}}]});
+    runtime
+        .block_on(slices.patch(
+            &format!("{name}-tug"),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        ))
+        .expect("patch the EndpointSlice");
+    wait("traffic to move to pod 2", &|| {
+        (0..10).all(|_| ServiceLab::tcp_once(&lab.client, vip).is_ok_and(|(pod, _)| pod == "pod-2"))
+    });
+
+    // The Service goes: its rules go.
+    runtime
+        .block_on(services.delete(&name, &DeleteParams::default()))
+        .expect("delete the Service");
+    wait("the Service's rules to go", &|| {
+        let saved = run(&lab.node, "iptables-nft-save", &["-t", "nat"]);
+        !saved.contains(&format!("{cluster_ip}/32"))
+    });
+}
+
+struct KillOnDrop<'a>(&'a mut std::process::Child);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -1,0 +1,480 @@
+//! `tug proxy`'s loop: watch Services and EndpointSlices into local stores, and after each burst
+//! of changes (at most once per `min_sync_period`) and periodically, rebuild the model and let
+//! the backend apply the difference. The first sync waits until both watches have listed
+//! everything. While the API server is unreachable nothing is touched: the rules stay as they
+//! are. Also serves `/healthz` (and `/livez`) and Prometheus `/metrics`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ObjectReference, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Api;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::watcher::{self, Event};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::iptables::{Iptables, IptablesConfig, IptablesError, SyncReport};
+use crate::model::{NodeContext, build};
+
+/// How `tug proxy` runs.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// This node's name.
+    pub node_name: String,
+    /// The NodePort range.
+    pub node_port_range: (u16, u16),
+    /// iptables settings for IPv4 (and the `iptables` program to run).
+    pub iptables: IptablesConfig,
+    /// The iptables program (`iptables`, `iptables-legacy`, `iptables-nft`).
+    pub iptables_program: String,
+    /// Shortest time between two syncs (upstream `minSyncPeriod`).
+    pub min_sync_period: Duration,
+    /// Longest time between two syncs (upstream `syncPeriod`).
+    pub sync_period: Duration,
+    /// Time between full syncs.
+    pub full_sync_period: Duration,
+    /// Where `/healthz` is served (upstream port 10256).
+    pub healthz_address: Option<SocketAddr>,
+    /// Where `/metrics` is served (upstream 127.0.0.1:10249).
+    pub metrics_address: Option<SocketAddr>,
+}
+
+/// Why the proxy stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// A health or metrics address could not be bound. Not retryable.
+    #[error("listen on {address}: {source}")]
+    Listen {
+        /// The address.
+        address: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Sync figures, shared with the HTTP endpoints.
+#[derive(Debug, Default)]
+struct Stats {
+    last_success: Option<SystemTime>,
+    last_attempt_failed: bool,
+    syncs: u64,
+    full_syncs: u64,
+    errors: u64,
+    duration_sum: f64,
+    last_duration: f64,
+    service_chains: usize,
+    service_ports: usize,
+    skipped: usize,
+}
+
+type Shared = Arc<Mutex<Stats>>;
+
+fn key(metadata: &kube::api::ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        metadata.namespace.as_deref().unwrap_or_default(),
+        metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// A store filled by one watch.
+struct Store<K> {
+    items: BTreeMap<String, K>,
+    initial: BTreeMap<String, K>,
+    synced: bool,
+}
+
+impl<K: kube::Resource> Store<K> {
+    fn new() -> Store<K> {
+        Store {
+            items: BTreeMap::new(),
+            initial: BTreeMap::new(),
+            synced: false,
+        }
+    }
+
+    /// Applies one watch event; returns whether the store changed.
+    fn apply(&mut self, event: Event<K>) -> bool {
+        match event {
+            Event::Init => {
+                self.initial.clear();
+                false
+            }
+            Event::InitApply(item) => {
+                self.initial.insert(key(item.meta()), item);
+                false
+            }
+            Event::InitDone => {
+                self.items = std::mem::take(&mut self.initial);
+                self.synced = true;
+                true
+            }
+            Event::Apply(item) => {
+                self.items.insert(key(item.meta()), item);
+                true
+            }
+            Event::Delete(item) => {
+                self.items.remove(&key(item.meta()));
+                true
+            }
+        }
+    }
+}
+
+fn metrics_text(stats: &Stats) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    };
+    metric(
+        "tug_proxy_syncs_total",
+        "counter",
+        "Rule syncs applied.",
+        stats.syncs.to_string(),
+    );
+    metric(
+        "tug_proxy_full_syncs_total",
+        "counter",
+        "Full rule syncs applied.",
+        stats.full_syncs.to_string(),
+    );
+    metric(
+        "tug_proxy_sync_errors_total",
+        "counter",
+        "Rule syncs that failed.",
+        stats.errors.to_string(),
+    );
+    metric(
+        "tug_proxy_sync_duration_seconds_sum",
+        "counter",
+        "Total time spent syncing rules.",
+        format!("{:.6}", stats.duration_sum),
+    );
+    metric(
+        "tug_proxy_last_sync_duration_seconds",
+        "gauge",
+        "Duration of the last sync.",
+        format!("{:.6}", stats.last_duration),
+    );
+    metric(
+        "tug_proxy_last_sync_timestamp_seconds",
+        "gauge",
+        "When rules were last synced successfully.",
+        stats
+            .last_success
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or("0".into(), |d| d.as_secs().to_string()),
+    );
+    metric(
+        "tug_proxy_service_ports",
+        "gauge",
+        "Service ports programmed.",
+        stats.service_ports.to_string(),
+    );
+    metric(
+        "tug_proxy_service_chains",
+        "gauge",
+        "Per-service chains in place.",
+        stats.service_chains.to_string(),
+    );
+    metric(
+        "tug_proxy_skipped_service_ports",
+        "gauge",
+        "Services or ports left out for invalid input.",
+        stats.skipped.to_string(),
+    );
+    out
+}
+
+/// The `/healthz` answer: healthy while the last sync succeeded and is recent.
+fn health(stats: &Stats, sync_period: Duration) -> (u16, String) {
+    let now = SystemTime::now();
+    let fresh = stats.last_success.is_some_and(|t| {
+        now.duration_since(t).unwrap_or_default() <= (sync_period * 2).max(Duration::from_secs(60))
+    });
+    let healthy = fresh && !stats.last_attempt_failed;
+    let stamp = |t: SystemTime| {
+        jiff::Timestamp::try_from(t)
+            .map(|t| t.to_string())
+            .unwrap_or_default()
+    };
+    let body = format!(
+        "{{\"lastUpdated\": \"{}\", \"currentTime\": \"{}\", \"nodeEligible\": true}}",
+        stats.last_success.map(stamp).unwrap_or_default(),
+        stamp(now)
+    );
+    (if healthy { 200 } else { 503 }, body)
+}
+
+async fn serve_http(
+    address: SocketAddr,
+    stats: Shared,
+    sync_period: Duration,
+) -> Result<tokio::task::JoinHandle<()>, ProxyError> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|source| ProxyError::Listen { address, source })?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                continue;
+            };
+            let stats = stats.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+                    match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => request.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let line = String::from_utf8_lossy(&request);
+                let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                let (status, kind, body) = {
+                    let stats = stats.lock().unwrap_or_else(|p| p.into_inner());
+                    match path.as_str() {
+                        "/healthz" | "/livez" => {
+                            let (status, body) = health(&stats, sync_period);
+                            (status, "application/json", body)
+                        }
+                        "/metrics" => (200, "text/plain; version=0.0.4", metrics_text(&stats)),
+                        _ => (404, "text/plain", "404 page not found\n".to_owned()),
+                    }
+                };
+                let reason = match status {
+                    200 => "OK",
+                    503 => "Service Unavailable",
+                    _ => "Not Found",
+                };
+                let response = format!(
+                    "HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(response.as_bytes()).await;
+            });
+        }
+    }))
+}
+
+/// Runs the proxy with `client` until `shutdown` resolves. Rules are left in place on exit
+/// (as upstream does), so a restart does not interrupt traffic.
+pub async fn run(
+    config: ProxyConfig,
+    client: kube::Client,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ProxyError> {
+    let stats: Shared = Arc::default();
+    let mut servers = Vec::new();
+    for address in [config.healthz_address, config.metrics_address]
+        .into_iter()
+        .flatten()
+    {
+        servers.push(serve_http(address, stats.clone(), config.sync_period).await?);
+    }
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "tug-proxy".into(),
+            instance: Some(config.node_name.clone()),
+        },
+    );
+    let mut service_events = watcher::watcher(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .boxed();
+    let mut slice_events = watcher::watcher(
+        Api::<EndpointSlice>::all(client),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .boxed();
+    let mut services = Store::<Service>::new();
+    let mut slices = Store::<EndpointSlice>::new();
+    let backend = Arc::new(Mutex::new(Iptables::new(
+        config.iptables_program.clone(),
+        config.iptables.clone(),
+    )));
+    let node = NodeContext {
+        node_name: config.node_name.clone(),
+        node_port_range: config.node_port_range,
+    };
+    let mut dirty = true;
+    let mut last_sync = Instant::now() - config.min_sync_period;
+    let mut last_full = Instant::now();
+    let mut first = true;
+    let mut reported: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut periodic = tokio::time::interval(config.sync_period);
+    tokio::pin!(shutdown);
+    loop {
+        let ready = services.synced && slices.synced;
+        let wait = (last_sync + config.min_sync_period).saturating_duration_since(Instant::now());
+        tokio::select! {
+            () = &mut shutdown => break,
+            event = service_events.next() => match event {
+                Some(Ok(event)) => dirty |= services.apply(event),
+                Some(Err(error)) => tracing::warn!(%error, "watching Services failed; retrying with back-off, rules stay as they are"),
+                None => break,
+            },
+            event = slice_events.next() => match event {
+                Some(Ok(event)) => dirty |= slices.apply(event),
+                Some(Err(error)) => tracing::warn!(%error, "watching EndpointSlices failed; retrying with back-off, rules stay as they are"),
+                None => break,
+            },
+            _ = periodic.tick() => dirty = true,
+            () = tokio::time::sleep(wait), if dirty && ready => {
+                dirty = false;
+                last_sync = Instant::now();
+                let full = first || last_full.elapsed() >= config.full_sync_period;
+                let service_list: Vec<Service> = services.items.values().cloned().collect();
+                let slice_list: Vec<EndpointSlice> = slices.items.values().cloned().collect();
+                let (ports, skipped) = build(&service_list, &slice_list, &node);
+                for skip in &skipped {
+                    if reported.insert((skip.service.clone(), skip.reason.clone())) {
+                        tracing::warn!(service = %skip.service, reason = %skip.reason, "service left out; every other service is still programmed");
+                        publish_skip(&recorder, &services, &skip.service, &skip.reason).await;
+                    }
+                }
+                reported.retain(|(s, r)| skipped.iter().any(|k| &k.service == s && &k.reason == r));
+                let port_count = ports.len();
+                let sync_backend = backend.clone();
+                let began = Instant::now();
+                let result: Result<SyncReport, IptablesError> = tokio::task::spawn_blocking(move || {
+                    sync_backend.lock().unwrap_or_else(|p| p.into_inner()).sync(&ports, full)
+                })
+                .await
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()));
+                let elapsed = began.elapsed().as_secs_f64();
+                let mut stats = stats.lock().unwrap_or_else(|p| p.into_inner());
+                stats.last_duration = elapsed;
+                stats.duration_sum += elapsed;
+                stats.skipped = skipped.len();
+                match result {
+                    Ok(report) => {
+                        first = false;
+                        if report.full {
+                            last_full = Instant::now();
+                            stats.full_syncs += 1;
+                        }
+                        stats.syncs += 1;
+                        stats.last_success = Some(SystemTime::now());
+                        stats.last_attempt_failed = false;
+                        stats.service_chains = report.chains;
+                        stats.service_ports = port_count;
+                        tracing::debug!(full = report.full, written = report.written, deleted = report.deleted, seconds = elapsed, "rules synced");
+                    }
+                    Err(error) => {
+                        stats.errors += 1;
+                        stats.last_attempt_failed = true;
+                        dirty = true;
+                        tracing::warn!(%error, "syncing rules failed; the next sync is a full one");
+                    }
+                }
+            }
+        }
+    }
+    for server in servers {
+        server.abort();
+    }
+    Ok(())
+}
+
+async fn publish_skip(recorder: &Recorder, services: &Store<Service>, service: &str, reason: &str) {
+    let id = service.split(':').next().unwrap_or(service);
+    let Some(object) = services.items.get(id) else {
+        return;
+    };
+    let reference = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Service".into()),
+        name: object.metadata.name.clone(),
+        namespace: object.metadata.namespace.clone(),
+        uid: object.metadata.uid.clone(),
+        ..Default::default()
+    };
+    let event = KubeEvent {
+        type_: EventType::Warning,
+        reason: "InvalidService".into(),
+        note: Some(format!("{service}: {reason}; not programmed on this node")),
+        action: "Programming".into(),
+        secondary: None,
+    };
+    if let Err(error) = recorder.publish(&event, &reference).await {
+        tracing::debug!(%error, service, "could not record an Event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_needs_a_recent_successful_sync() {
+        let mut stats = Stats::default();
+        assert_eq!(
+            health(&stats, Duration::from_secs(30)).0,
+            503,
+            "nothing synced yet"
+        );
+        stats.last_success = Some(SystemTime::now());
+        let (status, body) = health(&stats, Duration::from_secs(30));
+        assert_eq!(status, 200);
+        assert!(body.contains("\"lastUpdated\": \"20"), "{body}");
+        stats.last_attempt_failed = true;
+        assert_eq!(health(&stats, Duration::from_secs(30)).0, 503);
+        stats.last_attempt_failed = false;
+        stats.last_success = Some(SystemTime::now() - Duration::from_secs(3600));
+        assert_eq!(health(&stats, Duration::from_secs(30)).0, 503, "stale");
+    }
+
+    #[test]
+    fn metrics_are_prometheus_text() {
+        let stats = Stats {
+            syncs: 3,
+            errors: 1,
+            service_ports: 7,
+            ..Default::default()
+        };
+        let text = metrics_text(&stats);
+        assert!(text.contains("# TYPE tug_proxy_syncs_total counter\ntug_proxy_syncs_total 3\n"));
+        assert!(text.contains("tug_proxy_sync_errors_total 1\n"));
+        assert!(text.contains("tug_proxy_service_ports 7\n"));
+    }
+
+    #[test]
+    fn stores_swap_in_the_initial_list_only_when_it_is_complete() {
+        let mut store = Store::<Service>::new();
+        let svc = |name: &str| Service {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        store.apply(Event::Apply(svc("old")));
+        assert!(!store.apply(Event::Init));
+        assert!(!store.apply(Event::InitApply(svc("a"))));
+        assert!(!store.synced);
+        assert!(store.apply(Event::InitDone));
+        assert!(store.synced);
+        assert_eq!(
+            store.items.keys().collect::<Vec<_>>(),
+            ["ns/a"],
+            "a relist replaces the store"
+        );
+        assert!(store.apply(Event::Delete(svc("a"))));
+        assert!(store.items.is_empty());
+    }
+}

@@ -1,0 +1,142 @@
+//! `tug proxy`: flags and the `KubeProxyConfiguration` file, then `tug_proxy::run::run`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use tug_proxy::config::KubeProxyConfiguration;
+use tug_proxy::iptables::{Iptables, IptablesConfig};
+use tug_proxy::run::{ProxyConfig, run as serve};
+
+/// Flags of `tug proxy` (upstream kube-proxy's names). A flag given explicitly wins over the
+/// `--config` file.
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// A KubeProxyConfiguration file (YAML or JSON), as upstream kube-proxy reads.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Kubeconfig with the proxy's identity.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name (default: the host name).
+    #[arg(long)]
+    hostname_override: Option<String>,
+    /// Proxy mode: iptables (default), nftables or ipvs.
+    #[arg(long)]
+    proxy_mode: Option<String>,
+    /// The cluster's pod CIDR: ClusterIP traffic from outside it is masqueraded.
+    #[arg(long)]
+    cluster_cidr: Option<String>,
+    /// Masquerade all ClusterIP traffic.
+    #[arg(long)]
+    masquerade_all: bool,
+    /// The iptables program (`iptables`, `iptables-nft` or `iptables-legacy`).
+    #[arg(long, default_value = "iptables")]
+    iptables_program: String,
+    /// `/healthz` address.
+    #[arg(long)]
+    healthz_bind_address: Option<String>,
+    /// `/metrics` address.
+    #[arg(long)]
+    metrics_bind_address: Option<String>,
+    /// Remove every rule tug programmed, then exit.
+    #[arg(long)]
+    cleanup: bool,
+}
+
+fn address(value: &str, what: &str) -> anyhow::Result<Option<SocketAddr>> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    // Upstream also accepts a bare IP with the default port, or "0" to disable.
+    if value == "0" {
+        return Ok(None);
+    }
+    value
+        .parse()
+        .map(Some)
+        .with_context(|| format!("{what} {value:?} is not an ip:port address"))
+}
+
+/// Runs the proxy until a signal (or cleans up and returns).
+pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("read {}", path.display()))?;
+            KubeProxyConfiguration::parse(&text).with_context(|| format!("{}", path.display()))?
+        }
+        None => KubeProxyConfiguration::default(),
+    };
+    let cluster_cidr = args
+        .cluster_cidr
+        .clone()
+        .unwrap_or(file.cluster_cidr.clone());
+    let ipv4_cidr = cluster_cidr
+        .split(',')
+        .map(str::trim)
+        .find(|c| c.contains('.'))
+        .map(str::to_owned);
+    let iptables = IptablesConfig {
+        cluster_cidr: ipv4_cidr,
+        masquerade_all: args.masquerade_all || file.iptables.masquerade_all,
+        ipv6: false,
+    };
+    if args.cleanup {
+        Iptables::new(&args.iptables_program, iptables)
+            .cleanup()
+            .context("remove tug's iptables rules")?;
+        tracing::info!("removed every rule tug programmed");
+        return Ok(());
+    }
+    let mode = args.proxy_mode.clone().unwrap_or(file.mode.clone());
+    match mode.as_str() {
+        "" | "iptables" => {}
+        "nftables" | "ipvs" => bail!("proxy mode {mode} is not built yet (issue #6); use iptables"),
+        other => bail!("unknown proxy mode {other:?}: expected iptables, nftables or ipvs"),
+    }
+    let kubeconfig = args
+        .kubeconfig
+        .clone()
+        .or_else(|| {
+            (!file.client_connection.kubeconfig.is_empty())
+                .then(|| file.client_connection.kubeconfig.clone().into())
+        })
+        .unwrap_or_else(|| PathBuf::from("/etc/kubernetes/kubelet.conf"));
+    let node_name =
+        crate::kubeconfig::node_name(args.hostname_override.clone().or_else(|| {
+            (!file.hostname_override.is_empty()).then(|| file.hostname_override.clone())
+        }))?;
+    let healthz = args
+        .healthz_bind_address
+        .clone()
+        .or_else(|| {
+            (!file.healthz_bind_address.is_empty()).then(|| file.healthz_bind_address.clone())
+        })
+        .unwrap_or_else(|| "0.0.0.0:10256".into());
+    let metrics = args
+        .metrics_bind_address
+        .clone()
+        .or_else(|| {
+            (!file.metrics_bind_address.is_empty()).then(|| file.metrics_bind_address.clone())
+        })
+        .unwrap_or_else(|| "127.0.0.1:10249".into());
+    let config = ProxyConfig {
+        node_name,
+        node_port_range: (30000, 32767),
+        iptables,
+        iptables_program: args.iptables_program,
+        min_sync_period: file.min_sync_period()?,
+        sync_period: file.sync_period()?.max(Duration::from_secs(1)),
+        full_sync_period: Duration::from_secs(3600),
+        healthz_address: address(&healthz, "--healthz-bind-address")?,
+        metrics_address: address(&metrics, "--metrics-bind-address")?,
+    };
+    let client = crate::kubeconfig::client(&kubeconfig).await?;
+    tracing::info!(node = %config.node_name, mode = "iptables", program = %config.iptables_program, "tug proxy starting");
+    serve(config, client, crate::shutdown::signalled())
+        .await
+        .context("tug proxy")
+}
