@@ -1,0 +1,133 @@
+//! kube-proxy rule programming, iptables mode: programming 1k/10k/30k Services × 2 endpoints
+//! from scratch and applying one changed Service at 30k, through tug's backend, next to
+//! `iptables-restore` loading the very same ruleset (the floor any iptables proxy pays), each in
+//! a fresh network namespace. Needs root: `cargo bench -p tug-tests --bench proxy`.
+
+#![allow(
+    clippy::print_stdout,
+    reason = "a benchmark reports its figures on stdout"
+)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tug_proxy::iptables::{Iptables, IptablesConfig, render, restore_input};
+use tug_proxy::model::{Endpoint, Protocol, ServicePort};
+use tug_tests::netns::Netns;
+
+fn services(count: usize) -> Vec<ServicePort> {
+    (0..count)
+        .map(|i| {
+            let i = i as u32;
+            let endpoint = |n: u32| Endpoint {
+                ip: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i * 2 + n)),
+                port: 8080,
+                local: false,
+            };
+            let endpoints = vec![endpoint(0), endpoint(1)];
+            ServicePort {
+                name: format!("ns{}/svc{i}:http", i % 100),
+                protocol: Protocol::Tcp,
+                cluster_ips: vec![IpAddr::V4(Ipv4Addr::from(0xac10_0000 + i))],
+                port: 80,
+                node_port: None,
+                external_ips: vec![],
+                load_balancer_ips: vec![],
+                affinity_timeout: None,
+                cluster_endpoints: endpoints.clone(),
+                external_endpoints: endpoints,
+                health_check_node_port: None,
+                external_policy_local: false,
+            }
+        })
+        .collect()
+}
+
+fn config() -> IptablesConfig {
+    IptablesConfig {
+        cluster_cidr: Some("10.0.0.0/8".into()),
+        ..Default::default()
+    }
+}
+
+fn raw_restore(ns: &Netns, program: &str, input: &str) -> Duration {
+    ns.run(|| {
+        let began = Instant::now();
+        let mut child = Command::new(program)
+            .args(["-w", "5", "--noflush"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run iptables-restore");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        began.elapsed()
+    })
+}
+
+fn main() {
+    let base = std::env::var("TUG_BENCH_IPTABLES").unwrap_or_else(|_| "iptables-nft".into());
+    println!("iptables mode ({base}): Services x 2 endpoints");
+    println!(
+        "{:<28} {:>12} {:>18} {:>8}",
+        "case", "tug", "iptables-restore", "ratio"
+    );
+    for count in [1_000, 10_000, 30_000] {
+        let ports = services(count);
+        // tug from scratch.
+        let ns = Netns::new("pxb");
+        let mut backend = Iptables::new(&base, config());
+        let began = Instant::now();
+        ns.run(|| backend.sync(&ports, true)).expect("sync");
+        let tug = began.elapsed();
+        // One Service changes (an endpoint moves).
+        let mut changed = ports.clone();
+        changed[count / 2].cluster_endpoints[1].ip = IpAddr::V4(Ipv4Addr::new(11, 0, 0, 1));
+        changed[count / 2].external_endpoints = changed[count / 2].cluster_endpoints.clone();
+        let began = Instant::now();
+        ns.run(|| backend.sync(&changed, false))
+            .expect("partial sync");
+        let tug_change = began.elapsed();
+        drop(ns);
+        // The same ruleset through iptables-restore alone, in a fresh namespace.
+        let full = restore_input(
+            &render(&ports, &config()),
+            &BTreeMap::new(),
+            &BTreeSet::new(),
+        );
+        let ns = Netns::new("pxr");
+        let raw = raw_restore(&ns, &format!("{base}-restore"), &full.input);
+        println!(
+            "{:<28} {:>12.1?} {:>18.1?} {:>7.2}x",
+            format!("{count} from scratch"),
+            tug,
+            raw,
+            tug.as_secs_f64() / raw.as_secs_f64()
+        );
+        if count == 30_000 {
+            let one = restore_input(&render(&changed, &config()), &full.chains, &BTreeSet::new());
+            let raw_change = raw_restore(&ns, &format!("{base}-restore"), &one.input);
+            println!(
+                "{:<28} {:>12.1?} {:>18.1?} {:>7.2}x",
+                "one change at 30000",
+                tug_change,
+                raw_change,
+                tug_change.as_secs_f64() / raw_change.as_secs_f64()
+            );
+        }
+    }
+}
