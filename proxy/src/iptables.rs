@@ -491,6 +491,15 @@ pub fn jump_rules() -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
     ]
 }
 
+/// The IPv6 program of an iptables program: `iptables-nft` → `ip6tables-nft`, a path's file
+/// name likewise.
+pub fn ipv6_program(program: &str) -> String {
+    match program.rsplit_once('/') {
+        Some((dir, name)) => format!("{dir}/{}", name.replacen("iptables", "ip6tables", 1)),
+        None => program.replacen("iptables", "ip6tables", 1),
+    }
+}
+
 /// Why an iptables operation failed. Retryable: the next sync is a full one.
 #[derive(Debug, thiserror::Error)]
 pub enum IptablesError {
@@ -857,6 +866,16 @@ mod tests {
         assert!(svc[1].contains("-m recent --name KUBE-SEP-SXIVWICOYRO3J4NJ --rcheck --seconds 10800 --reap -j KUBE-SEP-SXIVWICOYRO3J4NJ"), "{svc:#?}");
         let sep = &rendered.service_chains["KUBE-SEP-SXIVWICOYRO3J4NJ"];
         assert!(sep[1].contains("-m recent --name KUBE-SEP-SXIVWICOYRO3J4NJ --mask 255.255.255.255 --rsource --set -m tcp -p tcp -j DNAT"));
+    }
+
+    #[test]
+    fn ipv6_programs_are_derived() {
+        assert_eq!(ipv6_program("iptables"), "ip6tables");
+        assert_eq!(ipv6_program("iptables-legacy"), "ip6tables-legacy");
+        assert_eq!(
+            ipv6_program("/usr/sbin/iptables-nft"),
+            "/usr/sbin/ip6tables-nft"
+        );
     }
 
     #[test]

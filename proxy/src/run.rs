@@ -29,9 +29,12 @@ pub struct ProxyConfig {
     pub node_name: String,
     /// The NodePort range.
     pub node_port_range: (u16, u16),
-    /// iptables settings for IPv4 (and the `iptables` program to run).
+    /// iptables settings for IPv4.
     pub iptables: IptablesConfig,
-    /// The iptables program (`iptables`, `iptables-legacy`, `iptables-nft`).
+    /// iptables settings for IPv6; `None` leaves IPv6 alone.
+    pub ip6tables: Option<IptablesConfig>,
+    /// The iptables program (`iptables`, `iptables-legacy`, `iptables-nft`); the IPv6 one is
+    /// derived from it ([`crate::iptables::ipv6_program`]).
     pub iptables_program: String,
     /// Shortest time between two syncs (upstream `minSyncPeriod`).
     pub min_sync_period: Duration,
@@ -302,10 +305,17 @@ pub async fn run(
     .boxed();
     let mut services = Store::<Service>::new();
     let mut slices = Store::<EndpointSlice>::new();
-    let backend = Arc::new(Mutex::new(Iptables::new(
+    let mut backends = vec![Iptables::new(
         config.iptables_program.clone(),
         config.iptables.clone(),
-    )));
+    )];
+    if let Some(v6) = &config.ip6tables {
+        backends.push(Iptables::new(
+            crate::iptables::ipv6_program(&config.iptables_program),
+            v6.clone(),
+        ));
+    }
+    let backend = Arc::new(Mutex::new(backends));
     let node = NodeContext {
         node_name: config.node_name.clone(),
         node_port_range: config.node_port_range,
@@ -351,7 +361,16 @@ pub async fn run(
                 let sync_backend = backend.clone();
                 let began = Instant::now();
                 let result: Result<SyncReport, IptablesError> = tokio::task::spawn_blocking(move || {
-                    sync_backend.lock().unwrap_or_else(|p| p.into_inner()).sync(&ports, full)
+                    let mut backends = sync_backend.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut total = SyncReport::default();
+                    for backend in backends.iter_mut() {
+                        let report = backend.sync(&ports, full)?;
+                        total.full |= report.full;
+                        total.written += report.written;
+                        total.deleted += report.deleted;
+                        total.chains += report.chains;
+                    }
+                    Ok(total)
                 })
                 .await
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()));

@@ -79,15 +79,40 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         .map(str::trim)
         .find(|c| c.contains('.'))
         .map(str::to_owned);
+    let ipv6_cidr = cluster_cidr
+        .split(',')
+        .map(str::trim)
+        .find(|c| c.contains(':'))
+        .map(str::to_owned);
+    let masquerade_all = args.masquerade_all || file.iptables.masquerade_all;
     let iptables = IptablesConfig {
         cluster_cidr: ipv4_cidr,
-        masquerade_all: args.masquerade_all || file.iptables.masquerade_all,
+        masquerade_all,
         ipv6: false,
     };
+    // IPv6 rules when the node has ip6tables (Debian's iptables package ships both).
+    let v6_program = tug_proxy::iptables::ipv6_program(&args.iptables_program);
+    let has_ip6tables = std::process::Command::new(&v6_program)
+        .args(["-w", "-t", "nat", "-S", "POSTROUTING"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let ip6tables = has_ip6tables.then(|| IptablesConfig {
+        cluster_cidr: ipv6_cidr,
+        masquerade_all,
+        ipv6: true,
+    });
+    if !has_ip6tables {
+        tracing::warn!(program = %v6_program, "no working ip6tables: IPv6 Services are not programmed");
+    }
     if args.cleanup {
         Iptables::new(&args.iptables_program, iptables)
             .cleanup()
             .context("remove tug's iptables rules")?;
+        if let Some(v6) = ip6tables {
+            Iptables::new(&v6_program, v6)
+                .cleanup()
+                .context("remove tug's ip6tables rules")?;
+        }
         tracing::info!("removed every rule tug programmed");
         return Ok(());
     }
@@ -127,6 +152,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         node_name,
         node_port_range: (30000, 32767),
         iptables,
+        ip6tables,
         iptables_program: args.iptables_program,
         min_sync_period: file.min_sync_period()?,
         sync_period: file.sync_period()?.max(Duration::from_secs(1)),

@@ -1,7 +1,8 @@
 //! A node with pods and an off-cluster client, for testing Service rules with real traffic:
 //! `client` (192.168.50.2) — `node` (192.168.50.1, forwarding, the rules under test) — pods
-//! (10.180.0.N/32, ptp-style veths whose node end is 169.254.1.1). Each pod answers TCP and UDP
-//! with its own name, so a test counts which endpoint served each connection.
+//! (10.180.0.N/32, ptp-style veths whose node end is 169.254.1.1). IPv6 alongside: client
+//! fd00:50::2, node fd00:50::1, pods fd00:180::N/128 via fd00:ffff::1. Each pod answers TCP and
+//! UDP (both families) with its own name, so a test counts which endpoint served each connection.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -14,6 +15,8 @@ use crate::netns::{Netns, veth_pair};
 
 /// The address of the node on the client's link.
 pub const NODE_IP: &str = "192.168.50.1";
+/// The node's IPv6 address on the client's link.
+pub const NODE_IP6: &str = "fd00:50::1";
 /// The pods' (cluster) CIDR.
 pub const CLUSTER_CIDR: &str = "10.180.0.0/16";
 
@@ -38,13 +41,19 @@ impl ServiceLab {
         veth_pair(&client, "eth0", &node, "c0");
         client.ip(&["addr", "add", "192.168.50.2/24", "dev", "eth0"]);
         client.ip(&["route", "add", "default", "via", NODE_IP]);
+        client.ip(&["-6", "addr", "add", "fd00:50::2/64", "dev", "eth0", "nodad"]);
+        client.ip(&["-6", "route", "add", "default", "via", NODE_IP6]);
         node.ip(&["addr", "add", "192.168.50.1/24", "dev", "c0"]);
         node.ip(&["route", "add", "default", "via", "192.168.50.2"]);
+        node.ip(&["-6", "addr", "add", "fd00:50::1/64", "dev", "c0", "nodad"]);
+        node.ip(&["-6", "route", "add", "default", "via", "fd00:50::2"]);
         node.run(|| {
             std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("enable forwarding");
             // This kernel starts a new peer's ICMP token bucket empty, so the first REJECTs to
             // a client would be rate-limited away; tests assert the rule, not the rate limit.
             std::fs::write("/proc/sys/net/ipv4/icmp_ratelimit", "0").expect("icmp_ratelimit");
+            std::fs::write("/proc/sys/net/ipv6/icmp/ratelimit", "0").expect("icmpv6 ratelimit");
+            std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").expect("IPv6 forwarding");
         });
         let stop = Arc::new(AtomicBool::new(false));
         let mut lab = ServiceLab {
@@ -82,11 +91,44 @@ impl ServiceLab {
                 .ip(&["addr", "add", "169.254.1.1/32", "dev", &host_if]);
             lab.node
                 .ip(&["route", "add", &format!("{ip}/32"), "dev", &host_if]);
+            let ip6 = format!("fd00:180::{i}");
+            pod.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip6}/128"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            lab.node.ip(&[
+                "-6",
+                "addr",
+                "add",
+                "fd00:ffff::1/128",
+                "dev",
+                &host_if,
+                "nodad",
+            ]);
+            pod.ip(&["-6", "route", "add", "fd00:ffff::1", "dev", "eth0"]);
+            pod.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                "fd00:ffff::1",
+                "dev",
+                "eth0",
+            ]);
+            lab.node
+                .ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if]);
             let name = format!("pod-{i}");
             let (tcp, udp) = pod.run(|| {
-                let tcp = TcpListener::bind(("0.0.0.0", tcp_port)).expect("bind TCP");
+                // Dual-stack sockets: IPv4 clients arrive as ::ffff:a.b.c.d.
+                let tcp = TcpListener::bind(("::", tcp_port)).expect("bind TCP");
                 tcp.set_nonblocking(true).expect("nonblocking");
-                let udp = UdpSocket::bind(("0.0.0.0", udp_port)).expect("bind UDP");
+                let udp = UdpSocket::bind(("::", udp_port)).expect("bind UDP");
                 udp.set_read_timeout(Some(Duration::from_millis(50)))
                     .expect("timeout");
                 (tcp, udp)
@@ -149,7 +191,12 @@ impl ServiceLab {
         from.run(|| {
             let mut hits = BTreeMap::new();
             for _ in 0..count {
-                let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+                let local = if addr.is_ipv4() {
+                    "0.0.0.0:0"
+                } else {
+                    "[::]:0"
+                };
+                let socket = UdpSocket::bind(local).expect("bind");
                 socket.set_read_timeout(Some(Duration::from_secs(2))).ok();
                 socket.send_to(b"hi", addr).expect("send");
                 let mut buf = [0u8; 64];

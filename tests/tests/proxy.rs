@@ -221,6 +221,68 @@ fn exercise_iptables(base: &str) {
 
 #[test]
 #[ignore = "netns tier (root): run as root via ./scripts/test, or cargo test -p tug-tests --test proxy -- --ignored"]
+fn iptables_mode_serves_a_dual_stack_service_over_ipv6() {
+    require(Tier::Netns);
+    let lab = ServiceLab::new(2, 8080, 8053);
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web", "namespace": "demo"},
+        "spec": {
+            "type": "NodePort",
+            "clusterIP": CLUSTER_IP, "clusterIPs": [CLUSTER_IP, "fd00:30::41"],
+            "ipFamilies": ["IPv4", "IPv6"],
+            "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080, "nodePort": 30080}]
+        }
+    }))
+    .unwrap();
+    let v6_slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "web-v6", "namespace": "demo", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv6",
+        "endpoints": [{"addresses": ["fd00:180::1"]}, {"addresses": ["fd00:180::2"]}],
+        "ports": [{"name": "http", "protocol": "TCP", "port": 8080}]
+    }))
+    .unwrap();
+    let ports = ports(&[service], &[slice(&[1, 2]), v6_slice]);
+    let mut v4 = Iptables::new(
+        "iptables-nft",
+        IptablesConfig {
+            cluster_cidr: Some(CLUSTER_CIDR.into()),
+            ..Default::default()
+        },
+    );
+    let mut v6 = Iptables::new(
+        tug_proxy::iptables::ipv6_program("iptables-nft"),
+        IptablesConfig {
+            cluster_cidr: Some("fd00:180::/64".into()),
+            masquerade_all: false,
+            ipv6: true,
+        },
+    );
+    lab.node.run(|| v4.sync(&ports, false)).expect("IPv4 sync");
+    lab.node.run(|| v6.sync(&ports, false)).expect("IPv6 sync");
+    let vip6: SocketAddr = "[fd00:30::41]:80".parse().unwrap();
+    assert_eq!(
+        ServiceLab::tcp_hits(&lab.client, vip6, 30).len(),
+        2,
+        "both IPv6 endpoints serve the IPv6 ClusterIP"
+    );
+    let node_port6: SocketAddr = format!("[{}]:30080", tug_tests::services::NODE_IP6)
+        .parse()
+        .unwrap();
+    assert_eq!(
+        ServiceLab::tcp_hits(&lab.client, node_port6, 30).len(),
+        2,
+        "the NodePort answers on IPv6"
+    );
+    let vip4: SocketAddr = format!("{CLUSTER_IP}:80").parse().unwrap();
+    assert_eq!(
+        ServiceLab::tcp_hits(&lab.client, vip4, 20).len(),
+        2,
+        "IPv4 keeps working beside it"
+    );
+}
+
+#[test]
+#[ignore = "netns tier (root): run as root via ./scripts/test, or cargo test -p tug-tests --test proxy -- --ignored"]
 fn iptables_mode_with_the_nf_tables_backend() {
     require(Tier::Netns);
     exercise_iptables("iptables-nft");
