@@ -439,6 +439,37 @@ pub fn restore_input(
     }
 }
 
+/// tug's per-service chains declared in `iptables-save` output.
+fn service_chains_in(saved: &str) -> BTreeSet<String> {
+    saved
+        .lines()
+        .filter_map(|line| line.strip_prefix(':'))
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|chain| SERVICE_CHAIN_PREFIXES.iter().any(|p| chain.starts_with(p)))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `input` with `jumps` added to each table's section, before its `COMMIT`.
+fn with_jumps(input: &str, jumps: &BTreeMap<&'static str, Vec<String>>) -> String {
+    let mut out = String::with_capacity(input.len() + 1024);
+    let mut table = "";
+    for line in input.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            table = name;
+        }
+        if line == "COMMIT" {
+            for jump in jumps.get(table).into_iter().flatten() {
+                out.push_str(jump);
+                out.push('\n');
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 /// The rules that hook tug's chains into the built-in ones: (table, built-in chain, rule).
 pub fn jump_rules() -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
     let portals = ["-m", "comment", "--comment", "kubernetes service portals"];
@@ -489,6 +520,54 @@ pub fn jump_rules() -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
             ),
         ),
     ]
+}
+
+/// `-I <chain> 1 ...` lines, per table, for the jump rules missing from `saved` (the output of
+/// `iptables-save` for all tables), so a full sync adds them in the same transaction.
+pub fn missing_jumps(saved: &str) -> BTreeMap<&'static str, Vec<String>> {
+    let mut present: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let mut table = "";
+    for line in saved.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            table = name.trim();
+        } else if line.starts_with("-A ") {
+            present.entry(table).or_default().push(line);
+        }
+    }
+    let mut missing: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
+    for (table, chain, rule) in jump_rules() {
+        let comment = rule
+            .iter()
+            .position(|a| *a == "--comment")
+            .and_then(|i| rule.get(i + 1))
+            .copied()
+            .unwrap_or_default();
+        let target = rule.last().copied().unwrap_or_default();
+        let found = present.get(table).is_some_and(|lines| {
+            lines.iter().any(|line| {
+                line.starts_with(&format!("-A {chain} "))
+                    && line.contains(&format!("--comment \"{comment}\""))
+                    && line.ends_with(&format!("-j {target}"))
+            })
+        });
+        if !found {
+            let args: Vec<String> = rule
+                .iter()
+                .map(|a| {
+                    if a.contains(' ') {
+                        quote(a)
+                    } else {
+                        (*a).to_owned()
+                    }
+                })
+                .collect();
+            missing
+                .entry(table)
+                .or_default()
+                .push(format!("-I {chain} 1 {}", args.join(" ")));
+        }
+    }
+    missing
 }
 
 /// The IPv6 program of an iptables program: `iptables-nft` → `ip6tables-nft`, a path's file
@@ -611,45 +690,37 @@ impl Iptables {
 
     /// tug-owned per-service chains present in the nat table now.
     fn existing_service_chains(&self) -> Result<BTreeSet<String>, IptablesError> {
-        let saved = self.run("-save", &["-t", "nat"], None)?;
-        Ok(saved
-            .lines()
-            .filter_map(|line| line.strip_prefix(':'))
-            .filter_map(|line| line.split_whitespace().next())
-            .filter(|chain| SERVICE_CHAIN_PREFIXES.iter().any(|p| chain.starts_with(p)))
-            .map(str::to_owned)
-            .collect())
+        Ok(service_chains_in(&self.run(
+            "-save",
+            &["-t", "nat"],
+            None,
+        )?))
     }
 
-    fn ensure_jumps(&self) -> Result<(), IptablesError> {
-        for (table, chain, rule) in jump_rules() {
-            let mut check = vec!["-w", "-t", table, "-C", chain];
-            check.extend(&rule);
-            if self.run("", &check, None).is_err() {
-                let mut insert = vec!["-w", "-t", table, "-I", chain, "1"];
-                insert.extend(&rule);
-                self.run("", &insert, None)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Programs `ports`. A full sync also re-checks the jump rules and deletes stale chains
-    /// left in the kernel by an earlier run.
+    /// Programs `ports`. A full sync also adds missing jump rules and deletes stale chains left
+    /// in the kernel by an earlier run — in the same `iptables-restore` transaction, after one
+    /// `iptables-save` (each separate `iptables -C` would read the whole table again).
     pub fn sync(&mut self, ports: &[ServicePort], full: bool) -> Result<SyncReport, IptablesError> {
         let full = full || self.chains.is_none();
         let rendered = render(ports, &self.config);
-        let (previous, existing) = if full {
-            (BTreeMap::new(), self.existing_service_chains()?)
+        let (previous, existing, jumps) = if full {
+            let saved = self.run("-save", &[], None)?;
+            (
+                BTreeMap::new(),
+                service_chains_in(&saved),
+                missing_jumps(&saved),
+            )
         } else {
-            (self.chains.clone().unwrap_or_default(), BTreeSet::new())
+            (
+                self.chains.clone().unwrap_or_default(),
+                BTreeSet::new(),
+                BTreeMap::new(),
+            )
         };
         let applied = restore_input(&rendered, &previous, &existing);
-        let result = self
-            .run("-restore", &["-w", "5", "--noflush"], Some(&applied.input))
-            .and_then(|_| if full { self.ensure_jumps() } else { Ok(()) });
-        match result {
-            Ok(()) => {
+        let input = with_jumps(&applied.input, &jumps);
+        match self.run("-restore", &["-w", "5", "--noflush"], Some(&input)) {
+            Ok(_) => {
                 let report = SyncReport {
                     full,
                     written: applied.written,
@@ -866,6 +937,36 @@ mod tests {
         assert!(svc[1].contains("-m recent --name KUBE-SEP-SXIVWICOYRO3J4NJ --rcheck --seconds 10800 --reap -j KUBE-SEP-SXIVWICOYRO3J4NJ"), "{svc:#?}");
         let sep = &rendered.service_chains["KUBE-SEP-SXIVWICOYRO3J4NJ"];
         assert!(sep[1].contains("-m recent --name KUBE-SEP-SXIVWICOYRO3J4NJ --mask 255.255.255.255 --rsource --set -m tcp -p tcp -j DNAT"));
+    }
+
+    #[test]
+    fn missing_jump_rules_are_inserted_in_the_same_transaction() {
+        let saved = "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -m comment --comment \"kubernetes externally-visible service portals\" -m conntrack --ctstate NEW -j KUBE-EXTERNAL-SERVICES\nCOMMIT\n*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j OTHER\nCOMMIT\n";
+        let missing = missing_jumps(saved);
+        assert!(
+            !missing["filter"].iter().any(|l| l.starts_with("-I INPUT")),
+            "present already"
+        );
+        assert!(missing["filter"].contains(&"-I FORWARD 1 -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD".to_owned()));
+        assert_eq!(missing["nat"].len(), 3);
+        let input = with_jumps(
+            "*filter\n:KUBE-SERVICES - [0:0]\nCOMMIT\n*nat\nCOMMIT\n",
+            &missing,
+        );
+        let nat = input.split("*nat\n").nth(1).unwrap();
+        assert!(nat.starts_with("-I PREROUTING 1 -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n"), "{input}");
+        assert!(nat.ends_with("COMMIT\n"));
+        let applied: String = with_jumps(saved, &missing)
+            .lines()
+            .map(|line| match line.strip_prefix("-I ") {
+                Some(rest) => format!("-A {}\n", rest.replacen(" 1 ", " ", 1)),
+                None => format!("{line}\n"),
+            })
+            .collect();
+        assert!(
+            missing_jumps(&applied).is_empty(),
+            "once present, nothing is missing: {applied}"
+        );
     }
 
     #[test]

@@ -96,7 +96,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         .args(["-w", "-t", "nat", "-S", "POSTROUTING"])
         .output()
         .is_ok_and(|o| o.status.success());
-    let ip6tables = has_ip6tables.then(|| IptablesConfig {
+    let ip6tables = has_ip6tables.then_some(IptablesConfig {
         cluster_cidr: ipv6_cidr,
         masquerade_all,
         ipv6: true,
