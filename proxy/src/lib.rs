@@ -8,6 +8,7 @@
 //! watch-and-sync loop with health and metrics ([`run`]). nftables and IPVS are not built yet.
 
 pub mod config;
+pub mod conntrack;
 pub mod iptables;
 pub mod model;
 pub mod run;

@@ -325,6 +325,7 @@ pub async fn run(
     let mut last_full = Instant::now();
     let mut first = true;
     let mut reported: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut programmed: Vec<crate::model::ServicePort> = Vec::new();
     let mut periodic = tokio::time::interval(config.sync_period);
     tokio::pin!(shutdown);
     loop {
@@ -358,6 +359,8 @@ pub async fn run(
                 }
                 reported.retain(|(s, r)| skipped.iter().any(|k| &k.service == s && &k.reason == r));
                 let port_count = ports.len();
+                let stale = crate::conntrack::stale_udp(&programmed, &ports);
+                let now_programmed = ports.clone();
                 let sync_backend = backend.clone();
                 let began = Instant::now();
                 let result: Result<SyncReport, IptablesError> = tokio::task::spawn_blocking(move || {
@@ -369,6 +372,12 @@ pub async fn run(
                         total.written += report.written;
                         total.deleted += report.deleted;
                         total.chains += report.chains;
+                    }
+                    // Only after the rules no longer send new flows there.
+                    match crate::conntrack::clear(&stale) {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(entries = n, "cleared UDP conntrack entries of removed endpoints"),
+                        Err(error) => tracing::warn!(%error, "clearing stale UDP conntrack entries failed"),
                     }
                     Ok(total)
                 })
@@ -382,6 +391,7 @@ pub async fn run(
                 match result {
                     Ok(report) => {
                         first = false;
+                        programmed = now_programmed;
                         if report.full {
                             last_full = Instant::now();
                             stats.full_syncs += 1;

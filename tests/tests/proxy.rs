@@ -172,6 +172,30 @@ fn exercise_iptables(base: &str) {
     assert_eq!(hits.len(), 1, "ClientIP affinity pins the client: {hits:?}");
     others_intact();
 
+    // A long-lived UDP client (one source port) that conntrack pins to pod-1.
+    let dns: SocketAddr = format!("{CLUSTER_IP}:53").parse().unwrap();
+    let ask = |socket: &std::net::UdpSocket| {
+        socket.send_to(b"hi", dns).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, _) = socket.recv_from(&mut buf).expect("a UDP answer");
+        String::from_utf8_lossy(&buf[..n])
+            .split(' ')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let long_lived = loop {
+        let socket = lab
+            .client
+            .run(|| std::net::UdpSocket::bind("0.0.0.0:0").unwrap());
+        socket
+            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        if ask(&socket) == "pod-1" {
+            break socket;
+        }
+    };
+
     // An endpoint goes away: traffic moves to the other one.
     let one = ports(&[service(false)], &[slice(&[2])]);
     let report = node
@@ -183,6 +207,21 @@ fn exercise_iptables(base: &str) {
     );
     let hits = ServiceLab::tcp_hits(&lab.client, vip, 20);
     assert_eq!(hits.keys().collect::<Vec<_>>(), ["pod-2"], "{hits:?}");
+    assert_eq!(
+        ask(&long_lived),
+        "pod-1",
+        "conntrack still pins the UDP flow"
+    );
+    let stale = tug_proxy::conntrack::stale_udp(&both, &one);
+    let cleared = node
+        .run(|| tug_proxy::conntrack::clear(&stale))
+        .expect("clear conntrack");
+    assert!(cleared >= 1, "the pinned flow's entry is deleted");
+    assert_eq!(
+        ask(&long_lived),
+        "pod-2",
+        "after clearing, the same UDP flow moves to the live endpoint"
+    );
 
     // No endpoints: rejected at once, not left to time out.
     let none = ports(&[service(false)], &[slice(&[])]);
