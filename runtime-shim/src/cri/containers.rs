@@ -648,10 +648,13 @@ impl Runtime {
                 sandbox.id, container.id
             )));
         }
+        // Taken before the process starts, so a process that exits at once never looks as if
+        // it finished before it started.
+        let starting = now_nanos();
         match self.create_and_start_task(&container).await {
             Ok(()) => {
                 container.state.phase = Phase::Running;
-                container.state.started_at = now_nanos();
+                container.state.started_at = starting;
                 self.save_container(&container).await?;
                 tracing::info!(container = %container.id, name = %container.name(), "container started");
                 self.emit(&container, ContainerEventType::ContainerStartedEvent);
@@ -802,6 +805,7 @@ impl Runtime {
         if state.started_at == 0 {
             state.started_at = finished_at;
         }
+        state.finished_at = state.finished_at.max(state.started_at);
         self.save_container(&container).await?;
         self.inner
             .cpu_samples
