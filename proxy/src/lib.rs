@@ -7,8 +7,10 @@
 //! Built so far: the pure model ([`model`]), the iptables backend ([`iptables`]) and the
 //! watch-and-sync loop with health and metrics ([`run`]). nftables and IPVS are not built yet.
 
+pub mod backend;
 pub mod config;
 pub mod conntrack;
 pub mod iptables;
 pub mod model;
+pub mod nftables;
 pub mod run;

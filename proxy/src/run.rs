@@ -19,23 +19,19 @@ use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, Event};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::iptables::{Iptables, IptablesConfig, IptablesError, SyncReport};
+use crate::backend::{BackendError, RuleBackend};
+use crate::iptables::SyncReport;
 use crate::model::{NodeContext, build};
 
 /// How `tug proxy` runs.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ProxyConfig {
     /// This node's name.
     pub node_name: String,
     /// The NodePort range.
     pub node_port_range: (u16, u16),
-    /// iptables settings for IPv4.
-    pub iptables: IptablesConfig,
-    /// iptables settings for IPv6; `None` leaves IPv6 alone.
-    pub ip6tables: Option<IptablesConfig>,
-    /// The iptables program (`iptables`, `iptables-legacy`, `iptables-nft`); the IPv6 one is
-    /// derived from it ([`crate::iptables::ipv6_program`]).
-    pub iptables_program: String,
+    /// The rule backends (one per family), already configured.
+    pub backends: Vec<Box<dyn RuleBackend>>,
     /// Shortest time between two syncs (upstream `minSyncPeriod`).
     pub min_sync_period: Duration,
     /// Longest time between two syncs (upstream `syncPeriod`).
@@ -305,16 +301,7 @@ pub async fn run(
     .boxed();
     let mut services = Store::<Service>::new();
     let mut slices = Store::<EndpointSlice>::new();
-    let mut backends = vec![Iptables::new(
-        config.iptables_program.clone(),
-        config.iptables.clone(),
-    )];
-    if let Some(v6) = &config.ip6tables {
-        backends.push(Iptables::new(
-            crate::iptables::ipv6_program(&config.iptables_program),
-            v6.clone(),
-        ));
-    }
+    let backends = config.backends;
     let backend = Arc::new(Mutex::new(backends));
     let node = NodeContext {
         node_name: config.node_name.clone(),
@@ -363,7 +350,7 @@ pub async fn run(
                 let now_programmed = ports.clone();
                 let sync_backend = backend.clone();
                 let began = Instant::now();
-                let result: Result<SyncReport, IptablesError> = tokio::task::spawn_blocking(move || {
+                let result: Result<SyncReport, BackendError> = tokio::task::spawn_blocking(move || {
                     let mut backends = sync_backend.lock().unwrap_or_else(|p| p.into_inner());
                     let mut total = SyncReport::default();
                     for backend in backends.iter_mut() {

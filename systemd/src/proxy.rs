@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
+use tug_proxy::backend::RuleBackend;
 use tug_proxy::config::KubeProxyConfiguration;
 use tug_proxy::iptables::{Iptables, IptablesConfig};
+use tug_proxy::nftables::{NftConfig, Nftables};
 use tug_proxy::run::{ProxyConfig, run as serve};
 
 /// Flags of `tug proxy` (upstream kube-proxy's names). A flag given explicitly wins over the
@@ -23,7 +25,7 @@ pub struct ProxyArgs {
     /// This node's name (default: the host name).
     #[arg(long)]
     hostname_override: Option<String>,
-    /// Proxy mode: iptables (default), nftables or ipvs.
+    /// Proxy mode: iptables (default) or nftables (ipvs is not built yet).
     #[arg(long)]
     proxy_mode: Option<String>,
     /// The cluster's pod CIDR: ClusterIP traffic from outside it is masqueraded.
@@ -85,6 +87,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         .find(|c| c.contains(':'))
         .map(str::to_owned);
     let masquerade_all = args.masquerade_all || file.iptables.masquerade_all;
+    let (ipv4_cidr_for_nft, ipv6_cidr_for_nft) = (ipv4_cidr.clone(), ipv6_cidr.clone());
     let iptables = IptablesConfig {
         cluster_cidr: ipv4_cidr,
         masquerade_all,
@@ -104,24 +107,50 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     if !has_ip6tables {
         tracing::warn!(program = %v6_program, "no working ip6tables: IPv6 Services are not programmed");
     }
+    let nft = |cidr: Option<String>, ipv6: bool| {
+        Box::new(Nftables::new(NftConfig {
+            cluster_cidr: cidr,
+            masquerade_all,
+            ipv6,
+        })) as Box<dyn RuleBackend>
+    };
+    let ipt = |program: &str, config: IptablesConfig| {
+        Box::new(Iptables::new(program, config)) as Box<dyn RuleBackend>
+    };
     if args.cleanup {
-        Iptables::new(&args.iptables_program, iptables)
-            .cleanup()
-            .context("remove tug's iptables rules")?;
-        if let Some(v6) = ip6tables {
-            Iptables::new(&v6_program, v6)
-                .cleanup()
-                .context("remove tug's ip6tables rules")?;
+        // Upstream's --cleanup removes what every mode may have left.
+        let mut all = vec![
+            ipt(&args.iptables_program, iptables.clone()),
+            nft(None, false),
+            nft(None, true),
+        ];
+        if let Some(v6) = ip6tables.clone() {
+            all.push(ipt(&v6_program, v6));
+        }
+        for mut backend in all {
+            if let Err(error) = backend.cleanup() {
+                tracing::warn!(%error, "cleanup of {backend:?} failed");
+            }
         }
         tracing::info!("removed every rule tug programmed");
         return Ok(());
     }
     let mode = args.proxy_mode.clone().unwrap_or(file.mode.clone());
-    match mode.as_str() {
-        "" | "iptables" => {}
-        "nftables" | "ipvs" => bail!("proxy mode {mode} is not built yet (issue #6); use iptables"),
+    let backends: Vec<Box<dyn RuleBackend>> = match mode.as_str() {
+        "" | "iptables" => {
+            let mut list = vec![ipt(&args.iptables_program, iptables)];
+            if let Some(v6) = ip6tables {
+                list.push(ipt(&v6_program, v6));
+            }
+            list
+        }
+        "nftables" => vec![
+            nft(ipv4_cidr_for_nft.clone(), false),
+            nft(ipv6_cidr_for_nft.clone(), true),
+        ],
+        "ipvs" => bail!("proxy mode ipvs is not built yet (issue #6); use iptables or nftables"),
         other => bail!("unknown proxy mode {other:?}: expected iptables, nftables or ipvs"),
-    }
+    };
     let kubeconfig = args
         .kubeconfig
         .clone()
@@ -151,9 +180,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let config = ProxyConfig {
         node_name,
         node_port_range: (30000, 32767),
-        iptables,
-        ip6tables,
-        iptables_program: args.iptables_program,
+        backends,
         min_sync_period: file.min_sync_period()?,
         sync_period: file.sync_period()?.max(Duration::from_secs(1)),
         full_sync_period: Duration::from_secs(3600),
@@ -161,7 +188,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         metrics_address: address(&metrics, "--metrics-bind-address")?,
     };
     let client = crate::kubeconfig::client(&kubeconfig).await?;
-    tracing::info!(node = %config.node_name, mode = "iptables", program = %config.iptables_program, "tug proxy starting");
+    tracing::info!(node = %config.node_name, mode = %if mode.is_empty() { "iptables" } else { mode.as_str() }, "tug proxy starting");
     serve(config, client, crate::shutdown::signalled())
         .await
         .context("tug proxy")

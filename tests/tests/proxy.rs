@@ -373,6 +373,16 @@ fn http_get(ns: &Netns, addr: &str, path: &str) -> Option<(u16, String)> {
 #[test]
 #[ignore = "netns tier (root) with the cluster tier: run as root via ./scripts/test, or cargo build -p tug && cargo test -p tug-tests --test proxy -- --ignored"]
 fn tug_proxy_follows_services_and_endpoint_slices_from_the_api() {
+    follow_the_api("iptables");
+}
+
+#[test]
+#[ignore = "netns tier (root) with the cluster tier: run as root via ./scripts/test, or cargo build -p tug && cargo test -p tug-tests --test proxy -- --ignored"]
+fn tug_proxy_in_nftables_mode_follows_the_api() {
+    follow_the_api("nftables");
+}
+
+fn follow_the_api(mode: &str) {
     use k8s_openapi::api::core::v1::Service;
     use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
     use std::time::Duration;
@@ -444,6 +454,8 @@ fn tug_proxy_follows_services_and_endpoint_slices_from_the_api() {
             CLUSTER_CIDR,
             "--iptables-program",
             "iptables-nft",
+            "--proxy-mode",
+            mode,
         ])
         .args([
             "--healthz-bind-address",
@@ -506,8 +518,12 @@ fn tug_proxy_follows_services_and_endpoint_slices_from_the_api() {
         .block_on(services.delete(&name, &DeleteParams::default()))
         .expect("delete the Service");
     wait("the Service's rules to go", &|| {
-        let saved = run(&lab.node, "iptables-nft-save", &["-t", "nat"]);
-        !saved.contains(&format!("{cluster_ip}/32"))
+        let rules = if mode == "nftables" {
+            run(&lab.node, "nft", &["list", "ruleset"])
+        } else {
+            run(&lab.node, "iptables-nft-save", &["-t", "nat"])
+        };
+        !rules.contains(&cluster_ip)
     });
 }
 
@@ -518,4 +534,99 @@ impl Drop for KillOnDrop<'_> {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+#[test]
+#[ignore = "netns tier (root): run as root via ./scripts/test, or cargo test -p tug-tests --test proxy -- --ignored"]
+fn nftables_mode_programs_services_over_netlink() {
+    use tug_proxy::nftables::{NftConfig, Nftables};
+    require(Tier::Netns);
+    let lab = ServiceLab::new(2, 8080, 8053);
+    let node = &lab.node;
+    // Another tool's table, which tug's transactions must leave alone.
+    run(
+        node,
+        "nft",
+        &[
+            "add table inet other-tool; add chain inet other-tool c { type filter hook input priority 0; }; add rule inet other-tool c tcp dport 9999 accept",
+        ],
+    );
+    let mut proxy = Nftables::new(NftConfig {
+        cluster_cidr: Some(CLUSTER_CIDR.into()),
+        ..Default::default()
+    });
+    let both = ports(&[service(false)], &[slice(&[1, 2])]);
+    node.run(|| proxy.sync(&both)).expect("nftables sync");
+
+    // Read back what the kernel holds, with nft's own parser.
+    let listed: serde_json::Value = serde_json::from_str(&run(
+        node,
+        "nft",
+        &["-j", "list", "table", "ip", "tug-proxy"],
+    ))
+    .expect("nft -j output");
+    let objects = listed["nftables"].as_array().unwrap();
+    let map = objects
+        .iter()
+        .find(|o| o["map"]["name"] == "service-ips")
+        .expect("the service-ips map");
+    assert_eq!(
+        map["map"]["type"],
+        json!(["ipv4_addr", "inet_proto", "inet_service"]),
+        "{map}"
+    );
+    let elements = map["map"]["elem"].to_string();
+    assert!(
+        elements.contains(CLUSTER_IP) && elements.contains("goto"),
+        "{elements}"
+    );
+    assert!(objects.iter().any(|o| o["chain"]["name"] == "services"));
+
+    let vip: SocketAddr = format!("{CLUSTER_IP}:80").parse().unwrap();
+    assert_eq!(
+        ServiceLab::tcp_hits(&lab.client, vip, 40).len(),
+        2,
+        "both endpoints serve the ClusterIP over TCP"
+    );
+    let (_, seen) = ServiceLab::tcp_once(&lab.client, vip).unwrap();
+    assert!(
+        !seen.contains("192.168.50.2"),
+        "an off-cluster client is masqueraded (pod saw {seen})"
+    );
+    let udp = ServiceLab::udp_hits(&lab.client, format!("{CLUSTER_IP}:53").parse().unwrap(), 40);
+    assert_eq!(udp.len(), 2, "UDP too: {udp:?}");
+    let node_port: SocketAddr = format!("{NODE_IP}:30080").parse().unwrap();
+    assert_eq!(
+        ServiceLab::tcp_hits(&lab.client, node_port, 40).len(),
+        2,
+        "the NodePort"
+    );
+    assert_eq!(
+        ServiceLab::tcp_hits(node, vip, 20).len(),
+        2,
+        "the node itself"
+    );
+
+    let one = ports(&[service(false)], &[slice(&[2])]);
+    node.run(|| proxy.sync(&one)).expect("endpoint removed");
+    let hits = ServiceLab::tcp_hits(&lab.client, vip, 20);
+    assert_eq!(hits.keys().collect::<Vec<_>>(), ["pod-2"], "{hits:?}");
+
+    let none = ports(&[service(false)], &[slice(&[])]);
+    node.run(|| proxy.sync(&none)).expect("no endpoints");
+    let refused = ServiceLab::tcp_once(&lab.client, vip).expect_err("no endpoint to reach");
+    assert!(refused.contains("refused"), "{refused}");
+    let refused =
+        ServiceLab::tcp_once(&lab.client, node_port).expect_err("no endpoint behind the NodePort");
+    assert!(refused.contains("refused"), "{refused}");
+
+    node.run(|| proxy.sync(&[])).expect("service deleted");
+    assert!(!run(node, "nft", &["list", "table", "ip", "tug-proxy"]).contains(CLUSTER_IP));
+    node.run(|| proxy.cleanup()).expect("cleanup");
+    let all = run(node, "nft", &["list", "ruleset"]);
+    assert!(!all.contains("tug-proxy"), "{all}");
+    assert!(
+        all.contains("table inet other-tool") && all.contains("tcp dport 9999 accept"),
+        "{all}"
+    );
 }

@@ -1,0 +1,51 @@
+//! The role every rule backend plays for the sync loop: program a set of service ports (all of
+//! one family's rules, applying only what differs where it can), and remove everything.
+
+use crate::iptables::{Iptables, IptablesError, SyncReport};
+use crate::model::ServicePort;
+use crate::nftables::Nftables;
+use crate::nftables::netlink::NftError;
+
+/// Why a backend failed. Retryable: the next sync is a full one.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// iptables.
+    #[error(transparent)]
+    Iptables(#[from] IptablesError),
+    /// nftables.
+    #[error(transparent)]
+    Nftables(#[from] NftError),
+}
+
+/// A rule backend.
+pub trait RuleBackend: Send + std::fmt::Debug {
+    /// Programs `ports`; `full` asks for a complete rewrite.
+    fn sync(&mut self, ports: &[ServicePort], full: bool) -> Result<SyncReport, BackendError>;
+    /// Removes everything this backend programmed.
+    fn cleanup(&mut self) -> Result<(), BackendError>;
+}
+
+impl RuleBackend for Iptables {
+    fn sync(&mut self, ports: &[ServicePort], full: bool) -> Result<SyncReport, BackendError> {
+        Ok(Iptables::sync(self, ports, full)?)
+    }
+    fn cleanup(&mut self) -> Result<(), BackendError> {
+        Ok(Iptables::cleanup(self)?)
+    }
+}
+
+impl RuleBackend for Nftables {
+    fn sync(&mut self, ports: &[ServicePort], _full: bool) -> Result<SyncReport, BackendError> {
+        // Every nftables sync replaces the table in one transaction.
+        let chains = Nftables::sync(self, ports)?;
+        Ok(SyncReport {
+            full: true,
+            written: chains,
+            deleted: 0,
+            chains,
+        })
+    }
+    fn cleanup(&mut self) -> Result<(), BackendError> {
+        Ok(Nftables::cleanup(self)?)
+    }
+}
