@@ -35,12 +35,11 @@ impl RuleBackend for Iptables {
 }
 
 impl RuleBackend for Nftables {
-    fn sync(&mut self, ports: &[ServicePort], _full: bool) -> Result<SyncReport, BackendError> {
-        // Every nftables sync replaces the table in one transaction.
-        let chains = Nftables::sync(self, ports)?;
+    fn sync(&mut self, ports: &[ServicePort], full: bool) -> Result<SyncReport, BackendError> {
+        let (messages, chains) = Nftables::sync(self, ports, full)?;
         Ok(SyncReport {
-            full: true,
-            written: chains,
+            full,
+            written: messages,
             deleted: 0,
             chains,
         })

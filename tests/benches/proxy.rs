@@ -79,7 +79,90 @@ fn raw_restore(ns: &Netns, program: &str, input: &str) -> Duration {
     })
 }
 
+fn nft_load(ns: &Netns, text: &str) -> Duration {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), text).unwrap();
+    ns.run(|| {
+        let began = Instant::now();
+        let output = Command::new("nft")
+            .arg("-f")
+            .arg(file.path())
+            .output()
+            .expect("run nft");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        began.elapsed()
+    })
+}
+
+fn nftables_mode() {
+    use tug_proxy::nftables::{NftConfig, Nftables};
+    println!();
+    println!("nftables mode: Services x 2 endpoints");
+    println!(
+        "{:<28} {:>12} {:>18} {:>8}",
+        "case", "tug", "nft -f", "speedup"
+    );
+    let config = NftConfig {
+        cluster_cidr: Some("10.0.0.0/8".into()),
+        ..Default::default()
+    };
+    for count in [1_000, 10_000, 30_000] {
+        let ports = services(count);
+        let ns = Netns::new("nfb");
+        let mut backend = Nftables::new(config.clone());
+        let began = Instant::now();
+        ns.run(|| backend.sync(&ports, true))
+            .expect("nftables sync");
+        let tug = began.elapsed();
+        let text = ns.run(|| {
+            let out = Command::new("nft")
+                .args(["list", "table", "ip", "tug-proxy"])
+                .output()
+                .unwrap();
+            String::from_utf8(out.stdout).unwrap()
+        });
+        let mut changed = ports.clone();
+        changed[count / 2].cluster_endpoints[1].ip = IpAddr::V4(Ipv4Addr::new(11, 0, 0, 1));
+        changed[count / 2].external_endpoints = changed[count / 2].cluster_endpoints.clone();
+        let began = Instant::now();
+        ns.run(|| backend.sync(&changed, false))
+            .expect("nftables change");
+        let tug_change = began.elapsed();
+        drop(ns);
+        let fresh = Netns::new("nfr");
+        let reference = nft_load(&fresh, &text);
+        println!(
+            "{:<28} {:>12.1?} {:>18.1?} {:>7.1}x",
+            format!("{count} from scratch"),
+            tug,
+            reference,
+            reference.as_secs_f64() / tug.as_secs_f64()
+        );
+        if count == 30_000 {
+            println!("{:<28} {:>12.1?}", "one change at 30000", tug_change);
+        }
+        let began = Instant::now();
+        let (bytes, _) = tug_proxy::nftables::render(&ports, &config)
+            .replace(2)
+            .finish();
+        println!(
+            "{:<28} {:>12.1?} ({} KiB of netlink)",
+            format!("  of which encoding"),
+            began.elapsed(),
+            bytes.len() / 1024
+        );
+    }
+}
+
 fn main() {
+    if std::env::var("TUG_BENCH_MODE").as_deref() == Ok("nftables") {
+        nftables_mode();
+        return;
+    }
     let base = std::env::var("TUG_BENCH_IPTABLES").unwrap_or_else(|_| "iptables-nft".into());
     println!("iptables mode ({base}): Services x 2 endpoints");
     println!(

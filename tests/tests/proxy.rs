@@ -556,7 +556,8 @@ fn nftables_mode_programs_services_over_netlink() {
         ..Default::default()
     });
     let both = ports(&[service(false)], &[slice(&[1, 2])]);
-    node.run(|| proxy.sync(&both)).expect("nftables sync");
+    node.run(|| proxy.sync(&both, false))
+        .expect("nftables sync");
 
     // Read back what the kernel holds, with nft's own parser.
     let listed: serde_json::Value = serde_json::from_str(&run(
@@ -608,19 +609,21 @@ fn nftables_mode_programs_services_over_netlink() {
     );
 
     let one = ports(&[service(false)], &[slice(&[2])]);
-    node.run(|| proxy.sync(&one)).expect("endpoint removed");
+    node.run(|| proxy.sync(&one, false))
+        .expect("endpoint removed");
     let hits = ServiceLab::tcp_hits(&lab.client, vip, 20);
     assert_eq!(hits.keys().collect::<Vec<_>>(), ["pod-2"], "{hits:?}");
 
     let none = ports(&[service(false)], &[slice(&[])]);
-    node.run(|| proxy.sync(&none)).expect("no endpoints");
+    node.run(|| proxy.sync(&none, false)).expect("no endpoints");
     let refused = ServiceLab::tcp_once(&lab.client, vip).expect_err("no endpoint to reach");
     assert!(refused.contains("refused"), "{refused}");
     let refused =
         ServiceLab::tcp_once(&lab.client, node_port).expect_err("no endpoint behind the NodePort");
     assert!(refused.contains("refused"), "{refused}");
 
-    node.run(|| proxy.sync(&[])).expect("service deleted");
+    node.run(|| proxy.sync(&[], false))
+        .expect("service deleted");
     assert!(!run(node, "nft", &["list", "table", "ip", "tug-proxy"]).contains(CLUSTER_IP));
     node.run(|| proxy.cleanup()).expect("cleanup");
     let all = run(node, "nft", &["list", "ruleset"]);

@@ -488,7 +488,7 @@ impl Batch {
         self.message(
             NFT_MSG_NEWRULE,
             NLM_F_CREATE | NLM_F_APPEND,
-            format!("add rule {table} {chain} {exprs:?}"),
+            format!("add rule {table} {chain}"),
             |a| {
                 attr_str(a, 1, table);
                 attr_str(a, 2, chain);
