@@ -132,6 +132,10 @@ fn nftables_mode() {
         ns.run(|| backend.sync(&changed, false))
             .expect("nftables change");
         let tug_change = began.elapsed();
+        let began = Instant::now();
+        ns.run(|| backend.sync(&changed, false))
+            .expect("nftables no-op");
+        let no_op = began.elapsed();
         drop(ns);
         let fresh = Netns::new("nfr");
         let reference = nft_load(&fresh, &text);
@@ -144,6 +148,7 @@ fn nftables_mode() {
         );
         if count == 30_000 {
             println!("{:<28} {:>12.1?}", "one change at 30000", tug_change);
+            println!("{:<28} {:>12.1?}", "  a sync with no change", no_op);
         }
         let began = Instant::now();
         let (bytes, _) = tug_proxy::nftables::render(&ports, &config)

@@ -11,6 +11,7 @@
 
 pub mod netlink;
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use netlink::{
@@ -267,10 +268,9 @@ fn chain_suffix(chain: &str) -> &str {
     chain.rsplit('-').next().unwrap_or(chain)
 }
 
-/// The ruleset for every service port of this family.
-pub fn render(ports: &[ServicePort], config: &NftConfig) -> Ruleset {
+/// The fixed part of the table: base chains, helper chains and the (empty) maps.
+pub fn base(config: &NftConfig) -> Ruleset {
     let family = Family { ipv6: config.ipv6 };
-    let in_family = |ip: &IpAddr| ip.is_ipv6() == config.ipv6;
     let (k1, k2, k3) = family.key_regs();
     let addr_key_type = (((family.addr_type() << 6) | TYPE_PROTO) << 6) | TYPE_SERVICE;
     let addr_key_len = family.addr_len() + 8;
@@ -405,6 +405,30 @@ pub fn render(ports: &[ServicePort], config: &NftConfig) -> Ruleset {
             rules: vec![vec![Expr::Reject { ipv6: config.ipv6 }]],
         },
     ]);
+    ruleset.maps = vec![
+        (map("service-ips", true), Vec::new()),
+        (map("service-nodeports", false), Vec::new()),
+        (map("no-endpoint-services", true), Vec::new()),
+        (map("no-endpoint-nodeports", false), Vec::new()),
+    ];
+    ruleset
+}
+
+/// One service port's chains and map entries (in the order of [`base`]'s maps).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fragment {
+    /// Its chains.
+    pub chains: Vec<Chain>,
+    /// Its entries in `service-ips`, `service-nodeports`, `no-endpoint-services`,
+    /// `no-endpoint-nodeports`.
+    pub elements: [Vec<Element>; 4],
+}
+
+/// The chains and map entries of one service port.
+pub fn render_port(port: &ServicePort, config: &NftConfig) -> Fragment {
+    let family = Family { ipv6: config.ipv6 };
+    let in_family = |ip: &IpAddr| ip.is_ipv6() == config.ipv6;
+    let mut ruleset = Ruleset::default();
     let (
         mut service_ips,
         mut service_nodeports,
@@ -415,194 +439,212 @@ pub fn render(ports: &[ServicePort], config: &NftConfig) -> Ruleset {
         key,
         verdict: Some(v),
     };
+    let cluster_ips: Vec<&IpAddr> = port.cluster_ips.iter().filter(|ip| in_family(ip)).collect();
+    if cluster_ips.is_empty() {
+        return Fragment::default();
+    }
+    let hash = chain_suffix(&port.service_chain()).to_owned();
+    let service = format!("service-{hash}");
+    let external = format!("external-{hash}");
+    let local_chain = format!("local-{hash}");
+    let endpoint_chain =
+        |e: &Endpoint| format!("endpoint-{}", chain_suffix(&port.endpoint_chain(e)));
+    let cluster_eps: Vec<&Endpoint> = port
+        .cluster_endpoints
+        .iter()
+        .filter(|e| in_family(&e.ip))
+        .collect();
+    let external_eps: Vec<&Endpoint> = port
+        .external_endpoints
+        .iter()
+        .filter(|e| in_family(&e.ip))
+        .collect();
+    let externals: Vec<&IpAddr> = port
+        .external_ips
+        .iter()
+        .chain(&port.load_balancer_ips)
+        .filter(|ip| in_family(ip))
+        .collect();
+    let externals_reject = if port.external_policy_local {
+        external_eps.is_empty()
+    } else {
+        cluster_eps.is_empty()
+    };
+    let external_verdict = if port.external_policy_local {
+        Verdict::Drop
+    } else {
+        goto("reject-chain")
+    };
 
-    for port in ports {
-        let cluster_ips: Vec<&IpAddr> =
-            port.cluster_ips.iter().filter(|ip| in_family(ip)).collect();
-        if cluster_ips.is_empty() {
-            continue;
-        }
-        let hash = chain_suffix(&port.service_chain()).to_owned();
-        let service = format!("service-{hash}");
-        let external = format!("external-{hash}");
-        let local_chain = format!("local-{hash}");
-        let endpoint_chain =
-            |e: &Endpoint| format!("endpoint-{}", chain_suffix(&port.endpoint_chain(e)));
-        let cluster_eps: Vec<&Endpoint> = port
-            .cluster_endpoints
-            .iter()
-            .filter(|e| in_family(&e.ip))
-            .collect();
-        let external_eps: Vec<&Endpoint> = port
-            .external_endpoints
-            .iter()
-            .filter(|e| in_family(&e.ip))
-            .collect();
-        let externals: Vec<&IpAddr> = port
-            .external_ips
-            .iter()
-            .chain(&port.load_balancer_ips)
-            .filter(|ip| in_family(ip))
-            .collect();
-        let externals_reject = if port.external_policy_local {
-            external_eps.is_empty()
+    for ip in &cluster_ips {
+        let key = addr_key(ip, port.protocol, port.port);
+        if cluster_eps.is_empty() {
+            no_endpoint_services.push(element(key, goto("reject-chain")));
         } else {
-            cluster_eps.is_empty()
-        };
-        let external_verdict = if port.external_policy_local {
-            Verdict::Drop
+            service_ips.push(element(key, goto(&service)));
+        }
+    }
+    for ip in &externals {
+        let key = addr_key(ip, port.protocol, port.port);
+        if externals_reject {
+            no_endpoint_services.push(element(key, external_verdict.clone()));
         } else {
-            goto("reject-chain")
+            service_ips.push(element(key, goto(&external)));
+        }
+    }
+    if let Some(node_port) = port.node_port {
+        let key = port_key(port.protocol, node_port);
+        if externals_reject {
+            no_endpoint_nodeports.push(element(key, external_verdict.clone()));
+        } else {
+            service_nodeports.push(element(key, goto(&external)));
+        }
+    }
+    let has_external = !externals.is_empty() || port.node_port.is_some();
+    if !cluster_eps.is_empty() {
+        let mut rules = Vec::new();
+        let masq = if config.masquerade_all {
+            Some(Vec::new())
+        } else {
+            config
+                .cluster_cidr
+                .as_deref()
+                .and_then(|c| outside(&family, c))
         };
-
-        for ip in &cluster_ips {
-            let key = addr_key(ip, port.protocol, port.port);
-            if cluster_eps.is_empty() {
-                no_endpoint_services.push(element(key, goto("reject-chain")));
-            } else {
-                service_ips.push(element(key, goto(&service)));
-            }
+        if let Some(mut rule) = masq {
+            rule.push(verdict(jump("mark-for-masquerade")));
+            rules.push(rule);
         }
-        for ip in &externals {
-            let key = addr_key(ip, port.protocol, port.port);
-            if externals_reject {
-                no_endpoint_services.push(element(key, external_verdict.clone()));
-            } else {
-                service_ips.push(element(key, goto(&external)));
-            }
-        }
-        if let Some(node_port) = port.node_port {
-            let key = port_key(port.protocol, node_port);
-            if externals_reject {
-                no_endpoint_nodeports.push(element(key, external_verdict.clone()));
-            } else {
-                service_nodeports.push(element(key, goto(&external)));
-            }
-        }
-        let has_external = !externals.is_empty() || port.node_port.is_some();
-        if !cluster_eps.is_empty() {
+        rules.extend(balance(&endpoint_chain, &cluster_eps));
+        ruleset.chains.push(Chain {
+            name: service.clone(),
+            hook: None,
+            rules,
+        });
+    }
+    if has_external && !externals_reject {
+        let rules = if port.external_policy_local {
             let mut rules = Vec::new();
-            let masq = if config.masquerade_all {
-                Some(Vec::new())
-            } else {
-                config
-                    .cluster_cidr
-                    .as_deref()
-                    .and_then(|c| outside(&family, c))
-            };
-            if let Some(mut rule) = masq {
-                rule.push(verdict(jump("mark-for-masquerade")));
-                rules.push(rule);
-            }
-            rules.extend(balance(&endpoint_chain, &cluster_eps));
-            ruleset.chains.push(Chain {
-                name: service.clone(),
-                hook: None,
-                rules,
-            });
-        }
-        if has_external && !externals_reject {
-            let rules = if port.external_policy_local {
-                let mut rules = Vec::new();
-                if let Some(mut inside) = config
-                    .cluster_cidr
-                    .as_deref()
-                    .and_then(|c| outside(&family, c))
-                {
-                    // Pod traffic is cluster traffic: flip the "outside" test to "inside".
-                    if let Some(Expr::Cmp { eq, .. }) = inside.last_mut() {
-                        *eq = true;
-                    }
-                    inside.push(verdict(goto(&service)));
-                    rules.push(inside);
+            if let Some(mut inside) = config
+                .cluster_cidr
+                .as_deref()
+                .and_then(|c| outside(&family, c))
+            {
+                // Pod traffic is cluster traffic: flip the "outside" test to "inside".
+                if let Some(Expr::Cmp { eq, .. }) = inside.last_mut() {
+                    *eq = true;
                 }
-                rules.push(vec![verdict(goto(&local_chain))]);
-                ruleset.chains.push(Chain {
-                    name: local_chain.clone(),
-                    hook: None,
-                    rules: balance(&endpoint_chain, &external_eps),
-                });
-                rules
-            } else {
+                inside.push(verdict(goto(&service)));
+                rules.push(inside);
+            }
+            rules.push(vec![verdict(goto(&local_chain))]);
+            ruleset.chains.push(Chain {
+                name: local_chain.clone(),
+                hook: None,
+                rules: balance(&endpoint_chain, &external_eps),
+            });
+            rules
+        } else {
+            vec![
+                vec![verdict(jump("mark-for-masquerade"))],
+                vec![verdict(goto(&service))],
+            ]
+        };
+        ruleset.chains.push(Chain {
+            name: external.clone(),
+            hook: None,
+            rules,
+        });
+    }
+    let mut endpoints: Vec<&Endpoint> = cluster_eps.iter().chain(&external_eps).copied().collect();
+    endpoints.sort();
+    endpoints.dedup();
+    for endpoint in endpoints {
+        let addr = ip_bytes(&endpoint.ip);
+        let port_reg = REG32 + family.addr_len() / 4;
+        ruleset.chains.push(Chain {
+            name: endpoint_chain(endpoint),
+            hook: None,
+            rules: vec![
                 vec![
-                    vec![verdict(jump("mark-for-masquerade"))],
-                    vec![verdict(goto(&service))],
-                ]
-            };
-            ruleset.chains.push(Chain {
-                name: external.clone(),
-                hook: None,
-                rules,
-            });
-        }
-        let mut endpoints: Vec<&Endpoint> =
-            cluster_eps.iter().chain(&external_eps).copied().collect();
-        endpoints.sort();
-        endpoints.dedup();
-        for endpoint in endpoints {
-            let addr = ip_bytes(&endpoint.ip);
-            let port_reg = REG32 + family.addr_len() / 4;
-            ruleset.chains.push(Chain {
-                name: endpoint_chain(endpoint),
-                hook: None,
-                rules: vec![
-                    vec![
-                        family.saddr(REG32),
-                        Expr::Cmp {
-                            sreg: REG32,
-                            eq: true,
-                            data: addr.clone(),
-                        },
-                        verdict(jump("mark-for-masquerade")),
-                    ],
-                    vec![
-                        Expr::Meta {
-                            key: META_L4PROTO,
-                            dreg: REG32,
-                        },
-                        Expr::Cmp {
-                            sreg: REG32,
-                            eq: true,
-                            data: vec![proto_number(port.protocol)],
-                        },
-                        Expr::Immediate {
-                            dreg: REG32,
-                            value: addr,
-                            verdict: None,
-                        },
-                        Expr::Immediate {
-                            dreg: port_reg,
-                            value: endpoint.port.to_be_bytes().to_vec(),
-                            verdict: None,
-                        },
-                        Expr::Dnat {
-                            family: family.nfproto(),
-                            addr_reg: REG32,
-                            proto_reg: port_reg,
-                        },
-                    ],
+                    family.saddr(REG32),
+                    Expr::Cmp {
+                        sreg: REG32,
+                        eq: true,
+                        data: addr.clone(),
+                    },
+                    verdict(jump("mark-for-masquerade")),
                 ],
-            });
+                vec![
+                    Expr::Meta {
+                        key: META_L4PROTO,
+                        dreg: REG32,
+                    },
+                    Expr::Cmp {
+                        sreg: REG32,
+                        eq: true,
+                        data: vec![proto_number(port.protocol)],
+                    },
+                    Expr::Immediate {
+                        dreg: REG32,
+                        value: addr,
+                        verdict: None,
+                    },
+                    Expr::Immediate {
+                        dreg: port_reg,
+                        value: endpoint.port.to_be_bytes().to_vec(),
+                        verdict: None,
+                    },
+                    Expr::Dnat {
+                        family: family.nfproto(),
+                        addr_reg: REG32,
+                        proto_reg: port_reg,
+                    },
+                ],
+            ],
+        });
+    }
+    Fragment {
+        chains: ruleset.chains,
+        elements: [
+            service_ips,
+            service_nodeports,
+            no_endpoint_services,
+            no_endpoint_nodeports,
+        ],
+    }
+}
+
+/// Assembles the table from its fixed part and the service ports' fragments. A key can only be
+/// in a map once: the first Service wins (the model already refuses NodePort conflicts;
+/// duplicate external IPs across Services are a user error upstream too).
+pub fn assemble<'a>(
+    config: &NftConfig,
+    fragments: impl IntoIterator<Item = &'a Fragment>,
+) -> Ruleset {
+    let mut ruleset = base(config);
+    let mut seen: [std::collections::BTreeSet<&[u8]>; 4] = Default::default();
+    let mut lists: [Vec<Element>; 4] = Default::default();
+    for fragment in fragments {
+        ruleset.chains.extend(fragment.chains.iter().cloned());
+        for (i, elements) in fragment.elements.iter().enumerate() {
+            for element in elements {
+                if seen[i].insert(element.key.as_slice()) {
+                    lists[i].push(element.clone());
+                }
+            }
         }
     }
-    // A key can only be in a map once: first Service wins (the model already refuses NodePort
-    // conflicts; duplicate external IPs across Services are a user error upstream too).
-    for list in [
-        &mut service_ips,
-        &mut service_nodeports,
-        &mut no_endpoint_services,
-        &mut no_endpoint_nodeports,
-    ] {
-        let mut seen = std::collections::BTreeSet::new();
-        list.retain(|e| seen.insert(e.key.clone()));
+    for ((_, elements), list) in ruleset.maps.iter_mut().zip(lists) {
+        *elements = list;
     }
-    ruleset.maps = vec![
-        (map("service-ips", true), service_ips),
-        (map("service-nodeports", false), service_nodeports),
-        (map("no-endpoint-services", true), no_endpoint_services),
-        (map("no-endpoint-nodeports", false), no_endpoint_nodeports),
-    ];
     ruleset
+}
+
+/// The ruleset for every service port of this family.
+pub fn render(ports: &[ServicePort], config: &NftConfig) -> Ruleset {
+    let fragments: Vec<Fragment> = ports.iter().map(|p| render_port(p, config)).collect();
+    assemble(config, &fragments)
 }
 
 impl Ruleset {
@@ -708,8 +750,9 @@ pub fn update(old: &Ruleset, new: &Ruleset, family: u8) -> Batch {
 #[derive(Debug, Clone)]
 pub struct Nftables {
     config: NftConfig,
-    /// What the kernel holds after the last successful sync; `None` forces a full replace.
-    current: Option<Ruleset>,
+    /// Per service port (name, protocol): the port as last programmed and its fragment; `None`
+    /// (at start, after a failure or cleanup) forces a full replace.
+    programmed: Option<BTreeMap<(String, Protocol), (ServicePort, Fragment)>>,
 }
 
 impl Nftables {
@@ -717,7 +760,7 @@ impl Nftables {
     pub fn new(config: NftConfig) -> Nftables {
         Nftables {
             config,
-            current: None,
+            programmed: None,
         }
     }
 
@@ -730,19 +773,47 @@ impl Nftables {
     }
 
     /// Programs `ports` in one transaction: the whole table when `full` (or after a failure),
-    /// else only what changed since the last sync. Returns (messages sent, chains in place).
+    /// else only what changed since the last sync. Only the service ports that differ from
+    /// what was programmed are rendered and compared, so one change costs the same whatever
+    /// the number of Services. Returns (messages sent, per-service chains in place).
     pub fn sync(&mut self, ports: &[ServicePort], full: bool) -> Result<(usize, usize), NftError> {
-        let ruleset = render(ports, &self.config);
-        let chains = ruleset.chains.len();
-        let batch = match self.current.take() {
-            Some(current) if !full => update(&current, &ruleset, self.family()),
-            _ => ruleset.replace(self.family()),
+        let mut previous = self.programmed.take();
+        let incremental = previous.is_some() && !full;
+        let mut next = BTreeMap::new();
+        let (mut old_fragments, mut new_fragments) = (Vec::new(), Vec::new());
+        for port in ports {
+            let key = (port.name.clone(), port.protocol);
+            let before = previous.as_mut().and_then(|p| p.remove(&key));
+            let fragment = match before {
+                Some((old_port, fragment)) if &old_port == port => fragment,
+                before => {
+                    let fragment = render_port(port, &self.config);
+                    if let Some((_, old)) = before {
+                        old_fragments.push(old);
+                    }
+                    new_fragments.push(fragment.clone());
+                    fragment
+                }
+            };
+            next.insert(key, (port.clone(), fragment));
+        }
+        // What is left of the previous sync is gone.
+        old_fragments.extend(previous.into_iter().flatten().map(|(_, (_, f))| f));
+        let batch = if incremental {
+            update(
+                &assemble(&self.config, &old_fragments),
+                &assemble(&self.config, &new_fragments),
+                self.family(),
+            )
+        } else {
+            assemble(&self.config, next.values().map(|(_, f)| f)).replace(self.family())
         };
         let messages = batch.len();
         if messages > 0 {
             netlink::apply(batch)?;
         }
-        self.current = Some(ruleset);
+        let chains = next.values().map(|(_, f)| f.chains.len()).sum();
+        self.programmed = Some(next);
         Ok((messages, chains))
     }
 
@@ -751,7 +822,7 @@ impl Nftables {
         let mut batch = Batch::new(self.family());
         batch.add_table(TABLE);
         batch.del_table(TABLE);
-        self.current = None;
+        self.programmed = None;
         netlink::apply(batch)
     }
 }
