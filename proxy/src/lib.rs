@@ -10,6 +10,7 @@
 pub mod backend;
 pub mod config;
 pub mod conntrack;
+pub mod healthcheck;
 pub mod iptables;
 pub mod model;
 pub mod nftables;

@@ -313,6 +313,7 @@ pub async fn run(
     let mut first = true;
     let mut reported: BTreeSet<(String, String)> = BTreeSet::new();
     let mut programmed: Vec<crate::model::ServicePort> = Vec::new();
+    let mut health_checks = crate::healthcheck::HealthChecks::default();
     let mut periodic = tokio::time::interval(config.sync_period);
     tokio::pin!(shutdown);
     loop {
@@ -371,6 +372,7 @@ pub async fn run(
                 .await
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()));
                 let elapsed = began.elapsed().as_secs_f64();
+                {
                 let mut stats = stats.lock().unwrap_or_else(|p| p.into_inner());
                 stats.last_duration = elapsed;
                 stats.duration_sum += elapsed;
@@ -397,6 +399,8 @@ pub async fn run(
                         tracing::warn!(%error, "syncing rules failed; the next sync is a full one");
                     }
                 }
+                }
+                health_checks.update(&programmed).await;
             }
         }
     }
