@@ -608,6 +608,23 @@ fn nftables_mode_programs_services_over_netlink() {
         "the node itself"
     );
 
+    // Session affinity: a dynamic set per endpoint pins each client.
+    let pinned = ports(&[service(true)], &[slice(&[1, 2])]);
+    node.run(|| proxy.sync(&pinned, false))
+        .expect("affinity sync");
+    let hits = ServiceLab::tcp_hits(&lab.client, vip, 20);
+    assert_eq!(hits.len(), 1, "ClientIP affinity pins the client: {hits:?}");
+    let sets = run(node, "nft", &["list", "sets", "table", "ip", "tug-proxy"]);
+    assert!(
+        sets.contains("192.168.50.2") || sets.contains("169.254.1.1"),
+        "the client is remembered: {sets}"
+    );
+    node.run(|| proxy.sync(&both, false)).expect("affinity off");
+    assert!(
+        !run(node, "nft", &["list", "table", "ip", "tug-proxy"]).contains("affinity-"),
+        "affinity sets go with affinity"
+    );
+
     let one = ports(&[service(false)], &[slice(&[2])]);
     node.run(|| proxy.sync(&one, false))
         .expect("endpoint removed");

@@ -61,6 +61,8 @@ pub struct Ruleset {
     pub chains: Vec<Chain>,
     /// Maps with their elements.
     pub maps: Vec<(SetSpec, Vec<Element>)>,
+    /// Dynamic sets (ClientIP affinity), filled by the packet path.
+    pub sets: Vec<SetSpec>,
 }
 
 fn proto_number(protocol: Protocol) -> u8 {
@@ -283,6 +285,7 @@ pub fn base(config: &NftConfig) -> Ruleset {
         },
         key_len: if by_addr { addr_key_len } else { 8 },
         verdict_map: true,
+        timeout_ms: None,
     };
     let addr_lookup = |set: &str| {
         vec![
@@ -422,6 +425,8 @@ pub struct Fragment {
     /// Its entries in `service-ips`, `service-nodeports`, `no-endpoint-services`,
     /// `no-endpoint-nodeports`.
     pub elements: [Vec<Element>; 4],
+    /// Its affinity sets.
+    pub sets: Vec<SetSpec>,
 }
 
 /// The chains and map entries of one service port.
@@ -449,6 +454,28 @@ pub fn render_port(port: &ServicePort, config: &NftConfig) -> Fragment {
     let local_chain = format!("local-{hash}");
     let endpoint_chain =
         |e: &Endpoint| format!("endpoint-{}", chain_suffix(&port.endpoint_chain(e)));
+    // ClientIP affinity: a dynamic set of recent clients per endpoint; a client found in one
+    // goes straight back to that endpoint, and every DNAT refreshes the client's entry.
+    let affinity_set = |e: &Endpoint| format!("affinity-{}", chain_suffix(&port.endpoint_chain(e)));
+    let sticky = |endpoints: &[&Endpoint]| -> Vec<Vec<Expr>> {
+        if port.affinity_timeout.is_none() {
+            return Vec::new();
+        }
+        endpoints
+            .iter()
+            .map(|e| {
+                vec![
+                    family.saddr(REG32),
+                    Expr::Lookup {
+                        set: affinity_set(e),
+                        sreg: REG32,
+                        dreg: None,
+                    },
+                    verdict(goto(&endpoint_chain(e))),
+                ]
+            })
+            .collect()
+    };
     let cluster_eps: Vec<&Endpoint> = port
         .cluster_endpoints
         .iter()
@@ -515,6 +542,7 @@ pub fn render_port(port: &ServicePort, config: &NftConfig) -> Fragment {
             rule.push(verdict(jump("mark-for-masquerade")));
             rules.push(rule);
         }
+        rules.extend(sticky(&cluster_eps));
         rules.extend(balance(&endpoint_chain, &cluster_eps));
         ruleset.chains.push(Chain {
             name: service.clone(),
@@ -541,7 +569,11 @@ pub fn render_port(port: &ServicePort, config: &NftConfig) -> Fragment {
             ruleset.chains.push(Chain {
                 name: local_chain.clone(),
                 hook: None,
-                rules: balance(&endpoint_chain, &external_eps),
+                rules: [
+                    sticky(&external_eps),
+                    balance(&endpoint_chain, &external_eps),
+                ]
+                .concat(),
             });
             rules
         } else {
@@ -562,11 +594,28 @@ pub fn render_port(port: &ServicePort, config: &NftConfig) -> Fragment {
     for endpoint in endpoints {
         let addr = ip_bytes(&endpoint.ip);
         let port_reg = REG32 + family.addr_len() / 4;
+        let mut remember = Vec::new();
+        if let Some(timeout) = port.affinity_timeout {
+            ruleset.sets.push(SetSpec {
+                name: affinity_set(endpoint),
+                key_type: family.addr_type(),
+                key_len: family.addr_len(),
+                verdict_map: false,
+                timeout_ms: Some(u64::from(timeout) * 1000),
+            });
+            remember.push(vec![
+                family.saddr(REG32),
+                Expr::DynsetUpdate {
+                    set: affinity_set(endpoint),
+                    sreg: REG32,
+                },
+            ]);
+        }
         ruleset.chains.push(Chain {
             name: endpoint_chain(endpoint),
             hook: None,
-            rules: vec![
-                vec![
+            rules: [
+                vec![vec![
                     family.saddr(REG32),
                     Expr::Cmp {
                         sreg: REG32,
@@ -574,8 +623,9 @@ pub fn render_port(port: &ServicePort, config: &NftConfig) -> Fragment {
                         data: addr.clone(),
                     },
                     verdict(jump("mark-for-masquerade")),
-                ],
-                vec![
+                ]],
+                remember,
+                vec![vec![
                     Expr::Meta {
                         key: META_L4PROTO,
                         dreg: REG32,
@@ -600,8 +650,9 @@ pub fn render_port(port: &ServicePort, config: &NftConfig) -> Fragment {
                         addr_reg: REG32,
                         proto_reg: port_reg,
                     },
-                ],
-            ],
+                ]],
+            ]
+            .concat(),
         });
     }
     Fragment {
@@ -612,6 +663,7 @@ pub fn render_port(port: &ServicePort, config: &NftConfig) -> Fragment {
             no_endpoint_services,
             no_endpoint_nodeports,
         ],
+        sets: ruleset.sets,
     }
 }
 
@@ -627,6 +679,7 @@ pub fn assemble<'a>(
     let mut lists: [Vec<Element>; 4] = Default::default();
     for fragment in fragments {
         ruleset.chains.extend(fragment.chains.iter().cloned());
+        ruleset.sets.extend(fragment.sets.iter().cloned());
         for (i, elements) in fragment.elements.iter().enumerate() {
             for element in elements {
                 if seen[i].insert(element.key.as_slice()) {
@@ -658,6 +711,9 @@ impl Ruleset {
         for (spec, _) in &self.maps {
             batch.add_set(TABLE, spec);
         }
+        for spec in &self.sets {
+            batch.add_set(TABLE, spec);
+        }
         for chain in &self.chains {
             batch.add_chain(TABLE, &chain.name, chain.hook);
         }
@@ -682,6 +738,15 @@ impl Ruleset {
 pub fn update(old: &Ruleset, new: &Ruleset, family: u8) -> Batch {
     use std::collections::BTreeMap;
     let mut batch = Batch::new(family);
+    let old_sets: std::collections::BTreeSet<&str> =
+        old.sets.iter().map(|s| s.name.as_str()).collect();
+    let new_sets: std::collections::BTreeSet<&str> =
+        new.sets.iter().map(|s| s.name.as_str()).collect();
+    for spec in &new.sets {
+        if !old_sets.contains(spec.name.as_str()) {
+            batch.add_set(TABLE, spec);
+        }
+    }
     let old_chains: BTreeMap<&str, &Chain> =
         old.chains.iter().map(|c| (c.name.as_str(), c)).collect();
     let new_chains: BTreeMap<&str, &Chain> =
@@ -742,6 +807,9 @@ pub fn update(old: &Ruleset, new: &Ruleset, family: u8) -> Batch {
     }
     for chain in &removed {
         batch.del_chain(TABLE, &chain.name);
+    }
+    for name in old_sets.difference(&new_sets) {
+        batch.del_set(TABLE, name);
     }
     batch
 }

@@ -21,6 +21,7 @@ const NFT_MSG_DELCHAIN: u16 = 5;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_DELRULE: u16 = 8;
 const NFT_MSG_NEWSET: u16 = 9;
+const NFT_MSG_DELSET: u16 = 11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 const NFT_MSG_GETGEN: u16 = 16;
@@ -170,6 +171,13 @@ pub enum Expr {
     },
     /// A packet and byte counter.
     Counter,
+    /// Add `sreg` to a dynamic set, or refresh its timeout (`update @set { ... }`).
+    DynsetUpdate {
+        /// Set name.
+        set: String,
+        /// Key register.
+        sreg: u32,
+    },
 }
 
 fn attr(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
@@ -329,6 +337,14 @@ impl Expr {
                     }),
                 ),
                 Expr::Counter => ("counter", Box::new(|_| {})),
+                Expr::DynsetUpdate { set, sreg } => (
+                    "dynset",
+                    Box::new(move |d| {
+                        attr_str(d, 1, set);
+                        attr_u32(d, 3, 1 /* NFT_DYNSET_OP_UPDATE */);
+                        attr_u32(d, 4, *sreg);
+                    }),
+                ),
             };
             attr_str(e, 1 /* NFTA_EXPR_NAME */, name);
             nested(e, 2 /* NFTA_EXPR_DATA */, |d| fill(d));
@@ -347,6 +363,8 @@ pub struct SetSpec {
     pub key_len: u32,
     /// A verdict map (else a plain set).
     pub verdict_map: bool,
+    /// For dynamic sets whose elements expire: the timeout in milliseconds.
+    pub timeout_ms: Option<u64>,
 }
 
 /// An element: key bytes and, for verdict maps, its verdict.
@@ -504,6 +522,14 @@ impl Batch {
     /// Adds a named set or map.
     pub fn add_set(&mut self, table: &str, spec: &SetSpec) {
         let id = self.seq + 1;
+        let mut flags = if spec.verdict_map {
+            0x8 /* NFT_SET_MAP */
+        } else {
+            0
+        };
+        if spec.timeout_ms.is_some() {
+            flags |= 0x10 /* NFT_SET_TIMEOUT */ | 0x20 /* NFT_SET_EVAL */;
+        }
         self.message(
             NFT_MSG_NEWSET,
             NLM_F_CREATE,
@@ -511,21 +537,29 @@ impl Batch {
             |a| {
                 attr_str(a, 1, table);
                 attr_str(a, 2, &spec.name);
-                attr_u32(
-                    a,
-                    3,
-                    if spec.verdict_map {
-                        0x8 /* NFT_SET_MAP */
-                    } else {
-                        0
-                    },
-                );
+                attr_u32(a, 3, flags);
                 attr_u32(a, 4, spec.key_type);
                 attr_u32(a, 5, spec.key_len);
                 if spec.verdict_map {
                     attr_u32(a, 6, 0xffff_ff00 /* NFT_DATA_VERDICT */);
                 }
                 attr_u32(a, 10, id);
+                if let Some(timeout) = spec.timeout_ms {
+                    attr(a, 11 /* NFTA_SET_TIMEOUT */, &timeout.to_be_bytes());
+                }
+            },
+        );
+    }
+
+    /// Deletes an unreferenced set.
+    pub fn del_set(&mut self, table: &str, name: &str) {
+        self.message(
+            NFT_MSG_DELSET,
+            0,
+            format!("delete set {table} {name}"),
+            |a| {
+                attr_str(a, 1, table);
+                attr_str(a, 2, name);
             },
         );
     }
