@@ -46,6 +46,11 @@ pub struct IptablesConfig {
     pub masquerade_all: bool,
     /// Render for IPv6 (`ip6tables`): only IPv6 addresses are used.
     pub ipv6: bool,
+    /// `nodePortAddresses`: NodePorts answer only on local addresses inside these; empty means
+    /// every local address.
+    pub node_port_cidrs: Vec<ipnet::IpNet>,
+    /// The addresses chosen by `node_port_cidrs`, resolved at each sync (`None`: all local).
+    pub node_port_ips: Option<Vec<IpAddr>>,
 }
 
 /// The rules for one sync: the fixed top-level chains' rules and every per-service chain.
@@ -300,10 +305,21 @@ pub fn render(ports: &[ServicePort], config: &IptablesConfig) -> Rendered {
     }
 
     out.nat.extend(nodeport_rules);
-    out.nat.push(format!(
-        "-A KUBE-SERVICES -m comment --comment {} -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS",
-        quote("kubernetes service nodeports; NOTE: this must be the last rule in this chain")
-    ));
+    let last =
+        quote("kubernetes service nodeports; NOTE: this must be the last rule in this chain");
+    match &config.node_port_ips {
+        None => out.nat.push(format!(
+            "-A KUBE-SERVICES -m comment --comment {last} -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
+        )),
+        Some(ips) => {
+            for ip in ips.iter().filter(|ip| family(ip)) {
+                out.nat.push(format!(
+                    "-A KUBE-SERVICES -m comment --comment {last} -d {} -j KUBE-NODEPORTS",
+                    host(ip)
+                ));
+            }
+        }
+    }
     out.filter.extend(filter_services);
     out.filter.extend(filter_external);
     out.filter
@@ -702,6 +718,12 @@ impl Iptables {
     /// `iptables-save` (each separate `iptables -C` would read the whole table again).
     pub fn sync(&mut self, ports: &[ServicePort], full: bool) -> Result<SyncReport, IptablesError> {
         let full = full || self.chains.is_none();
+        if !self.config.node_port_cidrs.is_empty() {
+            self.config.node_port_ips = Some(crate::addresses::select(
+                &crate::addresses::local_addresses(),
+                &self.config.node_port_cidrs,
+            ));
+        }
         let rendered = render(ports, &self.config);
         let (previous, existing, jumps) = if full {
             let saved = self.run("-save", &[], None)?;
@@ -966,6 +988,35 @@ mod tests {
         assert!(
             missing_jumps(&applied).is_empty(),
             "once present, nothing is missing: {applied}"
+        );
+    }
+
+    #[test]
+    fn node_port_addresses_replace_the_local_address_type_match() {
+        let mut port = web();
+        port.node_port = Some(30080);
+        let config = IptablesConfig {
+            node_port_ips: Some(vec![
+                "192.168.50.1".parse().unwrap(),
+                "fd00::1".parse().unwrap(),
+            ]),
+            ..config()
+        };
+        let rendered = render(&[port], &config);
+        let last = rendered.nat.last().unwrap();
+        assert!(
+            last.ends_with("-d 192.168.50.1/32 -j KUBE-NODEPORTS"),
+            "{last}"
+        );
+        assert!(
+            !rendered
+                .nat
+                .iter()
+                .any(|r| r.contains("--dst-type LOCAL -j KUBE-NODEPORTS"))
+        );
+        assert!(
+            !rendered.nat.iter().any(|r| r.contains("fd00::1")),
+            "other family"
         );
     }
 

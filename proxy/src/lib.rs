@@ -7,6 +7,7 @@
 //! Built so far: the pure model ([`model`]), the iptables backend ([`iptables`]) and the
 //! watch-and-sync loop with health and metrics ([`run`]). nftables and IPVS are not built yet.
 
+pub mod addresses;
 pub mod backend;
 pub mod config;
 pub mod conntrack;

@@ -43,6 +43,10 @@ pub struct ProxyArgs {
     /// `/metrics` address.
     #[arg(long)]
     metrics_bind_address: Option<String>,
+    /// Accept NodePort traffic only on local addresses inside these CIDRs (comma-separated;
+    /// default: every local address).
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<String>,
     /// Remove every rule tug programmed, then exit.
     #[arg(long)]
     cleanup: bool,
@@ -87,11 +91,19 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         .find(|c| c.contains(':'))
         .map(str::to_owned);
     let masquerade_all = args.masquerade_all || file.iptables.masquerade_all;
+    let node_port_entries = if args.nodeport_addresses.is_empty() {
+        file.node_port_addresses.clone()
+    } else {
+        args.nodeport_addresses.clone()
+    };
+    let node_port_cidrs = tug_proxy::addresses::parse(&node_port_entries)?;
     let (ipv4_cidr_for_nft, ipv6_cidr_for_nft) = (ipv4_cidr.clone(), ipv6_cidr.clone());
     let iptables = IptablesConfig {
         cluster_cidr: ipv4_cidr,
         masquerade_all,
         ipv6: false,
+        node_port_cidrs: node_port_cidrs.clone(),
+        node_port_ips: None,
     };
     // IPv6 rules when the node has ip6tables (Debian's iptables package ships both).
     let v6_program = tug_proxy::iptables::ipv6_program(&args.iptables_program);
@@ -103,6 +115,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         cluster_cidr: ipv6_cidr,
         masquerade_all,
         ipv6: true,
+        node_port_cidrs: node_port_cidrs.clone(),
+        node_port_ips: None,
     });
     if !has_ip6tables {
         tracing::warn!(program = %v6_program, "no working ip6tables: IPv6 Services are not programmed");
@@ -112,6 +126,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             cluster_cidr: cidr,
             masquerade_all,
             ipv6,
+            node_port_cidrs: node_port_cidrs.clone(),
+            node_port_ips: None,
         })) as Box<dyn RuleBackend>
     };
     let ipt = |program: &str, config: IptablesConfig| {

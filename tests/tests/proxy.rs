@@ -292,8 +292,8 @@ fn iptables_mode_serves_a_dual_stack_service_over_ipv6() {
         tug_proxy::iptables::ipv6_program("iptables-nft"),
         IptablesConfig {
             cluster_cidr: Some("fd00:180::/64".into()),
-            masquerade_all: false,
             ipv6: true,
+            ..Default::default()
         },
     );
     lab.node.run(|| v4.sync(&ports, false)).expect("IPv4 sync");
@@ -649,4 +649,58 @@ fn nftables_mode_programs_services_over_netlink() {
         all.contains("table inet other-tool") && all.contains("tcp dport 9999 accept"),
         "{all}"
     );
+}
+
+#[test]
+#[ignore = "netns tier (root): run as root via ./scripts/test, or cargo test -p tug-tests --test proxy -- --ignored"]
+fn node_port_addresses_limit_where_node_ports_answer() {
+    use tug_proxy::backend::RuleBackend;
+    use tug_proxy::nftables::{NftConfig, Nftables};
+    require(Tier::Netns);
+    let cidrs = tug_proxy::addresses::parse(&["192.168.50.1/32".into()]).unwrap();
+    let both = ports(&[service(false)], &[slice(&[1, 2])]);
+    let backends: Vec<(&str, Box<dyn RuleBackend>)> = vec![
+        (
+            "iptables",
+            Box::new(Iptables::new(
+                "iptables-nft",
+                IptablesConfig {
+                    cluster_cidr: Some(CLUSTER_CIDR.into()),
+                    node_port_cidrs: cidrs.clone(),
+                    ..Default::default()
+                },
+            )),
+        ),
+        (
+            "nftables",
+            Box::new(Nftables::new(NftConfig {
+                cluster_cidr: Some(CLUSTER_CIDR.into()),
+                node_port_cidrs: cidrs.clone(),
+                ..Default::default()
+            })),
+        ),
+    ];
+    for (mode, mut backend) in backends {
+        let lab = ServiceLab::new(2, 8080, 8053);
+        // A second node address, outside nodePortAddresses.
+        lab.node
+            .ip(&["addr", "add", "192.168.50.3/24", "dev", "c0"]);
+        lab.node.run(|| backend.sync(&both, false)).expect("sync");
+        let allowed: SocketAddr = format!("{NODE_IP}:30080").parse().unwrap();
+        assert_eq!(
+            ServiceLab::tcp_hits(&lab.client, allowed, 10).len(),
+            2,
+            "{mode}: the NodePort answers on {NODE_IP}"
+        );
+        let other: SocketAddr = "192.168.50.3:30080".parse().unwrap();
+        assert!(
+            ServiceLab::tcp_once(&lab.client, other).is_err(),
+            "{mode}: not on an address outside nodePortAddresses"
+        );
+        let vip: SocketAddr = format!("{CLUSTER_IP}:80").parse().unwrap();
+        assert!(
+            ServiceLab::tcp_once(&lab.client, vip).is_ok(),
+            "{mode}: ClusterIPs are unaffected"
+        );
+    }
 }

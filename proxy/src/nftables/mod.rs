@@ -41,6 +41,11 @@ pub struct NftConfig {
     pub masquerade_all: bool,
     /// IPv6 (table `ip6 tug-proxy`).
     pub ipv6: bool,
+    /// `nodePortAddresses`: NodePorts answer only on local addresses inside these; empty means
+    /// every local address.
+    pub node_port_cidrs: Vec<ipnet::IpNet>,
+    /// The addresses chosen by `node_port_cidrs`, resolved at each sync (`None`: all local).
+    pub node_port_ips: Option<Vec<IpAddr>>,
 }
 
 /// A chain: name, base-chain hook (number, priority, type) and rules.
@@ -338,6 +343,33 @@ pub fn base(config: &NftConfig) -> Ruleset {
     };
     let (mark_for_masquerade, masquerading) = mark_rules();
     let mut ruleset = Ruleset::default();
+    // NodePorts: on every local address, or on the `nodePortAddresses` ones (set `nodeport-ips`).
+    let nodeport_rule = match &config.node_port_ips {
+        None => port_lookup("service-nodeports"),
+        Some(_) => vec![
+            family.daddr(REG32),
+            Expr::Lookup {
+                set: "nodeport-ips".into(),
+                sreg: REG32,
+                dreg: None,
+            },
+            Expr::Meta {
+                key: META_L4PROTO,
+                dreg: REG32,
+            },
+            Expr::Payload {
+                base: 2,
+                offset: 2,
+                len: 2,
+                dreg: REG32 + 1,
+            },
+            Expr::Lookup {
+                set: "service-nodeports".into(),
+                sreg: REG32,
+                dreg: Some(REG_VERDICT),
+            },
+        ],
+    };
     let base =
         |name: &str, hook: u32, priority: i32, kind: &'static str, rules: Vec<Vec<Expr>>| Chain {
             name: name.to_owned(),
@@ -390,7 +422,7 @@ pub fn base(config: &NftConfig) -> Ruleset {
         Chain {
             name: "services".into(),
             hook: None,
-            rules: vec![addr_lookup("service-ips"), port_lookup("service-nodeports")],
+            rules: vec![addr_lookup("service-ips"), nodeport_rule],
         },
         Chain {
             name: "masquerading".into(),
@@ -414,6 +446,26 @@ pub fn base(config: &NftConfig) -> Ruleset {
         (map("no-endpoint-services", true), Vec::new()),
         (map("no-endpoint-nodeports", false), Vec::new()),
     ];
+    if let Some(ips) = &config.node_port_ips {
+        let elements = ips
+            .iter()
+            .filter(|ip| ip.is_ipv6() == config.ipv6)
+            .map(|ip| Element {
+                key: ip_bytes(ip),
+                verdict: None,
+            })
+            .collect();
+        ruleset.maps.push((
+            SetSpec {
+                name: "nodeport-ips".into(),
+                key_type: family.addr_type(),
+                key_len: family.addr_len(),
+                verdict_map: false,
+                timeout_ms: None,
+            },
+            elements,
+        ));
+    }
     ruleset
 }
 
@@ -845,6 +897,16 @@ impl Nftables {
     /// what was programmed are rendered and compared, so one change costs the same whatever
     /// the number of Services. Returns (messages sent, per-service chains in place).
     pub fn sync(&mut self, ports: &[ServicePort], full: bool) -> Result<(usize, usize), NftError> {
+        let mut full = full;
+        if !self.config.node_port_cidrs.is_empty() {
+            let ips = Some(crate::addresses::select(
+                &crate::addresses::local_addresses(),
+                &self.config.node_port_cidrs,
+            ));
+            // The fixed part of the table changes with them: rewrite it all.
+            full |= ips != self.config.node_port_ips;
+            self.config.node_port_ips = ips;
+        }
         let mut previous = self.programmed.take();
         let incremental = previous.is_some() && !full;
         let mut next = BTreeMap::new();
