@@ -163,10 +163,104 @@ fn nftables_mode() {
     }
 }
 
+/// Median TCP connect time from the lab's client to `vip` over `count` connections.
+fn connect_p50(
+    lab: &tug_tests::services::ServiceLab,
+    vip: std::net::SocketAddr,
+    count: usize,
+) -> Duration {
+    let mut samples: Vec<Duration> = lab.client.run(|| {
+        (0..count)
+            .map(|_| {
+                let began = Instant::now();
+                let stream =
+                    std::net::TcpStream::connect(vip).expect("connect through the ClusterIP");
+                let elapsed = began.elapsed();
+                drop(stream);
+                elapsed
+            })
+            .collect()
+    });
+    tug_tests::measure::percentile(&mut samples, 0.5)
+}
+
+/// First-packet cost: connect latency through one ClusterIP with no other Service, and with
+/// 30,000 other Services programmed, per mode.
+fn first_packet() {
+    use tug_proxy::backend::RuleBackend;
+    use tug_proxy::nftables::{NftConfig, Nftables};
+    let probe = {
+        let endpoint = |n: u8| Endpoint {
+            ip: IpAddr::V4(Ipv4Addr::new(10, 180, 0, n)),
+            port: 8080,
+            local: false,
+        };
+        let endpoints = vec![endpoint(1), endpoint(2)];
+        ServicePort {
+            name: "bench/probe:http".into(),
+            protocol: Protocol::Tcp,
+            cluster_ips: vec![IpAddr::V4(Ipv4Addr::new(172, 30, 0, 41))],
+            port: 80,
+            node_port: None,
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            affinity_timeout: None,
+            cluster_endpoints: endpoints.clone(),
+            external_endpoints: endpoints,
+            health_check_node_port: None,
+            external_policy_local: false,
+        }
+    };
+    let vip: std::net::SocketAddr = "172.30.0.41:80".parse().unwrap();
+    println!("first packet: TCP connect p50 through one ClusterIP (2000 connections)");
+    println!(
+        "{:<22} {:>14} {:>18} {:>12}",
+        "mode", "alone", "with 30k others", "overhead"
+    );
+    let modes: Vec<(&str, Box<dyn Fn() -> Box<dyn RuleBackend>>)> = vec![
+        (
+            "nftables",
+            Box::new(|| {
+                Box::new(Nftables::new(NftConfig {
+                    cluster_cidr: Some("10.0.0.0/8".into()),
+                    ..Default::default()
+                }))
+            }),
+        ),
+        (
+            "iptables (legacy)",
+            Box::new(|| Box::new(Iptables::new("iptables-legacy", config()))),
+        ),
+    ];
+    for (mode, make) in modes {
+        let mut figures = Vec::new();
+        for others in [0, 30_000] {
+            let lab = tug_tests::services::ServiceLab::new(2, 8080, 8053);
+            let mut ports = services(others);
+            ports.push(probe.clone());
+            let mut backend = make();
+            lab.node
+                .run(|| backend.sync(&ports, true))
+                .expect("program the rules");
+            connect_p50(&lab, vip, 50); // warm up
+            figures.push(connect_p50(&lab, vip, 2000));
+        }
+        let overhead = figures[1].as_secs_f64() - figures[0].as_secs_f64();
+        println!(
+            "{:<22} {:>14.1?} {:>18.1?} {:>10.1} µs",
+            mode,
+            figures[0],
+            figures[1],
+            overhead * 1e6
+        );
+    }
+}
+
 fn main() {
-    if std::env::var("TUG_BENCH_MODE").as_deref() == Ok("nftables") {
-        nftables_mode();
-        return;
+    match std::env::var("TUG_BENCH_MODE").as_deref() {
+        Ok("nftables") => return nftables_mode(),
+        Ok("first-packet") => return first_packet(),
+        _ => {}
     }
     let base = std::env::var("TUG_BENCH_IPTABLES").unwrap_or_else(|_| "iptables-nft".into());
     println!("iptables mode ({base}): Services x 2 endpoints");
