@@ -184,10 +184,12 @@ fn connect_p50(
     tug_tests::measure::percentile(&mut samples, 0.5)
 }
 
+/// Builds a fresh backend.
+type MakeBackend = Box<dyn Fn() -> Box<dyn tug_proxy::backend::RuleBackend>>;
+
 /// First-packet cost: connect latency through one ClusterIP with no other Service, and with
 /// 30,000 other Services programmed, per mode.
 fn first_packet() {
-    use tug_proxy::backend::RuleBackend;
     use tug_proxy::nftables::{NftConfig, Nftables};
     let probe = {
         let endpoint = |n: u8| Endpoint {
@@ -217,7 +219,7 @@ fn first_packet() {
         "{:<22} {:>14} {:>18} {:>12}",
         "mode", "alone", "with 30k others", "overhead"
     );
-    let modes: Vec<(&str, Box<dyn Fn() -> Box<dyn RuleBackend>>)> = vec![
+    let modes: Vec<(&str, MakeBackend)> = vec![
         (
             "nftables",
             Box::new(|| {
