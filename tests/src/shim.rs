@@ -102,6 +102,11 @@ impl TugShim {
         Cri::connect(&self.socket).await
     }
 
+    /// The CNI configuration directory the shim reads.
+    pub fn cni_conf_dir(&self) -> &Path {
+        self._dirs[0].path()
+    }
+
     /// tug-cni's IPAM directory for network `tug`.
     pub fn ipam_dir(&self) -> PathBuf {
         self.ipam.path().join("tug")

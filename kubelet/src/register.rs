@@ -1,0 +1,219 @@
+//! Registering the Node and keeping it alive: create the Node (or adopt the existing one), renew
+//! the node Lease in `kube-node-lease` every 10 s (duration 40 s, owned by the Node), and
+//! recompute the status every 10 s, writing it when it changed or every 5 minutes (upstream's
+//! `nodeStatusUpdateFrequency`/`nodeStatusReportFrequency`). While the API is unreachable the
+//! loop keeps trying; nothing on the node is affected.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::{Node, NodeCondition};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference, Time};
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+
+use crate::node::{self, NodeIdentity};
+use crate::runtime::Cri;
+
+/// Lease duration (upstream's `nodeLeaseDurationSeconds`).
+pub const LEASE_SECONDS: i32 = 40;
+/// How often the Lease is renewed and the status recomputed.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+/// How often the status is written even when unchanged.
+pub const REPORT: Duration = Duration::from_secs(300);
+
+/// What the node agent needs.
+#[derive(Debug, Clone)]
+pub struct NodeAgentConfig {
+    /// How the node presents itself.
+    pub identity: NodeIdentity,
+    /// The kubelet's root dir (its filesystem is the node's ephemeral storage).
+    pub root_dir: PathBuf,
+    /// How often to renew and recompute (10 s; shorter in tests).
+    pub heartbeat: Duration,
+}
+
+fn now() -> jiff::Timestamp {
+    jiff::Timestamp::now()
+}
+
+/// Creates the Node, or adopts the one that exists (as upstream's `tryRegisterWithAPIServer`):
+/// its labels are brought up to date.
+pub async fn register(nodes: &Api<Node>, desired: &Node) -> Result<Node, kube::Error> {
+    match nodes.create(&PostParams::default(), desired).await {
+        Ok(node) => Ok(node),
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            let name = desired.metadata.name.clone().unwrap_or_default();
+            let labels = serde_json::json!({"metadata": {"labels": desired.metadata.labels}});
+            nodes
+                .patch(&name, &PatchParams::default(), &Patch::Merge(labels))
+                .await
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// Renews (or creates) the node's Lease.
+pub async fn renew_lease(leases: &Api<Lease>, node: &Node) -> Result<(), kube::Error> {
+    let name = node.metadata.name.clone().unwrap_or_default();
+    let spec = LeaseSpec {
+        holder_identity: Some(name.clone()),
+        lease_duration_seconds: Some(LEASE_SECONDS),
+        renew_time: Some(MicroTime(now())),
+        ..Default::default()
+    };
+    match leases.get_opt(&name).await? {
+        Some(mut lease) => {
+            lease.spec = Some(spec);
+            leases
+                .replace(&name, &PostParams::default(), &lease)
+                .await
+                .map(|_| ())
+        }
+        None => {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    namespace: Some("kube-node-lease".into()),
+                    owner_references: node.metadata.uid.clone().map(|uid| {
+                        vec![OwnerReference {
+                            api_version: "v1".into(),
+                            kind: "Node".into(),
+                            name: name.clone(),
+                            uid,
+                            ..Default::default()
+                        }]
+                    }),
+                    ..Default::default()
+                },
+                spec: Some(spec),
+            };
+            leases
+                .create(&PostParams::default(), &lease)
+                .await
+                .map(|_| ())
+        }
+    }
+}
+
+/// Whether two condition lists differ in anything but heartbeat times.
+fn conditions_changed(a: &[NodeCondition], b: &[NodeCondition]) -> bool {
+    let key = |c: &NodeCondition| {
+        (
+            c.type_.clone(),
+            c.status.clone(),
+            c.reason.clone(),
+            c.message.clone(),
+        )
+    };
+    a.len() != b.len() || a.iter().zip(b).any(|(x, y)| key(x) != key(y))
+}
+
+/// Registers the node and keeps its Lease and status up to date until `shutdown`.
+pub async fn run(
+    config: NodeAgentConfig,
+    client: kube::Client,
+    mut cri: Cri,
+    shutdown: impl Future<Output = ()>,
+) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let leases: Api<Lease> = Api::namespaced(client, "kube-node-lease");
+    let name = config.identity.name.clone();
+    tokio::pin!(shutdown);
+    let mut registered: Option<Node> = None;
+    let mut reported: Option<(Instant, serde_json::Value)> = None;
+    let mut conditions: Vec<NodeCondition> = Vec::new();
+    let mut ticker = tokio::time::interval(config.heartbeat);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            _ = ticker.tick() => {}
+        }
+        let host = node::read_host(&config.root_dir);
+        let node = match &registered {
+            Some(node) => node.clone(),
+            None => match register(&nodes, &node::desired(&config.identity, &host)).await {
+                Ok(node) => {
+                    tracing::info!(node = %name, "node registered");
+                    registered = Some(node.clone());
+                    node
+                }
+                Err(error) => {
+                    tracing::warn!(node = %name, %error, "registering the node failed; retrying");
+                    continue;
+                }
+            },
+        };
+        if let Err(error) = renew_lease(&leases, &node).await {
+            tracing::warn!(node = %name, %error, "renewing the node lease failed; retrying");
+        }
+        let health = cri.health().await;
+        let next = node::conditions(&host, &health, &conditions, &Time(now()));
+        let status = node::status(&config.identity, &host, &health, next.clone());
+        let mut comparable = serde_json::to_value(&status).unwrap_or_default();
+        if let Some(list) = comparable.get_mut("conditions") {
+            *list = serde_json::Value::Null;
+        }
+        let due = match &reported {
+            None => true,
+            Some((at, last)) => {
+                at.elapsed() >= REPORT
+                    || *last != comparable
+                    || conditions_changed(&conditions, &next)
+            }
+        };
+        if !due {
+            continue;
+        }
+        let patch = serde_json::json!({"status": status});
+        match nodes
+            .patch_status(&name, &PatchParams::default(), &Patch::Strategic(patch))
+            .await
+        {
+            Ok(_) => {
+                if conditions_changed(&conditions, &next) {
+                    let ready = next.iter().find(|c| c.type_ == "Ready");
+                    tracing::info!(node = %name, ready = ?ready.map(|c| &c.status), reason = ?ready.and_then(|c| c.message.clone()), "node status changed");
+                }
+                conditions = next;
+                reported = Some((Instant::now(), comparable));
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 => {
+                tracing::warn!(node = %name, "the Node was deleted; registering again");
+                registered = None;
+                reported = None;
+            }
+            Err(error) => {
+                tracing::warn!(node = %name, %error, "writing the node status failed; retrying")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_alone_are_not_a_change() {
+        let make = |status: &str, beat: &str| NodeCondition {
+            type_: "Ready".into(),
+            status: status.into(),
+            reason: Some("KubeletReady".into()),
+            message: Some("ok".into()),
+            last_heartbeat_time: Some(Time(beat.parse().unwrap())),
+            last_transition_time: None,
+        };
+        let a = [make("True", "2026-01-01T00:00:00Z")];
+        assert!(!conditions_changed(
+            &a,
+            &[make("True", "2026-01-01T00:00:10Z")]
+        ));
+        assert!(conditions_changed(
+            &a,
+            &[make("False", "2026-01-01T00:00:10Z")]
+        ));
+    }
+}
