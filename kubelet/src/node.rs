@@ -312,10 +312,7 @@ pub fn read_host(root: &std::path::Path) -> Host {
         .or_else(|_| nix::sys::statvfs::statvfs("/"))
         .map(|s| {
             let block = s.fragment_size();
-            (
-                s.blocks() * block,
-                s.blocks_available() * block,
-            )
+            (s.blocks() * block, s.blocks_available() * block)
         })
         .unwrap_or((0, 0));
     let os_release = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
