@@ -472,22 +472,8 @@ fn oci_spec(
     env: &[String],
     netns: Option<&Path>,
 ) -> serde_json::Value {
-    let caps = [
-        "CAP_CHOWN",
-        "CAP_DAC_OVERRIDE",
-        "CAP_FSETID",
-        "CAP_FOWNER",
-        "CAP_MKNOD",
-        "CAP_NET_RAW",
-        "CAP_SETGID",
-        "CAP_SETUID",
-        "CAP_SETFCAP",
-        "CAP_SETPCAP",
-        "CAP_NET_BIND_SERVICE",
-        "CAP_SYS_CHROOT",
-        "CAP_KILL",
-        "CAP_AUDIT_WRITE",
-    ];
+    // The CRI default set, as the shim grants it.
+    let caps = tug_runtime_shim::spec::DEFAULT_CAPABILITIES;
     let network = match netns {
         Some(path) => serde_json::json!({"type": "network", "path": path}),
         None => serde_json::json!({"type": "network"}),

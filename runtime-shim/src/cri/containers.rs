@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use containerd_client::events::{TaskExit, TaskOom};
 use containerd_client::services::v1::container::Runtime as CdRuntime;
-use containerd_client::services::v1::containers_client::ContainersClient;
 use containerd_client::services::v1::events_client::EventsClient;
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use containerd_client::services::v1::snapshots::{
@@ -23,10 +22,8 @@ use containerd_client::services::v1::snapshots::{
 };
 use containerd_client::services::v1::tasks_client::TasksClient;
 use containerd_client::services::v1::{
-    Container as CdContainer, CreateContainerRequest as CdCreate, CreateTaskRequest,
-    DeleteContainerRequest, DeleteTaskRequest, GetContainerRequest, GetRequest, KillRequest,
-    ListContainersRequest as CdList, StartRequest, SubscribeRequest, UpdateContainerRequest,
-    UpdateTaskRequest, WaitRequest,
+    Container as CdContainer, CreateTaskRequest, DeleteTaskRequest, GetRequest, KillRequest,
+    StartRequest, SubscribeRequest, UpdateTaskRequest, WaitRequest,
 };
 use containerd_client::types::Mount as CdMount;
 use containerd_client::types::v1::Status as TaskStatus;
@@ -36,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tonic::Status;
 
+use super::records::{self, ignore_not_found};
 use super::runtime::{Runtime, now_nanos};
 use crate::image::pull::SNAPSHOTTER;
 use crate::spec::{self, ProcessUser, SPEC_TYPE_URL, SpecInput};
@@ -111,13 +109,6 @@ use k8s_cri::v1::ContainerState as ContainerState_;
 
 fn containerd_error(what: String) -> impl FnOnce(Status) -> Status {
     move |status| Status::new(status.code(), format!("{what}: {}", status.message()))
-}
-
-fn ignore_not_found(result: Result<(), Status>) -> Result<(), Status> {
-    match result {
-        Err(status) if status.code() == tonic::Code::NotFound => Ok(()),
-        other => other,
-    }
 }
 
 /// `binary://` stdio for containerd's runc shim: it runs `<logger> shim-logger <path>`.
@@ -304,22 +295,9 @@ impl Runtime {
     }
 
     pub(super) async fn load_container(&self, id: &str) -> Result<Option<Container>, Status> {
-        let mut client = ContainersClient::new(self.inner.containerd.channel());
-        match client
-            .get(
-                self.inner
-                    .containerd
-                    .request(GetContainerRequest { id: id.to_owned() }, None),
-            )
-            .await
-        {
-            Ok(response) => Ok(response
-                .into_inner()
-                .container
-                .and_then(Self::decode_container)),
-            Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
-            Err(status) => Err(status),
-        }
+        Ok(records::get(&self.inner.containerd, id)
+            .await?
+            .and_then(Self::decode_container))
     }
 
     /// The container `id` names: exactly, or by a unique ID prefix as crictl allows.
@@ -346,21 +324,16 @@ impl Runtime {
     }
 
     async fn save_container(&self, container: &Container) -> Result<(), Status> {
-        let mut client = ContainersClient::new(self.inner.containerd.channel());
-        let update = UpdateContainerRequest {
-            container: Some(self.container_record(container)),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["labels".into(), "extensions".into(), "spec".into()],
-            }),
-        };
-        client
-            .update(self.inner.containerd.request(update, None))
-            .await
-            .map(|_| ())
-            .map_err(containerd_error(format!(
-                "update container {}",
-                container.id
-            )))
+        records::update(
+            &self.inner.containerd,
+            self.container_record(container),
+            &["labels", "extensions", "spec"],
+        )
+        .await
+        .map_err(containerd_error(format!(
+            "update container {}",
+            container.id
+        )))
     }
 
     pub(super) async fn all_containers(&self) -> Result<Vec<Container>, Status> {
@@ -376,18 +349,8 @@ impl Runtime {
     }
 
     async fn list_records(&self, filter: String) -> Result<Vec<Container>, Status> {
-        let mut client = ContainersClient::new(self.inner.containerd.channel());
-        let records = client
-            .list(self.inner.containerd.request(
-                CdList {
-                    filters: vec![filter],
-                },
-                None,
-            ))
+        Ok(records::list(&self.inner.containerd, filter)
             .await?
-            .into_inner()
-            .containers;
-        Ok(records
             .into_iter()
             .filter_map(Self::decode_container)
             .collect())
@@ -589,14 +552,7 @@ impl Runtime {
             config,
             spec,
         };
-        let mut containers = ContainersClient::new(self.inner.containerd.channel());
-        containers
-            .create(self.inner.containerd.request(
-                CdCreate {
-                    container: Some(self.container_record(&container)),
-                },
-                None,
-            ))
+        records::create(&self.inner.containerd, self.container_record(&container))
             .await
             .map_err(containerd_error(format!("create container {name:?}")))?;
         let mut snapshots = SnapshotsClient::new(self.inner.containerd.channel());
@@ -612,13 +568,7 @@ impl Runtime {
             ))
             .await
         {
-            let _ = containers
-                .delete(
-                    self.inner
-                        .containerd
-                        .request(DeleteContainerRequest { id: id.clone() }, None),
-                )
-                .await;
+            let _ = records::delete(&self.inner.containerd, &id).await;
             return Err(containerd_error(format!(
                 "prepare the rootfs of container {name:?} from {}",
                 image.chain_id
@@ -892,22 +842,12 @@ impl Runtime {
                 None,
             ))
             .await;
-        let mut containers = ContainersClient::new(self.inner.containerd.channel());
-        ignore_not_found(
-            containers
-                .delete(self.inner.containerd.request(
-                    DeleteContainerRequest {
-                        id: container.id.clone(),
-                    },
-                    None,
-                ))
-                .await
-                .map(|_| ()),
-        )
-        .map_err(containerd_error(format!(
-            "delete container {}",
-            container.id
-        )))?;
+        records::delete(&self.inner.containerd, &container.id)
+            .await
+            .map_err(containerd_error(format!(
+                "delete container {}",
+                container.id
+            )))?;
         let mut snapshots = SnapshotsClient::new(self.inner.containerd.channel());
         ignore_not_found(
             snapshots

@@ -3,5 +3,6 @@
 pub mod containers;
 pub mod exec;
 pub mod images;
+mod records;
 pub mod runtime;
 pub mod stats;

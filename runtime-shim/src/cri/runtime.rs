@@ -10,12 +10,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use containerd_client::services::v1::Container as CdContainer;
 use containerd_client::services::v1::container::Runtime as CdRuntime;
-use containerd_client::services::v1::containers_client::ContainersClient;
-use containerd_client::services::v1::{
-    Container as CdContainer, CreateContainerRequest as CdCreate, DeleteContainerRequest,
-    GetContainerRequest, ListContainersRequest as CdList, UpdateContainerRequest as CdUpdate,
-};
 use k8s_cri::v1::runtime_service_server::RuntimeService;
 use k8s_cri::v1::*;
 use prost::Message;
@@ -24,9 +20,11 @@ use tonic::{Request, Response, Status};
 
 use super::containers::{EventStream, cri_status};
 use super::images::Images;
+use super::records;
 use crate::image::pull::Containerd;
 use crate::netns;
 use crate::network::{Attachment, Cni, NetworkError, result_ips};
+use crate::spec::SPEC_TYPE_URL;
 
 const KIND_LABEL: &str = "tug.io/kind";
 const STATE_LABEL: &str = "tug.io/sandbox-state";
@@ -222,7 +220,7 @@ impl Runtime {
                 options: None,
             }),
             spec: Some(prost_types::Any {
-                type_url: "types.containerd.io/opencontainers/runtime-spec/1/Spec".into(),
+                type_url: SPEC_TYPE_URL.into(),
                 value: b"{}".to_vec(),
             }),
             extensions,
@@ -246,19 +244,9 @@ impl Runtime {
     }
 
     pub(super) async fn load(&self, id: &str) -> Result<Option<Sandbox>, Status> {
-        let mut client = ContainersClient::new(self.inner.containerd.channel());
-        match client
-            .get(
-                self.inner
-                    .containerd
-                    .request(GetContainerRequest { id: id.to_owned() }, None),
-            )
-            .await
-        {
-            Ok(response) => Ok(response.into_inner().container.and_then(Self::decode)),
-            Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
-            Err(status) => Err(status),
-        }
+        Ok(records::get(&self.inner.containerd, id)
+            .await?
+            .and_then(Self::decode))
     }
 
     pub(super) async fn require(&self, id: &str) -> Result<Sandbox, Status> {
@@ -271,33 +259,21 @@ impl Runtime {
     }
 
     async fn save(&self, sandbox: &Sandbox) -> Result<(), Status> {
-        let mut client = ContainersClient::new(self.inner.containerd.channel());
-        let update = CdUpdate {
-            container: Some(self.record(sandbox)),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["labels".into(), "extensions".into()],
-            }),
-        };
-        client
-            .update(self.inner.containerd.request(update, None))
-            .await
-            .map(|_| ())
+        records::update(
+            &self.inner.containerd,
+            self.record(sandbox),
+            &["labels", "extensions"],
+        )
+        .await
     }
 
     pub(super) async fn all(&self) -> Result<Vec<Sandbox>, Status> {
-        let mut client = ContainersClient::new(self.inner.containerd.channel());
         let filter = format!("labels.\"{KIND_LABEL}\"==sandbox");
-        let records = client
-            .list(self.inner.containerd.request(
-                CdList {
-                    filters: vec![filter],
-                },
-                None,
-            ))
+        Ok(records::list(&self.inner.containerd, filter)
             .await?
-            .into_inner()
-            .containers;
-        Ok(records.into_iter().filter_map(Self::decode).collect())
+            .into_iter()
+            .filter_map(Self::decode)
+            .collect())
     }
 
     fn attachment(sandbox: &Sandbox, netns: &std::path::Path) -> Attachment {
@@ -390,15 +366,7 @@ impl RuntimeService for Runtime {
         &self,
         _request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        let mut client = ContainersClient::new(self.inner.containerd.channel());
-        let runtime = client
-            .list(self.inner.containerd.request(
-                CdList {
-                    filters: vec![format!("labels.\"{KIND_LABEL}\"==sandbox")],
-                },
-                None,
-            ))
-            .await;
+        let runtime = self.all().await;
         let network = self.inner.cni.load();
         let conditions = vec![
             RuntimeCondition {
@@ -478,17 +446,8 @@ impl RuntimeService for Runtime {
                 }
             }
         }
-        let mut client = ContainersClient::new(self.inner.containerd.channel());
         let created = match self.write_sandbox_files(&sandbox) {
-            Ok(()) => client
-                .create(self.inner.containerd.request(
-                    CdCreate {
-                        container: Some(self.record(&sandbox)),
-                    },
-                    None,
-                ))
-                .await
-                .map(|_| ()),
+            Ok(()) => records::create(&self.inner.containerd, self.record(&sandbox)).await,
             Err(status) => Err(status),
         };
         if let Err(status) = created {
@@ -548,19 +507,7 @@ impl RuntimeService for Runtime {
         if let Some(netns) = &sandbox.state.netns {
             netns::remove(netns).map_err(|e| Status::internal(e.to_string()))?;
         }
-        let mut client = ContainersClient::new(self.inner.containerd.channel());
-        match client
-            .delete(
-                self.inner
-                    .containerd
-                    .request(DeleteContainerRequest { id: id.clone() }, None),
-            )
-            .await
-        {
-            Ok(_) => {}
-            Err(status) if status.code() == tonic::Code::NotFound => {}
-            Err(status) => return Err(status),
-        }
+        records::delete(&self.inner.containerd, &id).await?;
         Ok(Response::new(RemovePodSandboxResponse {}))
     }
 
