@@ -8,22 +8,17 @@
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 
-use nix::sys::socket::{
-    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, send,
-    socket,
-};
+use nix::sys::socket::{MsgFlags, recv, send};
 
 use crate::model::{Protocol, ServicePort};
+use crate::nfnetlink::{
+    self, NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, attr as push_attr,
+};
 
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_GET: u16 = 1;
 const IPCTNL_MSG_CT_DELETE: u16 = 2;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLA_F_NESTED: u16 = 0x8000;
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_TUPLE_IP: u16 = 1;
@@ -123,16 +118,6 @@ pub fn stale_udp(before: &[ServicePort], after: &[ServicePort]) -> Vec<Stale> {
     stale.sort();
     stale.dedup();
     stale
-}
-
-fn push_attr(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
-    let len = 4 + payload.len();
-    out.extend_from_slice(&(len as u16).to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(payload);
-    while !out.len().is_multiple_of(4) {
-        out.push(0);
-    }
 }
 
 fn message(kind: u16, flags: u16, seq: u32, family: u8, attrs: &[u8]) -> Vec<u8> {
@@ -252,22 +237,6 @@ fn tuple(payload: &[u8]) -> Option<(IpAddr, IpAddr, u8, u16, u16)> {
     Some((src?, dst?, proto?, sport, dport))
 }
 
-/// Netlink messages in `buf`: (type, payload after the header). Stops at a truncated message.
-fn messages(mut buf: &[u8]) -> Vec<(u16, &[u8])> {
-    let mut out = Vec::new();
-    while buf.len() >= 16 {
-        let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-        let kind = u16::from_ne_bytes([buf[4], buf[5]]);
-        if len < 16 || len > buf.len() {
-            break;
-        }
-        out.push((kind, &buf[16..len]));
-        let padded = len.div_ceil(4) * 4;
-        buf = &buf[padded.min(buf.len())..];
-    }
-    out
-}
-
 /// The flows in one conntrack message's payload (nfgenmsg + attributes).
 pub fn parse_flow(payload: &[u8]) -> Option<Flow> {
     let body = payload.get(4..)?;
@@ -308,14 +277,7 @@ pub fn clear(stale: &[Stale]) -> Result<usize, ConntrackError> {
     if stale.is_empty() {
         return Ok(0);
     }
-    let fd = socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkNetFilter,
-    )
-    .map_err(fail("open socket"))?;
-    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).map_err(fail("bind"))?;
+    let fd = nfnetlink::socket().map_err(fail("open socket"))?;
     let mut flows = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     let families: std::collections::BTreeSet<u8> =
@@ -330,13 +292,11 @@ pub fn clear(stale: &[Stale]) -> Result<usize, ConntrackError> {
         'dump: loop {
             let n =
                 recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(fail("receive dump"))?;
-            for (kind, payload) in messages(&buf[..n]) {
-                match kind {
+            for message in nfnetlink::messages(&buf[..n]) {
+                match message.kind {
                     NLMSG_DONE => break 'dump,
                     NLMSG_ERROR => {
-                        let code = payload
-                            .get(..4)
-                            .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                        let code = message.error_code();
                         if code != 0 {
                             return Err(ConntrackError {
                                 what: "dump",
@@ -346,7 +306,7 @@ pub fn clear(stale: &[Stale]) -> Result<usize, ConntrackError> {
                         break 'dump;
                     }
                     _ => {
-                        if let Some(flow) = parse_flow(payload)
+                        if let Some(flow) = parse_flow(message.payload)
                             && stale.iter().any(|s| s.matches(&flow))
                         {
                             flows.push(flow);
@@ -365,11 +325,9 @@ pub fn clear(stale: &[Stale]) -> Result<usize, ConntrackError> {
         )
         .map_err(fail("send delete"))?;
         let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(fail("receive ack"))?;
-        for (kind, payload) in messages(&buf[..n]) {
-            if kind == NLMSG_ERROR {
-                let code = payload
-                    .get(..4)
-                    .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+        for message in nfnetlink::messages(&buf[..n]) {
+            if message.kind == NLMSG_ERROR {
+                let code = message.error_code();
                 // Gone already (expired meanwhile) is fine.
                 if code == 0 || code == -(nix::libc::ENOENT) {
                     deleted += usize::from(code == 0);
@@ -455,14 +413,14 @@ mod tests {
             reply_src: "192.168.50.2".parse().unwrap(),
         };
         let request = encode_delete(&flow, 7);
-        let parsed = messages(&request);
+        let parsed = nfnetlink::messages(&request);
         assert_eq!(parsed.len(), 1);
         assert_eq!(
-            parsed[0].0,
+            parsed[0].kind,
             (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
         );
         // The request carries only the original tuple; parse it back as a tuple.
-        let body = &parsed[0].1[4..];
+        let body = &parsed[0].payload[4..];
         let (kind, orig) = attrs(body)[0];
         assert_eq!(kind, CTA_TUPLE_ORIG);
         assert_eq!(

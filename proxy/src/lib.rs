@@ -14,5 +14,6 @@ pub mod conntrack;
 pub mod healthcheck;
 pub mod iptables;
 pub mod model;
+pub mod nfnetlink;
 pub mod nftables;
 pub mod run;

@@ -6,10 +6,9 @@
 
 use std::os::fd::AsRawFd;
 
-use nix::sys::socket::{
-    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, send,
-    setsockopt, socket, sockopt,
-};
+use nix::sys::socket::{MsgFlags, recv, send, setsockopt, sockopt};
+
+use crate::nfnetlink::{self, NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, attr};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
@@ -25,12 +24,8 @@ const NFT_MSG_DELSET: u16 = 11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 const NFT_MSG_GETGEN: u16 = 16;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_APPEND: u16 = 0x800;
-const NLMSG_ERROR: u16 = 2;
-const NLA_F_NESTED: u16 = 0x8000;
 
 /// `NFPROTO_IPV4`.
 pub const FAMILY_IPV4: u8 = 2;
@@ -178,15 +173,6 @@ pub enum Expr {
         /// Key register.
         sreg: u32,
     },
-}
-
-fn attr(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
-    out.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(payload);
-    while !out.len().is_multiple_of(4) {
-        out.push(0);
-    }
 }
 
 fn attr_str(out: &mut Vec<u8>, kind: u16, text: &str) {
@@ -655,14 +641,7 @@ fn fail(what: &'static str) -> impl FnOnce(nix::Error) -> NftError {
 /// outcome.
 pub fn apply(batch: Batch) -> Result<(), NftError> {
     let (bytes, labels) = batch.finish();
-    let fd = socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkNetFilter,
-    )
-    .map_err(fail("open socket"))?;
-    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).map_err(fail("bind"))?;
+    let fd = nfnetlink::socket().map_err(fail("open socket"))?;
     // The whole batch goes in one datagram.
     let size = bytes.len().max(1 << 20);
     setsockopt(&fd, sockopt::SndBufForce, &size).map_err(fail("size the send buffer"))?;
@@ -682,37 +661,27 @@ pub fn apply(batch: Batch) -> Result<(), NftError> {
     let mut first_error: Option<NftError> = None;
     loop {
         let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(fail("receive"))?;
-        let mut rest = &buf[..n];
-        while rest.len() >= 16 {
-            let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-            let kind = u16::from_ne_bytes([rest[4], rest[5]]);
-            let seq = u32::from_ne_bytes([rest[8], rest[9], rest[10], rest[11]]);
-            if len < 16 || len > rest.len() {
-                break;
+        for message in nfnetlink::messages(&buf[..n]) {
+            if message.kind != NLMSG_ERROR {
+                continue;
             }
-            if kind == NLMSG_ERROR && len >= 20 {
-                let code = i32::from_ne_bytes([rest[16], rest[17], rest[18], rest[19]]);
-                if code != 0 && first_error.is_none() {
-                    let message = labels
-                        .iter()
-                        .find(|(s, _)| *s == seq)
-                        .map(|(_, l)| l.clone())
-                        .unwrap_or_else(|| format!("message {seq}"));
-                    first_error = Some(NftError::Refused {
-                        message,
-                        errno: nix::Error::from_raw(-code),
-                    });
-                }
-                if seq == getgen_seq {
-                    return match first_error {
-                        Some(error) => Err(error),
-                        None => Ok(()),
-                    };
-                }
+            let code = message.error_code();
+            if code != 0 && first_error.is_none() {
+                let label = labels
+                    .iter()
+                    .find(|(s, _)| *s == message.seq)
+                    .map(|(_, l)| l.clone())
+                    .unwrap_or_else(|| format!("message {}", message.seq));
+                first_error = Some(NftError::Refused {
+                    message: label,
+                    errno: nix::Error::from_raw(-code),
+                });
             }
-            rest = &rest[len.div_ceil(4) * 4..];
-            if rest.len() < 16 {
-                break;
+            if message.seq == getgen_seq {
+                return match first_error {
+                    Some(error) => Err(error),
+                    None => Ok(()),
+                };
             }
         }
     }
@@ -723,18 +692,10 @@ mod tests {
     use super::*;
 
     fn messages(buf: &[u8]) -> Vec<(u16, u16, u32)> {
-        let mut out = Vec::new();
-        let mut rest = buf;
-        while rest.len() >= 16 {
-            let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-            out.push((
-                u16::from_ne_bytes([rest[4], rest[5]]),
-                u16::from_ne_bytes([rest[6], rest[7]]),
-                u32::from_ne_bytes([rest[8], rest[9], rest[10], rest[11]]),
-            ));
-            rest = &rest[len.div_ceil(4) * 4..];
-        }
-        out
+        nfnetlink::messages(buf)
+            .iter()
+            .map(|m| (m.kind, m.flags, m.seq))
+            .collect()
     }
 
     #[test]
