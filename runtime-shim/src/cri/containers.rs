@@ -26,7 +26,7 @@ use containerd_client::services::v1::{
     StartRequest, SubscribeRequest, UpdateTaskRequest, WaitRequest,
 };
 use containerd_client::types::Mount as CdMount;
-use containerd_client::types::v1::Status as TaskStatus;
+use containerd_client::types::v1::{Process, Status as TaskStatus};
 use k8s_cri::v1::*;
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -1079,33 +1079,38 @@ impl Runtime {
     /// Records the exit of every container whose task stopped or vanished while nobody watched
     /// (a shim restart, a lost event stream).
     pub async fn reconcile(&self) -> Result<(), Status> {
-        let mut tasks = TasksClient::new(self.inner.containerd.channel());
         for container in self.all_containers().await? {
             if container.state.phase != Phase::Running {
                 continue;
             }
-            let stopped = match tasks
-                .get(self.inner.containerd.request(
-                    GetRequest {
-                        container_id: container.id.clone(),
-                        exec_id: String::new(),
-                    },
-                    None,
-                ))
-                .await
-            {
-                Ok(response) => response
-                    .into_inner()
-                    .process
-                    .is_none_or(|p| p.status == TaskStatus::Stopped as i32),
-                Err(status) if status.code() == tonic::Code::NotFound => true,
-                Err(status) => return Err(status),
-            };
+            let stopped = self
+                .task(&container.id)
+                .await?
+                .is_none_or(|p| p.status == TaskStatus::Stopped as i32);
             if stopped {
                 self.finish(&container.id).await?;
             }
         }
         Ok(())
+    }
+
+    /// The init process of container `id`'s task; `None` when it has no task.
+    pub(super) async fn task(&self, id: &str) -> Result<Option<Process>, Status> {
+        let mut tasks = TasksClient::new(self.inner.containerd.channel());
+        match tasks
+            .get(self.inner.containerd.request(
+                GetRequest {
+                    container_id: id.to_owned(),
+                    exec_id: String::new(),
+                },
+                None,
+            ))
+            .await
+        {
+            Ok(response) => Ok(response.into_inner().process),
+            Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
+            Err(status) => Err(status),
+        }
     }
 
     /// GetContainerEvents: a stream of container lifecycle events from now on.

@@ -3,10 +3,8 @@
 
 use std::path::Path;
 
-use containerd_client::services::v1::GetRequest;
 use containerd_client::services::v1::snapshots::UsageRequest;
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
-use containerd_client::services::v1::tasks_client::TasksClient;
 use k8s_cri::v1::*;
 use tonic::Status;
 
@@ -227,24 +225,14 @@ impl Runtime {
         };
         let mut network = None;
         if sandbox.state.netns.is_some() {
-            let mut tasks = TasksClient::new(self.inner.containerd.channel());
             for container in containers
                 .iter()
                 .filter(|c| c.state.phase == Phase::Running)
             {
-                let Ok(task) = tasks
-                    .get(self.inner.containerd.request(
-                        GetRequest {
-                            container_id: container.id.clone(),
-                            exec_id: String::new(),
-                        },
-                        None,
-                    ))
-                    .await
-                else {
+                let Ok(task) = self.task(&container.id).await else {
                     continue;
                 };
-                let Some(pid) = task.into_inner().process.map(|p| p.pid).filter(|p| *p > 0) else {
+                let Some(pid) = task.map(|p| p.pid).filter(|p| *p > 0) else {
                     continue;
                 };
                 if let Some(text) = read(&Path::new("/proc").join(pid.to_string()).join("net/dev"))
