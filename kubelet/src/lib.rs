@@ -10,5 +10,6 @@
 //! attract pods it never starts.
 
 pub mod node;
+pub mod pods;
 pub mod register;
 pub mod runtime;

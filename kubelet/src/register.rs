@@ -115,7 +115,7 @@ fn conditions_changed(a: &[NodeCondition], b: &[NodeCondition]) -> bool {
 pub async fn run(
     config: NodeAgentConfig,
     client: kube::Client,
-    mut cri: Cri,
+    cri: Cri,
     shutdown: impl Future<Output = ()>,
 ) {
     let nodes: Api<Node> = Api::all(client.clone());

@@ -1,19 +1,47 @@
-//! The container runtime as the kubelet's node status sees it: CRI `Status` (RuntimeReady,
-//! NetworkReady) and `Version`, over the runtime's Unix socket (`--container-runtime-endpoint`).
+//! The container runtime over the CRI (`--container-runtime-endpoint`): one connection for the
+//! RuntimeService and the ImageService, and the runtime's health as node status sees it
+//! (`Status`: RuntimeReady, NetworkReady; `Version`).
 
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
+use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{StatusRequest, VersionRequest};
+use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
 use crate::node::RuntimeHealth;
 
-/// A CRI RuntimeService client.
+/// A CRI client (RuntimeService and ImageService) on one connection.
 #[derive(Debug, Clone)]
 pub struct Cri {
     endpoint: PathBuf,
-    client: Option<RuntimeServiceClient<Channel>>,
+    channel: Arc<Mutex<Option<Channel>>>,
+}
+
+/// A failed CRI call, naming the call and the runtime's answer.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{call}: {message}")]
+pub struct CriError {
+    /// The RPC (or `connect`).
+    pub call: &'static str,
+    /// The gRPC code.
+    pub code: tonic::Code,
+    /// The runtime's message.
+    pub message: String,
+}
+
+impl CriError {
+    /// A failed call.
+    pub fn call(call: &'static str, status: tonic::Status) -> CriError {
+        CriError {
+            call,
+            code: status.code(),
+            message: status.message().to_owned(),
+        }
+    }
 }
 
 impl Cri {
@@ -22,7 +50,7 @@ impl Cri {
     pub fn new(endpoint: &str) -> Cri {
         Cri {
             endpoint: PathBuf::from(endpoint.trim_start_matches("unix://")),
-            client: None,
+            channel: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -31,30 +59,59 @@ impl Cri {
         &self.endpoint
     }
 
-    async fn client(&mut self) -> Result<RuntimeServiceClient<Channel>, String> {
-        if let Some(client) = &self.client {
-            return Ok(client.clone());
+    async fn channel(&self) -> Result<Channel, CriError> {
+        let mut slot = self.channel.lock().await;
+        if let Some(channel) = &*slot {
+            return Ok(channel.clone());
         }
         let channel = containerd_client::connect(&self.endpoint)
             .await
-            .map_err(|e| {
-                format!(
+            .map_err(|e| CriError {
+                call: "connect",
+                code: tonic::Code::Unavailable,
+                message: format!(
                     "connect to the container runtime at {}: {e}",
                     self.endpoint.display()
-                )
+                ),
             })?;
-        let client = RuntimeServiceClient::new(channel);
-        self.client = Some(client.clone());
-        Ok(client)
+        *slot = Some(channel.clone());
+        Ok(channel)
+    }
+
+    async fn forget(&self) {
+        *self.channel.lock().await = None;
+    }
+
+    /// The RuntimeService.
+    pub async fn runtime(&self) -> Result<RuntimeServiceClient<Channel>, CriError> {
+        Ok(RuntimeServiceClient::new(self.channel().await?).max_decoding_message_size(64 << 20))
+    }
+
+    /// The ImageService.
+    pub async fn images(&self) -> Result<ImageServiceClient<Channel>, CriError> {
+        Ok(ImageServiceClient::new(self.channel().await?).max_decoding_message_size(64 << 20))
+    }
+
+    /// The runtime's name from `Version` (`containerd`, `tug`): container IDs in pod status
+    /// are `<name>://<id>`.
+    pub async fn runtime_name(&self) -> Result<String, CriError> {
+        let mut client = self.runtime().await?;
+        let version = client
+            .version(VersionRequest {
+                version: "v1".into(),
+            })
+            .await
+            .map_err(|e| CriError::call("Version", e))?;
+        Ok(version.into_inner().runtime_name)
     }
 
     /// The runtime's health; an unreachable runtime is not ready, with the reason.
-    pub async fn health(&mut self) -> RuntimeHealth {
-        let mut client = match self.client().await {
+    pub async fn health(&self) -> RuntimeHealth {
+        let mut client = match self.runtime().await {
             Ok(client) => client,
-            Err(message) => {
+            Err(error) => {
                 return RuntimeHealth {
-                    message,
+                    message: error.message,
                     ..Default::default()
                 };
             }
@@ -62,7 +119,7 @@ impl Cri {
         let status = match client.status(StatusRequest { verbose: false }).await {
             Ok(status) => status.into_inner(),
             Err(error) => {
-                self.client = None;
+                self.forget().await;
                 return RuntimeHealth {
                     message: format!(
                         "CRI Status on {}: {}",

@@ -74,7 +74,8 @@ pub fn apply(kind: PatchKind, target: &mut Value, patch: &Value) -> Result<(), P
     }
 }
 
-/// The merge key of the list at `field`, whose parent object is at `path`.
+/// The merge key of the list at `field`, whose parent object is at `path`. Lists without one
+/// (among them the pod's `containerStatuses`, which upstream declares atomic) are replaced.
 fn merge_key(path: &[String], field: &str) -> Option<&'static str> {
     Some(match field {
         "containers"
@@ -83,9 +84,6 @@ fn merge_key(path: &[String], field: &str) -> Option<&'static str> {
         | "volumes"
         | "env"
         | "imagePullSecrets"
-        | "containerStatuses"
-        | "initContainerStatuses"
-        | "ephemeralContainerStatuses"
         | "volumesAttached"
         | "resourceClaims" => "name",
         "conditions" | "addresses" => "type",

@@ -1,0 +1,349 @@
+//! A container's environment: `envFrom` (ConfigMaps and Secrets, with prefixes), then `env` in
+//! order — literal values with `$(VAR)` expansion over what is defined before, and `valueFrom`
+//! (configMapKeyRef, secretKeyRef, fieldRef, resourceFieldRef). A missing non-optional
+//! reference fails the container with `CreateContainerConfigError` and a message that names it.
+//! Pure: the ConfigMaps and Secrets are fetched beforehand ([`referenced`]).
+
+use std::collections::{BTreeMap, HashMap};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret};
+
+use super::quantity;
+use super::translate::expand;
+
+/// ConfigMaps and Secrets by name (`None`: it does not exist).
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// ConfigMaps.
+    pub config_maps: HashMap<String, Option<ConfigMap>>,
+    /// Secrets.
+    pub secrets: HashMap<String, Option<Secret>>,
+}
+
+/// What the node knows that the pod spec does not.
+#[derive(Debug, Clone, Default)]
+pub struct Facts {
+    /// The pod's IPs.
+    pub pod_ips: Vec<String>,
+    /// The node's IPs.
+    pub host_ips: Vec<String>,
+    /// The node's allocatable CPU (millicores) and memory (bytes), for limits not set.
+    pub allocatable_millicpu: i64,
+    /// Bytes.
+    pub allocatable_memory: i64,
+}
+
+/// The ConfigMaps and Secrets the container's environment names.
+pub fn referenced(container: &Container) -> (Vec<String>, Vec<String>) {
+    let mut maps = Vec::new();
+    let mut secrets = Vec::new();
+    for from in container.env_from.iter().flatten() {
+        maps.extend(from.config_map_ref.as_ref().map(|r| r.name.clone()));
+        secrets.extend(from.secret_ref.as_ref().map(|r| r.name.clone()));
+    }
+    for var in container.env.iter().flatten() {
+        let Some(from) = &var.value_from else {
+            continue;
+        };
+        maps.extend(from.config_map_key_ref.as_ref().map(|r| r.name.clone()));
+        secrets.extend(from.secret_key_ref.as_ref().map(|r| r.name.clone()));
+    }
+    maps.sort();
+    maps.dedup();
+    secrets.sort();
+    secrets.dedup();
+    (maps, secrets)
+}
+
+fn config_map_data(map: &ConfigMap) -> BTreeMap<String, String> {
+    let mut data = map.data.clone().unwrap_or_default();
+    for (key, value) in map.binary_data.iter().flatten() {
+        data.insert(key.clone(), String::from_utf8_lossy(&value.0).into_owned());
+    }
+    data
+}
+
+fn secret_data(secret: &Secret) -> BTreeMap<String, String> {
+    let mut data: BTreeMap<String, String> = secret
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), String::from_utf8_lossy(&v.0).into_owned()))
+        .collect();
+    for (key, value) in secret.string_data.iter().flatten() {
+        data.insert(key.clone(), value.clone());
+    }
+    data
+}
+
+fn is_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.contains('=')
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_graphic())
+}
+
+fn field_value(pod: &Pod, path: &str, facts: &Facts) -> Result<String, String> {
+    let meta = &pod.metadata;
+    let spec = pod.spec.clone().unwrap_or_default();
+    let keyed = |prefix: &str, map: &Option<BTreeMap<String, String>>| -> Option<String> {
+        let key = path
+            .strip_prefix(prefix)?
+            .strip_prefix("['")?
+            .strip_suffix("']")?;
+        Some(
+            map.as_ref()
+                .and_then(|m| m.get(key))
+                .cloned()
+                .unwrap_or_default(),
+        )
+    };
+    if let Some(value) = keyed("metadata.labels", &meta.labels) {
+        return Ok(value);
+    }
+    if let Some(value) = keyed("metadata.annotations", &meta.annotations) {
+        return Ok(value);
+    }
+    Ok(match path {
+        "metadata.name" => meta.name.clone().unwrap_or_default(),
+        "metadata.namespace" => meta.namespace.clone().unwrap_or_default(),
+        "metadata.uid" => meta.uid.clone().unwrap_or_default(),
+        "spec.nodeName" => spec.node_name.unwrap_or_default(),
+        "spec.serviceAccountName" => spec.service_account_name.unwrap_or_default(),
+        "status.hostIP" => facts.host_ips.first().cloned().unwrap_or_default(),
+        "status.hostIPs" => facts.host_ips.join(","),
+        "status.podIP" => facts.pod_ips.first().cloned().unwrap_or_default(),
+        "status.podIPs" => facts.pod_ips.join(","),
+        other => return Err(format!("unsupported fieldRef fieldPath {other:?}")),
+    })
+}
+
+fn resource_value(
+    pod: &Pod,
+    own: &Container,
+    reference: &k8s_openapi::api::core::v1::ResourceFieldSelector,
+    facts: &Facts,
+) -> Result<String, String> {
+    let container = match reference
+        .container_name
+        .as_deref()
+        .filter(|n| !n.is_empty())
+    {
+        None => own.clone(),
+        Some(name) => pod
+            .spec
+            .iter()
+            .flat_map(|s| {
+                s.containers
+                    .iter()
+                    .chain(s.init_containers.iter().flatten())
+            })
+            .find(|c| c.name == name)
+            .cloned()
+            .ok_or_else(|| {
+                format!("resourceFieldRef names container {name:?}, which the pod does not have")
+            })?,
+    };
+    let resources = container.resources.clone().unwrap_or_default();
+    let (map, name) = match reference.resource.split_once('.') {
+        Some(("limits", name)) => (resources.limits.unwrap_or_default(), name),
+        Some(("requests", name)) => (resources.requests.unwrap_or_default(), name),
+        _ => {
+            return Err(format!(
+                "unsupported resourceFieldRef resource {:?}",
+                reference.resource
+            ));
+        }
+    };
+    let divisor = reference
+        .divisor
+        .as_ref()
+        .map(|d| d.0.clone())
+        .unwrap_or_else(|| "1".into());
+    let divisor_milli = quantity::milli_value(&divisor)
+        .filter(|d| *d > 0)
+        .ok_or_else(|| format!("invalid resourceFieldRef divisor {divisor:?}"))?;
+    let value_milli = match (map.get(name), name) {
+        (Some(q), _) => {
+            quantity::milli_value(&q.0).ok_or_else(|| format!("invalid quantity {:?}", q.0))?
+        }
+        (None, "cpu") if reference.resource.starts_with("limits") => {
+            facts.allocatable_millicpu as i128
+        }
+        (None, "memory") if reference.resource.starts_with("limits") => {
+            facts.allocatable_memory as i128 * 1000
+        }
+        (None, _) => 0,
+    };
+    // Rounded up, as upstream's ExtractContainerResourceValue does.
+    Ok(((value_milli + divisor_milli - 1) / divisor_milli).to_string())
+}
+
+/// The container's environment, in order.
+pub fn resolve(
+    pod: &Pod,
+    container: &Container,
+    sources: &Sources,
+    facts: &Facts,
+) -> Result<Vec<(String, String)>, String> {
+    let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+    let mut env: Vec<(String, String)> = Vec::new();
+    let set = |env: &mut Vec<(String, String)>, key: String, value: String| match env
+        .iter_mut()
+        .find(|(k, _)| *k == key)
+    {
+        Some(slot) => slot.1 = value,
+        None => env.push((key, value)),
+    };
+    for from in container.env_from.iter().flatten() {
+        let prefix = from.prefix.clone().unwrap_or_default();
+        let (data, optional) = if let Some(r) = &from.config_map_ref {
+            match sources.config_maps.get(&r.name).cloned().flatten() {
+                Some(map) => (config_map_data(&map), true),
+                None if r.optional == Some(true) => continue,
+                None => return Err(format!("configmap {:?} not found", r.name)),
+            }
+        } else if let Some(r) = &from.secret_ref {
+            match sources.secrets.get(&r.name).cloned().flatten() {
+                Some(secret) => (secret_data(&secret), true),
+                None if r.optional == Some(true) => continue,
+                None => return Err(format!("secret {:?} not found", r.name)),
+            }
+        } else {
+            continue;
+        };
+        let _ = optional;
+        for (key, value) in data {
+            let name = format!("{prefix}{key}");
+            if is_env_name(&name) {
+                set(&mut env, name, value);
+            }
+        }
+    }
+    for var in container.env.iter().flatten() {
+        let value = match &var.value_from {
+            None => {
+                let defined: HashMap<String, String> = env.iter().cloned().collect();
+                expand(var.value.as_deref().unwrap_or_default(), &|name| {
+                    defined.get(name).cloned()
+                })
+            }
+            Some(from) => {
+                if let Some(r) = &from.config_map_key_ref {
+                    match sources.config_maps.get(&r.name).cloned().flatten() {
+                        None if r.optional == Some(true) => continue,
+                        None => return Err(format!("configmap {:?} not found", r.name)),
+                        Some(map) => match config_map_data(&map).get(&r.key) {
+                            Some(value) => value.clone(),
+                            None if r.optional == Some(true) => continue,
+                            None => {
+                                return Err(format!(
+                                    "couldn't find key {} in ConfigMap {namespace}/{}",
+                                    r.key, r.name
+                                ));
+                            }
+                        },
+                    }
+                } else if let Some(r) = &from.secret_key_ref {
+                    match sources.secrets.get(&r.name).cloned().flatten() {
+                        None if r.optional == Some(true) => continue,
+                        None => return Err(format!("secret {:?} not found", r.name)),
+                        Some(secret) => match secret_data(&secret).get(&r.key) {
+                            Some(value) => value.clone(),
+                            None if r.optional == Some(true) => continue,
+                            None => {
+                                return Err(format!(
+                                    "couldn't find key {} in Secret {namespace}/{}",
+                                    r.key, r.name
+                                ));
+                            }
+                        },
+                    }
+                } else if let Some(r) = &from.field_ref {
+                    field_value(pod, &r.field_path, facts)?
+                } else if let Some(r) = &from.resource_field_ref {
+                    resource_value(pod, container, r, facts)?
+                } else {
+                    String::new()
+                }
+            }
+        };
+        set(&mut env, var.name.clone(), value);
+    }
+    Ok(env)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn env_from_sources_fields_resources_and_expansion() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u1", "labels": {"app": "web"}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c",
+                "resources": {"limits": {"memory": "64Mi"}, "requests": {"cpu": "250m"}},
+                "envFrom": [{"configMapRef": {"name": "settings"}, "prefix": "CFG_"}],
+                "env": [
+                    {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                    {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
+                    {"name": "URL", "value": "http://$(POD_IP):80/$(CFG_mode)"},
+                    {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}},
+                    {"name": "MEM_MI", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}}},
+                    {"name": "CPU", "valueFrom": {"resourceFieldRef": {"resource": "requests.cpu", "divisor": "1m"}}},
+                    {"name": "CPU_LIMIT", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu"}}},
+                    {"name": "OPT", "valueFrom": {"configMapKeyRef": {"name": "absent", "key": "k", "optional": true}}}
+                ]}]}}))
+        .unwrap();
+        let container = &pod.spec.as_ref().unwrap().containers[0];
+        assert_eq!(
+            referenced(container),
+            (
+                vec!["absent".to_owned(), "settings".to_owned()],
+                vec!["creds".to_owned()]
+            )
+        );
+        let mut sources = Sources::default();
+        sources.config_maps.insert(
+            "settings".into(),
+            Some(
+                serde_json::from_value(json!({"data": {"mode": "fast", "bad key": "x"}})).unwrap(),
+            ),
+        );
+        sources.config_maps.insert("absent".into(), None);
+        sources.secrets.insert(
+            "creds".into(),
+            Some(serde_json::from_value(json!({"data": {"password": "c2VjcmV0"}})).unwrap()),
+        );
+        let facts = Facts {
+            pod_ips: vec!["10.244.0.9".into()],
+            host_ips: vec!["192.0.2.1".into()],
+            allocatable_millicpu: 2000,
+            allocatable_memory: 1 << 30,
+        };
+        let env: HashMap<String, String> = resolve(&pod, container, &sources, &facts)
+            .unwrap()
+            .into_iter()
+            .collect();
+        assert_eq!(env["CFG_mode"], "fast");
+        assert!(!env.contains_key("CFG_bad key"));
+        assert_eq!(env["POD_IP"], "10.244.0.9");
+        assert_eq!(env["APP"], "web");
+        assert_eq!(env["URL"], "http://10.244.0.9:80/fast");
+        assert_eq!(env["PASSWORD"], "secret");
+        assert_eq!(env["MEM_MI"], "64");
+        assert_eq!(env["CPU"], "250");
+        assert_eq!(env["CPU_LIMIT"], "2");
+        assert!(!env.contains_key("OPT"));
+        // A missing key names itself.
+        sources.secrets.insert(
+            "creds".into(),
+            Some(serde_json::from_value(json!({"data": {}})).unwrap()),
+        );
+        assert_eq!(
+            resolve(&pod, container, &sources, &facts).unwrap_err(),
+            "couldn't find key password in Secret shop/creds"
+        );
+    }
+}

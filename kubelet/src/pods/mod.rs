@@ -1,0 +1,307 @@
+//! Running the pods bound to this node.
+//!
+//! The manager watches the pods with `spec.nodeName=<node>` and gives each its own
+//! [`worker::Worker`], which drives the state machine of [`plan`] (sandbox → images → init
+//! containers in order → containers; restarts with back-off; termination with preStop and the
+//! grace period; deletion confirmed only when everything is gone) and writes the status of
+//! [`status`]. Changes in the runtime reach the workers through a relist of the runtime's
+//! sandboxes and containers (the PLEG), and through the runtime's container event stream when
+//! it has one, so a relist is only the safety net. After the first complete pod list, anything
+//! in the runtime that belongs to no pod is stopped and removed.
+//!
+//! Everything a worker knows about its containers it reads back from the runtime, so a
+//! restarted kubelet adopts running pods as they are: nothing is restarted or started twice,
+//! and readiness resumes from the status the previous kubelet wrote.
+
+pub mod env;
+pub mod observed;
+pub mod plan;
+pub mod probe;
+pub mod quantity;
+pub mod status;
+pub mod translate;
+pub mod volumes;
+pub mod worker;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_cri::v1::{GetEventsRequest, ListContainersRequest, ListPodSandboxRequest};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use tokio::sync::{Notify, watch};
+
+use crate::runtime::Cri;
+use translate::{NodeContext, POD_UID};
+use worker::{Shared, Worker};
+
+/// What the pod manager needs.
+#[derive(Debug, Clone)]
+pub struct PodManagerConfig {
+    /// This node's name.
+    pub node_name: String,
+    /// This node's IPs (status.hostIPs).
+    pub host_ips: Vec<String>,
+    /// Node facts for translation (DNS, logs, cgroups, seccomp).
+    pub node: NodeContext,
+    /// The kubelet's root dir (`/var/lib/kubelet`).
+    pub root_dir: PathBuf,
+    /// Allocatable CPU (millicores) and memory (bytes).
+    pub allocatable: (i64, i64),
+    /// How often the runtime is relisted when it streams no events (1 s, upstream's PLEG);
+    /// with events, ten times that.
+    pub relist: Duration,
+}
+
+struct Handle {
+    updates: watch::Sender<Option<Pod>>,
+    wake: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The pods the kubelet runs, as it last reported them (for the kubelet API).
+pub type Statuses = Arc<Shared>;
+
+struct Manager {
+    shared: Arc<Shared>,
+    workers: HashMap<String, Handle>,
+}
+
+impl Manager {
+    fn apply(&mut self, pod: Pod) {
+        let Some(uid) = pod.metadata.uid.clone() else {
+            return;
+        };
+        if let Some(handle) = self.workers.get(&uid)
+            && !handle.task.is_finished()
+        {
+            handle.updates.send_replace(Some(pod));
+            return;
+        }
+        // A pod already confirmed deleted may still show up (a late event): nothing to run.
+        if pod.metadata.deletion_timestamp.is_some() && self.workers.contains_key(&uid) {
+            return;
+        }
+        self.spawn(uid, Some(pod));
+    }
+
+    fn spawn(&mut self, uid: String, pod: Option<Pod>) {
+        let (updates, receiver) = watch::channel(pod);
+        let wake = Arc::new(Notify::new());
+        let worker = Worker::new(self.shared.clone(), uid.clone(), wake.clone());
+        let task = tokio::spawn(worker.run(receiver));
+        self.workers.insert(
+            uid,
+            Handle {
+                updates,
+                wake,
+                task,
+            },
+        );
+    }
+
+    fn delete(&mut self, pod: &Pod) {
+        let Some(uid) = pod.metadata.uid.as_deref() else {
+            return;
+        };
+        if let Some(handle) = self.workers.get(uid) {
+            handle.updates.send_replace(None);
+        }
+    }
+
+    fn wake(&self, uid: &str) {
+        if let Some(handle) = self.workers.get(uid) {
+            handle.wake.notify_one();
+        }
+    }
+
+    /// Pods in the runtime that no worker owns: stop and remove them.
+    fn adopt_orphans(&mut self, uids: &HashSet<String>) {
+        for uid in uids {
+            if !self.workers.contains_key(uid) {
+                tracing::info!(pod = %uid, "the runtime has containers of a pod that is not bound to this node; removing them");
+                self.spawn(uid.clone(), None);
+            }
+        }
+    }
+
+    fn reap(&mut self) {
+        self.workers.retain(|_, h| !h.task.is_finished());
+    }
+}
+
+/// A fingerprint per pod UID of what the runtime runs: container ids and states, sandbox ids
+/// and states.
+async fn relist(cri: &Cri) -> Option<BTreeMap<String, Vec<(String, i32)>>> {
+    let mut runtime = cri.runtime().await.ok()?;
+    let sandboxes = runtime
+        .list_pod_sandbox(ListPodSandboxRequest { filter: None })
+        .await
+        .ok()?
+        .into_inner()
+        .items;
+    let containers = runtime
+        .list_containers(ListContainersRequest { filter: None })
+        .await
+        .ok()?
+        .into_inner()
+        .containers;
+    let mut out: BTreeMap<String, Vec<(String, i32)>> = BTreeMap::new();
+    for sandbox in sandboxes {
+        if let Some(uid) = sandbox.labels.get(POD_UID) {
+            out.entry(uid.clone())
+                .or_default()
+                .push((sandbox.id, sandbox.state));
+        }
+    }
+    for container in containers {
+        if let Some(uid) = container.labels.get(POD_UID) {
+            out.entry(uid.clone())
+                .or_default()
+                .push((container.id, container.state));
+        }
+    }
+    for entries in out.values_mut() {
+        entries.sort();
+    }
+    Some(out)
+}
+
+/// Runs the pods bound to this node until `shutdown`. Pods keep running when it returns.
+pub async fn run(
+    config: PodManagerConfig,
+    client: Option<kube::Client>,
+    cri: Cri,
+    shutdown: impl Future<Output = ()>,
+) -> Arc<Shared> {
+    let recorder = client.clone().map(|c| {
+        Recorder::new(
+            c,
+            Reporter {
+                controller: "kubelet".into(),
+                instance: Some(config.node_name.clone()),
+            },
+        )
+    });
+    let shared = Arc::new(Shared {
+        cri: cri.clone(),
+        node: config.node.clone(),
+        node_name: config.node_name.clone(),
+        host_ips: config.host_ips.clone(),
+        root_dir: config.root_dir.clone(),
+        client: client.clone(),
+        recorder,
+        runtime_name: tokio::sync::OnceCell::new(),
+        allocatable: config.allocatable,
+        statuses: Default::default(),
+    });
+    let mut manager = Manager {
+        shared: shared.clone(),
+        workers: HashMap::new(),
+    };
+    tokio::pin!(shutdown);
+
+    // Pods from the API.
+    let mut pods = match &client {
+        Some(client) => {
+            let api: Api<Pod> = Api::all(client.clone());
+            let selector = format!("spec.nodeName={}", config.node_name);
+            watcher(api, watcher::Config::default().fields(&selector)).boxed()
+        }
+        None => futures::stream::pending().boxed(),
+    };
+    // Runtime events, when the runtime streams them.
+    let (events_tx, mut events) = tokio::sync::mpsc::channel::<String>(256);
+    let streaming = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let cri = cri.clone();
+        let streaming = streaming.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Ok(mut runtime) = cri.runtime().await
+                    && let Ok(stream) = runtime.get_container_events(GetEventsRequest {}).await
+                {
+                    let mut stream = stream.into_inner();
+                    streaming.store(true, std::sync::atomic::Ordering::Relaxed);
+                    while let Some(Ok(event)) = stream.next().await {
+                        let uid = event
+                            .pod_sandbox_status
+                            .and_then(|s| s.metadata)
+                            .map(|m| m.uid);
+                        if let Some(uid) = uid
+                            && events_tx.send(uid).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                    streaming.store(false, std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        });
+    }
+    let mut listed = client.is_none();
+    let mut initial: Vec<Pod> = Vec::new();
+    let mut previous: BTreeMap<String, Vec<(String, i32)>> = BTreeMap::new();
+    let mut next_relist = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            event = pods.next() => match event {
+                Some(Ok(watcher::Event::Apply(pod))) => manager.apply(pod),
+                Some(Ok(watcher::Event::Delete(pod))) => manager.delete(&pod),
+                Some(Ok(watcher::Event::Init)) => initial.clear(),
+                Some(Ok(watcher::Event::InitApply(pod))) => initial.push(pod),
+                Some(Ok(watcher::Event::InitDone)) => {
+                    let present: HashSet<String> = initial.iter().filter_map(|p| p.metadata.uid.clone()).collect();
+                    // Pods deleted while the watch was down.
+                    let gone: Vec<String> = manager.workers.keys().filter(|uid| !present.contains(*uid)).cloned().collect();
+                    for uid in gone {
+                        if let Some(handle) = manager.workers.get(&uid) {
+                            handle.updates.send_replace(None);
+                        }
+                    }
+                    for pod in std::mem::take(&mut initial) {
+                        manager.apply(pod);
+                    }
+                    if !listed {
+                        listed = true;
+                        next_relist = tokio::time::Instant::now();
+                    }
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "watching this node's pods failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                None => break,
+            },
+            Some(uid) = events.recv() => manager.wake(&uid),
+            () = tokio::time::sleep_until(next_relist) => {
+                let period = if streaming.load(std::sync::atomic::Ordering::Relaxed) { config.relist * 10 } else { config.relist };
+                next_relist = tokio::time::Instant::now() + period;
+                manager.reap();
+                let Some(current) = relist(&cri).await else { continue };
+                for (uid, entries) in &current {
+                    if previous.get(uid) != Some(entries) {
+                        manager.wake(uid);
+                    }
+                }
+                if listed {
+                    let uids: HashSet<String> = current.keys().cloned().collect();
+                    manager.adopt_orphans(&uids);
+                }
+                previous = current;
+            }
+        }
+    }
+    for (_, handle) in manager.workers.drain() {
+        handle.task.abort();
+    }
+    shared
+}
