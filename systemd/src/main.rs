@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod kubeconfig;
+mod kubelet;
 mod netd;
 mod proxy;
 mod shim;
@@ -35,7 +36,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the kubelet: register the node, run the pods bound to it, probe them, report status.
-    Kubelet,
+    Kubelet(kubelet::KubeletArgs),
     /// Run the CRI v1 runtime shim on containerd (serves /run/tug/cri.sock).
     Shim(shim::ShimArgs),
     /// Write a container's output as a CRI log (run by containerd's shim, not by hand).
@@ -60,7 +61,7 @@ impl Command {
     /// The issue that tracks a component which is not built yet.
     fn tracking_issue(&self) -> u32 {
         match self {
-            Command::Kubelet => 7,
+            Command::Kubelet(_) => 7,
             Command::Shim(_) | Command::ShimLogger { .. } => 5,
             Command::Proxy(_) => 6,
             Command::Netd(_) | Command::Cni => 4,
@@ -70,7 +71,7 @@ impl Command {
 
     fn name(&self) -> &'static str {
         match self {
-            Command::Kubelet => "kubelet",
+            Command::Kubelet(_) => "kubelet",
             Command::Shim(_) => "shim",
             Command::ShimLogger { .. } => "shim-logger",
             Command::Proxy(_) => "proxy",
@@ -101,6 +102,7 @@ fn main() -> ExitCode {
         // The CNI protocol is environment + stdin + stdout; see tug_cni::plugin.
         Command::Cni => return ExitCode::from(tug_cni::plugin::run()),
         Command::Netd(args) => return run_async(netd::run(args)),
+        Command::Kubelet(args) => return run_async(kubelet::run(args)),
         Command::Shim(args) => return run_async(shim::run(args)),
         Command::Proxy(args) => return run_async(proxy::run(args)),
         Command::ShimLogger { path } => {
@@ -160,7 +162,7 @@ mod tests {
     fn subcommands_dispatch_by_name() {
         assert!(matches!(
             parse(&["tug", "kubelet"]).command,
-            Command::Kubelet
+            Command::Kubelet(_)
         ));
         assert!(matches!(
             parse(&["/usr/bin/tug", "proxy"]).command,

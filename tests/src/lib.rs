@@ -14,6 +14,7 @@ pub mod containerd;
 pub mod cri;
 pub mod eventually;
 pub mod http;
+pub mod kubelet;
 pub mod lan;
 pub mod measure;
 pub mod netns;

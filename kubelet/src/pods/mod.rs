@@ -81,7 +81,13 @@ impl Manager {
         if let Some(handle) = self.workers.get(&uid)
             && !handle.task.is_finished()
         {
-            handle.updates.send_replace(Some(pod));
+            // A change of status only (most often the kubelet's own write coming back) does
+            // not wake the worker; it reads the new status at its next sync.
+            handle.updates.send_if_modified(|current| {
+                let wake = current.as_ref().is_none_or(|old| wakes(old, &pod));
+                *current = Some(pod);
+                wake
+            });
             return;
         }
         // A pod already confirmed deleted may still show up (a late event): nothing to run.
@@ -134,6 +140,16 @@ impl Manager {
     fn reap(&mut self) {
         self.workers.retain(|_, h| !h.task.is_finished());
     }
+}
+
+/// Whether an update of a pod is one its worker must act on: anything but its status.
+fn wakes(old: &Pod, new: &Pod) -> bool {
+    let (a, b) = (&old.metadata, &new.metadata);
+    old.spec != new.spec
+        || a.labels != b.labels
+        || a.annotations != b.annotations
+        || a.deletion_timestamp != b.deletion_timestamp
+        || a.deletion_grace_period_seconds != b.deletion_grace_period_seconds
 }
 
 /// A fingerprint per pod UID of what the runtime runs: container ids and states, sandbox ids

@@ -169,7 +169,7 @@ pub async fn observe(cri: &Cri, pod_uid: &str) -> Result<Observed, CriError> {
     }
     observed
         .sandboxes
-        .sort_by(|a, b| (b.attempt, b.created_at).cmp(&(a.attempt, a.created_at)));
+        .sort_by_key(|s| std::cmp::Reverse((s.attempt, s.created_at)));
     let containers = runtime
         .list_containers(ListContainersRequest {
             filter: Some(ContainerFilter {
@@ -239,6 +239,6 @@ pub async fn observe(cri: &Cri, pod_uid: &str) -> Result<Observed, CriError> {
     }
     observed
         .instances
-        .sort_by(|a, b| (b.attempt, b.created_at).cmp(&(a.attempt, a.created_at)));
+        .sort_by_key(|i| std::cmp::Reverse((i.attempt, i.created_at)));
     Ok(observed)
 }

@@ -117,6 +117,8 @@ pub struct Start {
     pub init: bool,
     /// Its restart count.
     pub attempt: u32,
+    /// It replaces an instance that exited: the restart arms the back-off.
+    pub restart: bool,
 }
 
 /// A container instance to stop.
@@ -321,6 +323,7 @@ pub fn decide(
                 name: container.name.clone(),
                 init,
                 attempt: observed.next_attempt(&container.name),
+                restart: true,
             }),
         }
     };
@@ -333,6 +336,7 @@ pub fn decide(
                     name: container.name.clone(),
                     init: true,
                     attempt: observed.next_attempt(&container.name),
+                    restart: false,
                 });
                 return decision;
             }
@@ -342,6 +346,7 @@ pub fn decide(
                     name: container.name.clone(),
                     init: true,
                     attempt: i.attempt,
+                    restart: false,
                 });
                 return decision;
             }
@@ -381,6 +386,7 @@ pub fn decide(
                 name: container.name.clone(),
                 init: false,
                 attempt: observed.next_attempt(&container.name),
+                restart: false,
             }),
             Some(i) if i.state == RunState::Created => {
                 decision.remove.push(i.id.clone());
@@ -388,6 +394,7 @@ pub fn decide(
                     name: container.name.clone(),
                     init: false,
                     attempt: i.attempt,
+                    restart: false,
                 });
             }
             Some(i) if matches!(i.state, RunState::Running | RunState::Unknown) => {
@@ -555,7 +562,9 @@ mod tests {
         let key = backoff_key(&p, "a");
         // The first restart is immediate and arms 10 s.
         let o = observed(vec![instance("a", 0, RunState::Exited, 1)]);
-        assert_eq!(starts(&decide(&p, &o, &none, &b, NOW)), [("a", false, 1)]);
+        let d = decide(&p, &o, &none, &b, NOW);
+        assert_eq!(starts(&d), [("a", false, 1)]);
+        assert!(d.start[0].restart, "a restart arms the back-off");
         b.next(&key, NOW);
         // It crashes again at 100 s: held back until 110 s.
         let o = observed(vec![instance("a", 1, RunState::Exited, 1)]);

@@ -271,10 +271,10 @@ pub fn pod_status(inputs: &Inputs<'_>) -> PodStatus {
             if c.restart_policy.as_deref() == Some("Always") {
                 s.started != Some(true)
             } else {
-                !s.state
+                s.state
                     .as_ref()
                     .and_then(|st| st.terminated.as_ref())
-                    .is_some_and(|t| t.exit_code == 0)
+                    .is_none_or(|t| t.exit_code != 0)
             }
         })
         .map(|(c, _)| c.name.as_str())

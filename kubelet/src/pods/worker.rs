@@ -153,7 +153,7 @@ impl Worker {
             let flow = match current {
                 Some(pod) => {
                     last = Some(pod.clone());
-                    self.sync(&pod).await
+                    Box::pin(self.sync(&pod)).await
                 }
                 None => {
                     self.cleanup(last.as_ref()).await;
@@ -262,7 +262,7 @@ impl Worker {
                 break;
             }
             rounds += 1;
-            match self.execute(pod, &observed, &decision).await {
+            match Box::pin(self.execute(pod, &observed, &decision)).await {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(Gone) => return Flow::Done,
@@ -270,7 +270,17 @@ impl Worker {
         }
         self.write_status(pod, &observed).await;
         let image_wake = self.image_backoff_wake();
-        let next = [wake_at, image_wake].into_iter().flatten().min();
+        // A pull that just failed shows ErrImagePull now and ImagePullBackOff shortly after,
+        // while its back-off runs.
+        let pull_failed = self
+            .start_errors
+            .values()
+            .any(|w| w.reason == "ErrImagePull")
+            .then(|| now_ns() + 2_000_000_000);
+        let next = [wake_at, image_wake, pull_failed]
+            .into_iter()
+            .flatten()
+            .min();
         Flow::Again(next.map(|at| Duration::from_nanos((at - now_ns()).max(0) as u64 + 50_000_000)))
     }
 
@@ -311,7 +321,11 @@ impl Worker {
         }
         let mut progressed = !decision.kill.is_empty() || !decision.remove.is_empty();
         for start in &decision.start {
-            match self.start(pod, observed, start).await {
+            if start.restart {
+                self.backoff
+                    .next(&super::plan::backoff_key(pod, &start.name), now_ns());
+            }
+            match Box::pin(self.start(pod, observed, start)).await {
                 Ok(()) => progressed = true,
                 Err(waiting) => {
                     self.start_errors.insert(start.name.clone(), waiting);

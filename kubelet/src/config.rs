@@ -1,0 +1,241 @@
+//! The kubelet's configuration file: upstream's `KubeletConfiguration`
+//! (`kubelet.config.k8s.io/v1beta1`, YAML or JSON). The fields tug acts on are read; others are
+//! accepted (so a kubeadm-written file loads) and listed in a warning, never silently
+//! misread. Flags given on the command line win over the file.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// The fields of `KubeletConfiguration` tug reads.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct KubeletConfiguration {
+    /// `kubelet.config.k8s.io/v1beta1`.
+    pub api_version: String,
+    /// `KubeletConfiguration`.
+    pub kind: String,
+    /// DNS servers for ClusterFirst pods.
+    #[serde(rename = "clusterDNS")]
+    pub cluster_dns: Vec<String>,
+    /// The cluster's DNS domain.
+    pub cluster_domain: String,
+    /// Pods this node accepts.
+    pub max_pods: u32,
+    /// Taints the Node registers with.
+    pub register_with_taints: Vec<TaintSpec>,
+    /// The CRI socket.
+    pub container_runtime_endpoint: String,
+    /// Where pod logs go.
+    pub pod_logs_dir: String,
+    /// The resolv.conf pods with `dnsPolicy: Default` get.
+    pub resolv_conf: String,
+    /// `cgroupfs` or `systemd`.
+    pub cgroup_driver: String,
+    /// Unset seccomp profiles are RuntimeDefault (tug's default: true; upstream's: false).
+    pub seccomp_default: bool,
+    /// The API port.
+    pub port: i32,
+    /// Port of the local `/healthz` (0 to disable).
+    pub healthz_port: u16,
+    /// Address of the local `/healthz`.
+    pub healthz_bind_address: String,
+    /// Static pod manifests.
+    pub static_pod_path: String,
+    /// Everything else, reported as not acted on.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_yaml::Value>,
+}
+
+/// A taint as the file writes it.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TaintSpec {
+    /// Key.
+    pub key: String,
+    /// Value.
+    pub value: Option<String>,
+    /// NoSchedule, PreferNoSchedule or NoExecute.
+    pub effect: String,
+}
+
+impl Default for KubeletConfiguration {
+    fn default() -> Self {
+        KubeletConfiguration {
+            api_version: "kubelet.config.k8s.io/v1beta1".into(),
+            kind: "KubeletConfiguration".into(),
+            cluster_dns: Vec::new(),
+            cluster_domain: String::new(),
+            max_pods: 110,
+            register_with_taints: Vec::new(),
+            container_runtime_endpoint: "unix:///run/tug/cri.sock".into(),
+            pod_logs_dir: "/var/log/pods".into(),
+            resolv_conf: "/etc/resolv.conf".into(),
+            cgroup_driver: "cgroupfs".into(),
+            seccomp_default: true,
+            port: 10250,
+            healthz_port: 10248,
+            healthz_bind_address: "127.0.0.1".into(),
+            static_pod_path: String::new(),
+            other: BTreeMap::new(),
+        }
+    }
+}
+
+/// Why the file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Not YAML, or a field of the wrong type.
+    #[error("not a valid KubeletConfiguration: {0}")]
+    Syntax(String),
+    /// Another kind of file.
+    #[error(
+        "expected kind KubeletConfiguration (apiVersion kubelet.config.k8s.io/v1beta1), got {kind} ({api_version})"
+    )]
+    Kind {
+        /// Its kind.
+        kind: String,
+        /// Its apiVersion.
+        api_version: String,
+    },
+    /// A value tug cannot use.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Fields upstream defines that tug reads under another name or does not need to act on.
+const IGNORED_QUIETLY: &[&str] = &[
+    "authentication",
+    "authorization",
+    "staticPodURL",
+    "rotateCertificates",
+    "serverTLSBootstrap",
+];
+
+impl KubeletConfiguration {
+    /// Parses and checks the file.
+    pub fn parse(text: &str) -> Result<KubeletConfiguration, ConfigError> {
+        let config: KubeletConfiguration =
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        if config.kind != "KubeletConfiguration"
+            || !config.api_version.starts_with("kubelet.config.k8s.io/")
+        {
+            return Err(ConfigError::Kind {
+                kind: config.kind,
+                api_version: config.api_version,
+            });
+        }
+        if !matches!(config.cgroup_driver.as_str(), "cgroupfs" | "systemd") {
+            return Err(ConfigError::Invalid {
+                field: "cgroupDriver",
+                message: format!("{:?} is neither cgroupfs nor systemd", config.cgroup_driver),
+            });
+        }
+        for server in &config.cluster_dns {
+            if server.parse::<std::net::IpAddr>().is_err() {
+                return Err(ConfigError::Invalid {
+                    field: "clusterDNS",
+                    message: format!("{server:?} is not an IP address"),
+                });
+            }
+        }
+        for taint in &config.register_with_taints {
+            if !matches!(
+                taint.effect.as_str(),
+                "NoSchedule" | "PreferNoSchedule" | "NoExecute"
+            ) {
+                return Err(ConfigError::Invalid {
+                    field: "registerWithTaints",
+                    message: format!(
+                        "taint {:?} has effect {:?} (NoSchedule, PreferNoSchedule or NoExecute)",
+                        taint.key, taint.effect
+                    ),
+                });
+            }
+        }
+        Ok(config)
+    }
+
+    /// Fields present in the file that tug does not act on.
+    pub fn unused_fields(&self) -> Vec<&str> {
+        self.other
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !IGNORED_QUIETLY.contains(k))
+            .collect()
+    }
+}
+
+/// Parses `key[=value]:Effect` (the `--register-with-taints` form).
+pub fn parse_taint(text: &str) -> Result<TaintSpec, String> {
+    let (left, effect) = text
+        .rsplit_once(':')
+        .ok_or_else(|| format!("taint {text:?} has no effect (key[=value]:Effect)"))?;
+    if !matches!(effect, "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
+        return Err(format!(
+            "taint {text:?}: effect {effect:?} is not NoSchedule, PreferNoSchedule or NoExecute"
+        ));
+    }
+    let (key, value) = match left.split_once('=') {
+        Some((k, v)) => (k, Some(v.to_owned())),
+        None => (left, None),
+    };
+    if key.is_empty() {
+        return Err(format!("taint {text:?} has an empty key"));
+    }
+    Ok(TaintSpec {
+        key: key.to_owned(),
+        value,
+        effect: effect.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kubeadm_style_file_loads_and_reports_what_tug_ignores() {
+        let config = KubeletConfiguration::parse(
+            "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nclusterDNS: [10.96.0.10]\nclusterDomain: cluster.local\ncgroupDriver: systemd\nmaxPods: 50\nauthentication:\n  anonymous:\n    enabled: false\nevictionHard:\n  memory.available: 100Mi\nregisterWithTaints:\n- key: dedicated\n  value: infra\n  effect: NoSchedule\n",
+        )
+        .unwrap();
+        assert_eq!(config.cluster_dns, ["10.96.0.10"]);
+        assert_eq!(config.max_pods, 50);
+        assert_eq!(config.cgroup_driver, "systemd");
+        assert!(config.seccomp_default);
+        assert_eq!(
+            config.register_with_taints[0].value.as_deref(),
+            Some("infra")
+        );
+        assert_eq!(config.unused_fields(), ["evictionHard"]);
+    }
+
+    #[test]
+    fn bad_files_say_what_is_wrong() {
+        let kind = KubeletConfiguration::parse("apiVersion: v1\nkind: ConfigMap\n").unwrap_err();
+        assert!(kind.to_string().contains("got ConfigMap"), "{kind}");
+        let driver = KubeletConfiguration::parse("apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\ncgroupDriver: cgroupv3\n").unwrap_err();
+        assert!(driver.to_string().starts_with("cgroupDriver:"), "{driver}");
+        let dns = KubeletConfiguration::parse("apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nclusterDNS: [dns.local]\n").unwrap_err();
+        assert!(dns.to_string().contains("dns.local"), "{dns}");
+        assert_eq!(
+            parse_taint("a=b:NoExecute").unwrap(),
+            TaintSpec {
+                key: "a".into(),
+                value: Some("b".into()),
+                effect: "NoExecute".into()
+            }
+        );
+        assert!(
+            parse_taint("a:Sometimes")
+                .unwrap_err()
+                .contains("Sometimes")
+        );
+    }
+}

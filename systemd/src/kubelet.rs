@@ -1,0 +1,196 @@
+//! `tug kubelet`: flags and the `KubeletConfiguration` file, then `tug_kubelet::run::run`.
+//! Without `--kubeconfig` the kubelet runs standalone (no API server).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use k8s_openapi::api::core::v1::Taint;
+use tug_kubelet::config::{KubeletConfiguration, parse_taint};
+use tug_kubelet::node::NodeIdentity;
+use tug_kubelet::pods::translate::{CgroupDriver, NodeContext, ResolvConf};
+use tug_kubelet::run::{KubeletConfig, run as serve};
+
+use crate::kubeconfig;
+
+/// Flags of `tug kubelet` (upstream kubelet's names). A flag given explicitly wins over the
+/// `--config` file.
+#[derive(Debug, Args)]
+pub struct KubeletArgs {
+    /// A KubeletConfiguration file (YAML or JSON), as upstream's kubelet reads.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Kubeconfig with the node's identity; without it the kubelet runs standalone.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// This node's IP addresses (comma-separated; default: the source address of the default
+    /// route).
+    #[arg(long, value_delimiter = ',')]
+    node_ip: Vec<IpAddr>,
+    /// This node's name (default: the host name, lower case).
+    #[arg(long)]
+    hostname_override: Option<String>,
+    /// The CRI endpoint (default unix:///run/tug/cri.sock).
+    #[arg(long)]
+    container_runtime_endpoint: Option<String>,
+    /// DNS servers for ClusterFirst pods (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    cluster_dns: Vec<IpAddr>,
+    /// The cluster's DNS domain (e.g. cluster.local).
+    #[arg(long)]
+    cluster_domain: Option<String>,
+    /// Pods this node accepts (110).
+    #[arg(long)]
+    max_pods: Option<u32>,
+    /// Taints to register the Node with: key[=value]:Effect, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    register_with_taints: Vec<String>,
+    /// Labels to register the Node with: key=value, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    node_labels: Vec<String>,
+    /// The kubelet's state directory.
+    #[arg(long, default_value = "/var/lib/kubelet")]
+    root_dir: PathBuf,
+}
+
+/// The address the host would send from to reach the world: the default route's source.
+fn default_route_ip() -> anyhow::Result<IpAddr> {
+    for target in ["192.0.2.1:9", "[2001:db8::1]:9"] {
+        let bind = if target.starts_with('[') {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        };
+        if let Ok(socket) = std::net::UdpSocket::bind(bind)
+            && socket.connect(target).is_ok()
+            && let Ok(address) = socket.local_addr()
+        {
+            return Ok(address.ip());
+        }
+    }
+    bail!("this host has no default route to take its node IP from; pass --node-ip")
+}
+
+fn config_from(args: &KubeletArgs) -> anyhow::Result<KubeletConfiguration> {
+    let mut file = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("read {}", path.display()))?;
+            let file = KubeletConfiguration::parse(&text)
+                .with_context(|| format!("{}", path.display()))?;
+            let unused = file.unused_fields();
+            if !unused.is_empty() {
+                tracing::warn!(file = %path.display(), fields = ?unused, "tug's kubelet does not act on these KubeletConfiguration fields");
+            }
+            file
+        }
+        None => KubeletConfiguration::default(),
+    };
+    if let Some(endpoint) = &args.container_runtime_endpoint {
+        file.container_runtime_endpoint = endpoint.clone();
+    }
+    if !args.cluster_dns.is_empty() {
+        file.cluster_dns = args.cluster_dns.iter().map(|ip| ip.to_string()).collect();
+    }
+    if let Some(domain) = &args.cluster_domain {
+        file.cluster_domain = domain.clone();
+    }
+    if let Some(max) = args.max_pods {
+        file.max_pods = max;
+    }
+    if !args.register_with_taints.is_empty() {
+        file.register_with_taints = args
+            .register_with_taints
+            .iter()
+            .map(|t| parse_taint(t).map_err(anyhow::Error::msg))
+            .collect::<anyhow::Result<_>>()
+            .context("--register-with-taints")?;
+    }
+    if !file.static_pod_path.is_empty() {
+        bail!(
+            "staticPodPath: static pods are not supported by tug's kubelet yet (issue #7); remove the field"
+        );
+    }
+    Ok(file)
+}
+
+/// Runs the kubelet until a signal.
+pub async fn run(args: KubeletArgs) -> anyhow::Result<()> {
+    let file = config_from(&args)?;
+    let name = kubeconfig::node_name(args.hostname_override.clone())?;
+    let node_ips = if args.node_ip.is_empty() {
+        vec![default_route_ip()?]
+    } else {
+        args.node_ip.clone()
+    };
+    let mut labels = BTreeMap::new();
+    for label in &args.node_labels {
+        let (key, value) = label
+            .split_once('=')
+            .with_context(|| format!("--node-labels: {label:?} is not key=value"))?;
+        labels.insert(key.to_owned(), value.to_owned());
+    }
+    let resolv = if file.resolv_conf.is_empty() {
+        ResolvConf::default()
+    } else {
+        ResolvConf::parse(&std::fs::read_to_string(&file.resolv_conf).unwrap_or_default())
+    };
+    let client = match &args.kubeconfig {
+        Some(path) => Some(kubeconfig::client(path).await?),
+        None => {
+            tracing::warn!("no --kubeconfig: running standalone, without an API server");
+            None
+        }
+    };
+    let config = KubeletConfig {
+        identity: NodeIdentity {
+            name: name.clone(),
+            hostname: name,
+            node_ips,
+            labels,
+            taints: file
+                .register_with_taints
+                .iter()
+                .map(|t| Taint {
+                    key: t.key.clone(),
+                    value: t.value.clone(),
+                    effect: t.effect.clone(),
+                    time_added: None,
+                })
+                .collect(),
+            max_pods: file.max_pods,
+            kubelet_port: file.port,
+        },
+        root_dir: args.root_dir.clone(),
+        cri_endpoint: file.container_runtime_endpoint.clone(),
+        node: NodeContext {
+            cluster_dns: file.cluster_dns.clone(),
+            cluster_domain: file.cluster_domain.clone(),
+            host_resolv: resolv,
+            pod_logs_dir: PathBuf::from(&file.pod_logs_dir),
+            cgroup_driver: if file.cgroup_driver == "systemd" {
+                CgroupDriver::Systemd
+            } else {
+                CgroupDriver::Cgroupfs
+            },
+            memory_capacity: 0,
+            seccomp_default: file.seccomp_default,
+            seccomp_root: args.root_dir.join("seccomp"),
+        },
+        heartbeat: Duration::from_secs(10),
+        relist: Duration::from_secs(1),
+        healthz: (file.healthz_port != 0)
+            .then(|| {
+                format!("{}:{}", file.healthz_bind_address, file.healthz_port).parse::<SocketAddr>()
+            })
+            .transpose()
+            .context("healthzBindAddress/healthzPort")?,
+    };
+    serve(config, client, crate::shutdown::signalled())
+        .await
+        .context("kubelet")?;
+    Ok(())
+}

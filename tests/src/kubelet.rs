@@ -1,0 +1,156 @@
+//! `tug kubelet` as an operator runs it: the real binary with a node identity from the real TLS
+//! bootstrap, a KubeletConfiguration file, and a CRI endpoint (tug shim or containerd's own
+//! CRI). Killable with SIGKILL and restartable on the same state; killed on drop (its pods keep
+//! running until the test's runtime goes away, as on a real node).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node;
+use kube::Api;
+
+use crate::cluster::{client_from_kubeconfig, cluster, unique_name};
+use crate::cni::tug_binary;
+use crate::eventually::eventually;
+
+/// A running `tug kubelet`.
+#[derive(Debug)]
+pub struct TugKubelet {
+    child: Option<Child>,
+    args: Vec<String>,
+    /// The Node's name.
+    pub name: String,
+    /// The node's IP (status.hostIP of its pods).
+    pub node_ip: String,
+    /// Its root dir.
+    pub root_dir: PathBuf,
+    /// Its pod log dir.
+    pub logs_dir: PathBuf,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl TugKubelet {
+    /// Starts `tug kubelet` against the CRI at `endpoint` and waits for its Node to be Ready.
+    pub async fn start(prefix: &str, endpoint: &Path, node_ip: &str) -> TugKubelet {
+        let name = unique_name(prefix);
+        let kubeconfig = cluster().node_kubeconfig(&name).await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root_dir = dir.path().join("root");
+        let logs_dir = dir.path().join("logs");
+        let kubeconfig_path = dir.path().join("kubelet.conf");
+        std::fs::write(&kubeconfig_path, &kubeconfig).expect("write kubeconfig");
+        let config_path = dir.path().join("config.yaml");
+        std::fs::write(
+            &config_path,
+            format!(
+                "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nclusterDNS: [10.96.0.10]\nclusterDomain: cluster.local\npodLogsDir: {}\nhealthzPort: 0\ncontainerRuntimeEndpoint: unix://{}\n",
+                logs_dir.display(),
+                endpoint.display()
+            ),
+        )
+        .expect("write the kubelet config");
+        let path = |p: &Path| p.display().to_string();
+        let args = vec![
+            "kubelet".to_owned(),
+            "--config".into(),
+            path(&config_path),
+            "--kubeconfig".into(),
+            path(&kubeconfig_path),
+            "--hostname-override".into(),
+            name.clone(),
+            "--node-ip".into(),
+            node_ip.to_owned(),
+            "--root-dir".into(),
+            path(&root_dir),
+            "--node-labels".into(),
+            "tug.io/test=kubelet".into(),
+        ];
+        let mut kubelet = TugKubelet {
+            child: None,
+            args,
+            name,
+            node_ip: node_ip.to_owned(),
+            root_dir,
+            logs_dir,
+            _dirs: vec![dir],
+        };
+        kubelet.spawn();
+        kubelet.wait_ready().await;
+        kubelet
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(tug_binary())
+            .args(&self.args)
+            .env("RUST_LOG", "info,tug_kubelet=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start tug kubelet");
+        self.child = Some(child);
+    }
+
+    async fn wait_ready(&self) {
+        let nodes: Api<Node> = Api::all(cluster().admin().await);
+        let name = self.name.clone();
+        eventually(
+            "the kubelet's Node to be Ready",
+            Duration::from_secs(60),
+            || {
+                let nodes = nodes.clone();
+                let name = name.clone();
+                async move {
+                    let node = nodes.get_opt(&name).await.ok()??;
+                    node.status?
+                        .conditions?
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                        .then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same state.
+    pub async fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+        self.wait_ready().await;
+    }
+}
+
+impl Drop for TugKubelet {
+    fn drop(&mut self) {
+        self.kill9();
+        let (name, kubeconfig) = (
+            self.name.clone(),
+            cluster().admin_kubeconfig_path().to_owned(),
+        );
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let text = std::fs::read_to_string(&kubeconfig).unwrap_or_default();
+                let nodes: Api<Node> = Api::all(client_from_kubeconfig(&text).await);
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    nodes.delete(&name, &Default::default()),
+                )
+                .await;
+            });
+        })
+        .join();
+    }
+}

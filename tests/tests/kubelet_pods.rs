@@ -1,0 +1,556 @@
+//! containerd tier with the cluster tier: `tug kubelet` running pods bound to its node, against
+//! the API (the test API server, or a real cluster with `TUG_TEST_KUBECONFIG`). One suite, run
+//! with tug shim and with containerd's own CRI as the runtime: a pod goes Pending → Running →
+//! Ready with a pod IP from tug-cni; a crashing container backs off with growing delays; a
+//! failing liveness probe restarts; readiness flips Ready; init containers run in order; a Job
+//! pod ends Succeeded or Failed; a bad image reports ErrImagePull then ImagePullBackOff; a bad
+//! spec fails only its pod; deletion runs preStop and is confirmed; a SIGKILLed kubelet comes
+//! back without restarting anything.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use kube::Api;
+use kube::api::{DeleteParams, PostParams};
+use serde_json::json;
+use tug_tests::cluster::cluster;
+use tug_tests::cri::install_tug_cni;
+use tug_tests::eventually::eventually;
+use tug_tests::kubelet::TugKubelet;
+use tug_tests::shim::TugShim;
+use tug_tests::substrate::Substrate;
+use tug_tests::tier::{Tier, require};
+
+fn image(name: &str) -> String {
+    Substrate::from_env().registry_image(name)
+}
+
+fn pod(name: &str, node: &str, spec: serde_json::Value) -> Pod {
+    let mut spec = spec;
+    spec["nodeName"] = json!(node);
+    spec["automountServiceAccountToken"] = spec
+        .get("automountServiceAccountToken")
+        .cloned()
+        .unwrap_or(json!(false));
+    serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).expect("pod JSON")
+}
+
+async fn wait_pod<T>(
+    pods: &Api<Pod>,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&Pod) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        if let Ok(Some(pod)) = pods.get_opt(name).await {
+            if let Some(value) = check(&pod) {
+                return value;
+            }
+            last = pod.status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for pod {name}: {what}; its last status: {}",
+            serde_json::to_string_pretty(&last).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn container<'a>(pod: &'a Pod, name: &str) -> Option<&'a ContainerStatus> {
+    let status = pod.status.as_ref()?;
+    status
+        .container_statuses
+        .iter()
+        .flatten()
+        .chain(status.init_container_statuses.iter().flatten())
+        .find(|c| c.name == name)
+}
+
+fn condition(pod: &Pod, kind: &str) -> Option<String> {
+    pod.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == kind)
+        .map(|c| c.status.clone())
+}
+
+fn phase(pod: &Pod) -> Option<&str> {
+    pod.status.as_ref()?.phase.as_deref()
+}
+
+fn waiting_reason(pod: &Pod, name: &str) -> Option<String> {
+    container(pod, name)?
+        .state
+        .as_ref()?
+        .waiting
+        .as_ref()?
+        .reason
+        .clone()
+}
+
+async fn http_get(ip: &str, port: u16, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    };
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect(&address),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut body = String::new();
+    tokio::time::timeout(Duration::from_secs(2), stream.read_to_string(&mut body))
+        .await
+        .ok()?
+        .ok()?;
+    Some(body)
+}
+
+async fn suite(kubelet: &mut TugKubelet, cidr_prefix: &str, runtime_name: &str) {
+    let namespace = cluster().namespace("kubelet-pods").await;
+    let admin = cluster().admin().await;
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), namespace.name());
+    let node = kubelet.name.clone();
+    let create = |pod: Pod| {
+        let pods = pods.clone();
+        async move {
+            pods.create(&PostParams::default(), &pod)
+                .await
+                .expect("create pod")
+        }
+    };
+    let host_dir = tempfile::tempdir().expect("host dir");
+
+    // A web server with probes, a crash loop, a liveness failure, a readiness flip, init
+    // containers feeding the app through an emptyDir, two Job-style pods, a bad image, a bad
+    // spec, and one with a preStop hook — all at once, as a node gets them.
+    create(pod(
+        "web",
+        &node,
+        json!({"containers": [{"name": "web", "image": image("http"),
+        "ports": [{"name": "http", "containerPort": 8080}],
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 1},
+        "livenessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 2}}]}),
+    ))
+    .await;
+    create(pod(
+        "crash",
+        &node,
+        json!({"containers": [{"name": "crash", "image": image("exit"), "args": ["1"]}]}),
+    ))
+    .await;
+    create(pod("liveness", &node, json!({"containers": [{"name": "app", "image": image("busybox"),
+        "command": ["sleep", "3600"],
+        "livenessProbe": {"exec": {"command": ["cat", "/tmp/alive"]}, "periodSeconds": 1, "failureThreshold": 2}}],
+        "terminationGracePeriodSeconds": 2}))).await;
+    create(pod("readiness", &node, json!({"containers": [{"name": "app", "image": image("busybox"),
+        "command": ["sleep", "3600"],
+        "volumeMounts": [{"name": "host", "mountPath": "/host"}],
+        "readinessProbe": {"exec": {"command": ["test", "-f", "/host/ready"]}, "periodSeconds": 1}}],
+        "volumes": [{"name": "host", "hostPath": {"path": host_dir.path()}}],
+        "terminationGracePeriodSeconds": 1}))).await;
+    create(pod("init", &node, json!({"restartPolicy": "Never", "automountServiceAccountToken": true,
+        "volumes": [{"name": "work", "emptyDir": {}}],
+        "initContainers": [
+            {"name": "first", "image": image("busybox"), "command": ["sh", "-c", "printf 1 >> /work/order"], "volumeMounts": [{"name": "work", "mountPath": "/work"}]},
+            {"name": "second", "image": image("busybox"), "command": ["sh", "-c", "printf 2 >> /work/order"], "volumeMounts": [{"name": "work", "mountPath": "/work"}]}],
+        "containers": [{"name": "app", "image": image("busybox"),
+            "command": ["sh", "-c", "cat /work/order > /dev/termination-log; echo \"$MY_POD_IP\" >> /dev/termination-log; cat /var/run/secrets/kubernetes.io/serviceaccount/namespace >> /dev/termination-log; test -s /var/run/secrets/kubernetes.io/serviceaccount/token && echo token >> /dev/termination-log"],
+            "env": [{"name": "MY_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+            "volumeMounts": [{"name": "work", "mountPath": "/work"}]}]}))).await;
+    create(pod("job-fails", &node, json!({"restartPolicy": "Never", "containers": [{"name": "job", "image": image("exit"), "args": ["3"]}]}))).await;
+    create(pod(
+        "bad-image",
+        &node,
+        json!({"containers": [{"name": "app", "image": image("does-not-exist")}]}),
+    ))
+    .await;
+    create(pod("bad-spec", &node, json!({"containers": [{"name": "app", "image": image("busybox"), "command": ["sleep", "3600"],
+        "env": [{"name": "X", "valueFrom": {"configMapKeyRef": {"name": "missing-config", "key": "k"}}}]}]}))).await;
+    create(pod("prestop", &node, json!({"terminationGracePeriodSeconds": 10,
+        "volumes": [{"name": "host", "hostPath": {"path": host_dir.path(), "type": "Directory"}}],
+        "containers": [{"name": "app", "image": image("busybox"), "command": ["sleep", "3600"],
+            "volumeMounts": [{"name": "host", "mountPath": "/host"}],
+            "lifecycle": {"preStop": {"exec": {"command": ["sh", "-c", "echo stopped-gracefully > /host/prestop"]}},
+                          "postStart": {"exec": {"command": ["sh", "-c", "echo started > /host/poststart"]}}}}]}))).await;
+
+    // Pending → Running → Ready, with a pod IP from the runtime's network.
+    let web = wait_pod(
+        &pods,
+        "web",
+        "Running and Ready",
+        Duration::from_secs(90),
+        |p| {
+            (phase(p) == Some("Running") && condition(p, "Ready").as_deref() == Some("True"))
+                .then(|| p.clone())
+        },
+    )
+    .await;
+    let status = web.status.clone().unwrap();
+    let ip = status.pod_ip.clone().unwrap();
+    assert!(
+        ip.starts_with(cidr_prefix),
+        "pod IP {ip} is not from {cidr_prefix}*"
+    );
+    assert_eq!(status.host_ip.as_deref(), Some(kubelet.node_ip.as_str()));
+    assert!(status.start_time.is_some());
+    assert_eq!(status.qos_class.as_deref(), Some("BestEffort"));
+    for kind in [
+        "PodScheduled",
+        "PodReadyToStartContainers",
+        "Initialized",
+        "ContainersReady",
+        "Ready",
+    ] {
+        assert_eq!(condition(&web, kind).as_deref(), Some("True"), "{kind}");
+    }
+    let c = container(&web, "web").unwrap();
+    assert!(c.ready && c.started == Some(true) && c.restart_count == 0);
+    assert!(
+        c.container_id
+            .as_deref()
+            .unwrap()
+            .starts_with(&format!("{runtime_name}://")),
+        "{:?}",
+        c.container_id
+    );
+    assert!(!c.image_id.is_empty());
+    let body = http_get(&ip, 8080, "/")
+        .await
+        .expect("the pod answers on its IP");
+    assert!(body.contains("tug-test http"), "{body}");
+    let web_container = c.container_id.clone();
+
+    // A container that exits 1 crash-loops with growing back-off.
+    let first = wait_pod(
+        &pods,
+        "crash",
+        "CrashLoopBackOff",
+        Duration::from_secs(60),
+        |p| {
+            let c = container(p, "crash")?;
+            let message = c.state.as_ref()?.waiting.as_ref()?.message.clone()?;
+            (waiting_reason(p, "crash").as_deref() == Some("CrashLoopBackOff"))
+                .then(|| (message, c.clone()))
+        },
+    )
+    .await;
+    assert!(
+        first
+            .0
+            .starts_with("back-off 10s restarting failed container=crash"),
+        "{}",
+        first.0
+    );
+    let last = first
+        .1
+        .last_state
+        .as_ref()
+        .unwrap()
+        .terminated
+        .as_ref()
+        .unwrap();
+    assert_eq!((last.exit_code, last.reason.as_deref()), (1, Some("Error")));
+    let started = Instant::now();
+    let second = wait_pod(
+        &pods,
+        "crash",
+        "a longer back-off",
+        Duration::from_secs(60),
+        |p| {
+            let message = container(p, "crash")?
+                .state
+                .as_ref()?
+                .waiting
+                .as_ref()?
+                .message
+                .clone()?;
+            message
+                .starts_with("back-off 20s")
+                .then(|| container(p, "crash").map(|c| c.restart_count))
+        },
+    )
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(8),
+        "the second restart came after {:?}",
+        started.elapsed()
+    );
+    assert!(second.unwrap_or_default() >= 2);
+    assert_eq!(
+        wait_pod(&pods, "crash", "phase", Duration::from_secs(5), |p| phase(
+            p
+        )
+        .map(str::to_owned))
+        .await,
+        "Running"
+    );
+
+    // A failing liveness probe restarts the container.
+    let restarted = wait_pod(
+        &pods,
+        "liveness",
+        "restarted by its liveness probe",
+        Duration::from_secs(60),
+        |p| {
+            let c = container(p, "app")?;
+            (c.restart_count >= 1).then(|| c.clone())
+        },
+    )
+    .await;
+    let killed = restarted.last_state.unwrap().terminated.unwrap();
+    assert_ne!(killed.exit_code, 0);
+
+    // Readiness flips Ready on, then off, as the probe's file comes and goes.
+    wait_pod(
+        &pods,
+        "readiness",
+        "Running but not Ready",
+        Duration::from_secs(60),
+        |p| {
+            (phase(p) == Some("Running") && condition(p, "Ready").as_deref() == Some("False"))
+                .then_some(())
+        },
+    )
+    .await;
+    std::fs::write(host_dir.path().join("ready"), "").unwrap();
+    wait_pod(&pods, "readiness", "Ready", Duration::from_secs(30), |p| {
+        (condition(p, "Ready").as_deref() == Some("True")).then_some(())
+    })
+    .await;
+    std::fs::remove_file(host_dir.path().join("ready")).unwrap();
+    wait_pod(
+        &pods,
+        "readiness",
+        "not Ready once the probe fails",
+        Duration::from_secs(30),
+        |p| {
+            (condition(p, "Ready").as_deref() == Some("False") && phase(p) == Some("Running"))
+                .then_some(())
+        },
+    )
+    .await;
+    let readiness = pods.get("readiness").await.unwrap();
+    assert_eq!(
+        container(&readiness, "app").unwrap().restart_count,
+        0,
+        "readiness never restarts"
+    );
+
+    // Init containers ran in order; the app saw their work and its own pod IP; Succeeded.
+    let init = wait_pod(&pods, "init", "Succeeded", Duration::from_secs(60), |p| {
+        (phase(p) == Some("Succeeded")).then(|| p.clone())
+    })
+    .await;
+    let done = container(&init, "app")
+        .unwrap()
+        .state
+        .clone()
+        .unwrap()
+        .terminated
+        .unwrap();
+    let message = done.message.unwrap_or_default();
+    let init_ip = init
+        .status
+        .as_ref()
+        .unwrap()
+        .pod_ip
+        .clone()
+        .unwrap_or_default();
+    // Init order, the downward env, and the projected service-account volume (namespace file
+    // and a TokenRequest token).
+    assert_eq!(
+        message.trim(),
+        format!("12{init_ip}\n{}token", namespace.name()),
+        "termination message"
+    );
+    assert_eq!(done.reason.as_deref(), Some("Completed"));
+    for name in ["first", "second"] {
+        let t = container(&init, name)
+            .unwrap()
+            .state
+            .clone()
+            .unwrap()
+            .terminated
+            .unwrap();
+        assert_eq!(t.exit_code, 0, "{name}");
+    }
+    assert_eq!(condition(&init, "Initialized").as_deref(), Some("True"));
+
+    // A Job-style pod that fails ends Failed, and is never restarted.
+    let failed = wait_pod(&pods, "job-fails", "Failed", Duration::from_secs(60), |p| {
+        (phase(p) == Some("Failed")).then(|| p.clone())
+    })
+    .await;
+    let t = container(&failed, "job")
+        .unwrap()
+        .state
+        .clone()
+        .unwrap()
+        .terminated
+        .unwrap();
+    assert_eq!((t.exit_code, t.reason.as_deref()), (3, Some("Error")));
+    assert_eq!(container(&failed, "job").unwrap().restart_count, 0);
+
+    // A bad image: ErrImagePull, then ImagePullBackOff.
+    wait_pod(
+        &pods,
+        "bad-image",
+        "ErrImagePull",
+        Duration::from_secs(60),
+        |p| (waiting_reason(p, "app").as_deref() == Some("ErrImagePull")).then_some(()),
+    )
+    .await;
+    wait_pod(
+        &pods,
+        "bad-image",
+        "ImagePullBackOff",
+        Duration::from_secs(30),
+        |p| (waiting_reason(p, "app").as_deref() == Some("ImagePullBackOff")).then_some(()),
+    )
+    .await;
+
+    // A bad spec fails only that pod, with a message naming what is missing.
+    let bad = wait_pod(
+        &pods,
+        "bad-spec",
+        "CreateContainerConfigError",
+        Duration::from_secs(60),
+        |p| {
+            (waiting_reason(p, "app").as_deref() == Some("CreateContainerConfigError"))
+                .then(|| p.clone())
+        },
+    )
+    .await;
+    let message = container(&bad, "app")
+        .unwrap()
+        .state
+        .clone()
+        .unwrap()
+        .waiting
+        .unwrap()
+        .message
+        .unwrap_or_default();
+    assert!(message.contains("missing-config"), "{message}");
+    assert_eq!(phase(&bad), Some("Pending"));
+
+    // postStart ran; deletion runs preStop, and the pod leaves the API only when it is gone.
+    wait_pod(&pods, "prestop", "Running", Duration::from_secs(60), |p| {
+        (phase(p) == Some("Running")).then_some(())
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(host_dir.path().join("poststart"))
+            .unwrap_or_default()
+            .trim(),
+        "started"
+    );
+    pods.delete(
+        "prestop",
+        &DeleteParams {
+            grace_period_seconds: Some(10),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    eventually(
+        "the deleted pod to be confirmed gone",
+        Duration::from_secs(40),
+        || {
+            let pods = pods.clone();
+            async move { pods.get_opt("prestop").await.ok()?.is_none().then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(host_dir.path().join("prestop"))
+            .unwrap_or_default()
+            .trim(),
+        "stopped-gracefully"
+    );
+
+    // SIGKILL the kubelet and start it again: nothing restarts, statuses stay.
+    kubelet.kill9();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    kubelet.restart().await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let web = pods.get("web").await.unwrap();
+    let c = container(&web, "web").unwrap();
+    assert_eq!(
+        c.container_id, web_container,
+        "the web container was replaced after a kubelet restart"
+    );
+    assert_eq!(c.restart_count, 0);
+    assert!(
+        c.ready,
+        "the web container went unready across a kubelet restart"
+    );
+    assert_eq!(condition(&web, "Ready").as_deref(), Some("True"));
+
+    // Cleanup through the kubelet: every pod deleted and confirmed.
+    pods.delete_collection(
+        &DeleteParams {
+            grace_period_seconds: Some(1),
+            ..Default::default()
+        },
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    eventually(
+        "every pod of the suite to be gone",
+        Duration::from_secs(60),
+        || {
+            let pods = pods.clone();
+            async move {
+                pods.list(&Default::default())
+                    .await
+                    .ok()?
+                    .items
+                    .is_empty()
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "containerd tier (root) with the cluster tier: run as root via ./scripts/test, or scripts/substrate up && cargo build -p tug && cargo test -p tug-tests --test kubelet_pods -- --ignored"]
+async fn pods_run_on_tug_shim() {
+    require(Tier::Containerd);
+    let shim = TugShim::start("kubelet-pods", "10.254.10.0/24").await;
+    let mut kubelet = TugKubelet::start("tug-pods", &shim.socket, "192.0.2.21").await;
+    Box::pin(suite(&mut kubelet, "10.254.10.", "tug")).await;
+}
+
+#[tokio::test]
+#[ignore = "containerd tier (root) with the cluster tier: run as root via ./scripts/test, or scripts/substrate up && cargo build -p tug && cargo test -p tug-tests --test kubelet_pods -- --ignored"]
+async fn the_same_pods_run_on_containerds_own_cri() {
+    require(Tier::Containerd);
+    let substrate = Substrate::from_env();
+    let _cni = install_tug_cni(&substrate, "10.254.11.0/24");
+    let mut kubelet = TugKubelet::start(
+        "cri-pods",
+        Path::new(&substrate.containerd_sock),
+        "192.0.2.22",
+    )
+    .await;
+    Box::pin(suite(&mut kubelet, "10.254.11.", "containerd")).await;
+}
