@@ -42,6 +42,10 @@ pub struct KubeletConfiguration {
     pub healthz_bind_address: String,
     /// Static pod manifests.
     pub static_pod_path: String,
+    /// The unauthenticated read-only port (0: off, the default).
+    pub read_only_port: u16,
+    /// The address the kubelet's ports bind to.
+    pub address: String,
     /// Everything else, reported as not acted on.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_yaml::Value>,
@@ -77,6 +81,8 @@ impl Default for KubeletConfiguration {
             healthz_port: 10248,
             healthz_bind_address: "127.0.0.1".into(),
             static_pod_path: String::new(),
+            read_only_port: 0,
+            address: "0.0.0.0".into(),
             other: BTreeMap::new(),
         }
     }

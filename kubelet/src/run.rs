@@ -1,9 +1,11 @@
 //! The whole kubelet: the node agent (registration, Lease, node status) and the pod manager
-//! against the API, or the pod manager alone in standalone mode, plus the local `/healthz`.
+//! against the API, or the pod manager alone in standalone mode, plus the local `/healthz` and,
+//! when configured, the read-only port.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -30,25 +32,68 @@ pub struct KubeletConfig {
     pub relist: Duration,
     /// Where `/healthz` answers (127.0.0.1:10248), if anywhere.
     pub healthz: Option<SocketAddr>,
+    /// The read-only port (`/healthz`, `/pods`; unauthenticated, so off unless configured).
+    pub read_only: Option<SocketAddr>,
+    /// Static pod manifests.
+    pub static_pod_path: Option<PathBuf>,
 }
 
-async fn serve_healthz(address: SocketAddr) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(address).await?;
-    tracing::info!(%address, "serving /healthz");
+type Routes = Arc<dyn Fn(&str) -> Option<(&'static str, String)> + Send + Sync>;
+
+/// A minimal HTTP/1 GET server: `routes` maps a path to a content type and body.
+async fn serve(listener: tokio::net::TcpListener, routes: Routes) -> std::io::Result<()> {
     loop {
         let (mut socket, _) = listener.accept().await?;
+        let routes = routes.clone();
         tokio::spawn(async move {
-            let mut buffer = [0u8; 1024];
+            let mut buffer = [0u8; 2048];
             let n = socket.read(&mut buffer).await.unwrap_or(0);
             let request = String::from_utf8_lossy(&buffer[..n]);
-            let reply = if request.starts_with("GET /healthz ") {
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
-            } else {
-                "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 10\r\nConnection: close\r\n\r\nnot found\n"
+            let mut words = request.split_whitespace();
+            let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+            let path = path.split('?').next().unwrap_or(path);
+            let (status, kind, body) = match (method, routes(path)) {
+                ("GET", Some((kind, body))) => ("200 OK", kind, body),
+                ("GET", None) => (
+                    "404 Not Found",
+                    "text/plain",
+                    "404 page not found\n".to_owned(),
+                ),
+                _ => (
+                    "405 Method Not Allowed",
+                    "text/plain",
+                    "only GET\n".to_owned(),
+                ),
             };
+            let reply = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
             let _ = socket.write_all(reply.as_bytes()).await;
         });
     }
+}
+
+async fn listen(address: SocketAddr, what: &str) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{what} on {address}: {e}")))
+}
+
+/// The pods this kubelet runs, with their current status, as a PodList (`/pods`).
+pub fn pod_list(shared: &pods::worker::Shared) -> String {
+    let mut items: Vec<k8s_openapi::api::core::v1::Pod> = shared
+        .statuses
+        .lock()
+        .expect("statuses lock")
+        .values()
+        .cloned()
+        .collect();
+    items.sort_by(|a, b| {
+        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+    });
+    serde_json::json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
+        .to_string()
 }
 
 /// Runs the kubelet until `shutdown`; the pods keep running after it returns.
@@ -60,17 +105,43 @@ pub async fn run(
     std::fs::create_dir_all(config.root_dir.join("pods"))?;
     let cri = Cri::new(&config.cri_endpoint);
     let host = node::read_host(&config.root_dir);
-    let healthz = match config.healthz {
-        Some(address) => {
-            // Bind now so a taken port is an error at start, not a log line later.
-            let probe = std::net::TcpListener::bind(address).map_err(|e| {
-                std::io::Error::new(e.kind(), format!("/healthz on {address}: {e}"))
-            })?;
-            drop(probe);
-            Some(tokio::spawn(serve_healthz(address)))
-        }
-        None => None,
+    let mut servers = Vec::new();
+    if let Some(address) = config.healthz {
+        let listener = listen(address, "/healthz").await?;
+        tracing::info!(%address, "serving /healthz");
+        let routes: Routes =
+            Arc::new(|path| (path == "/healthz").then(|| ("text/plain", "ok".to_owned())));
+        servers.push(tokio::spawn(serve(listener, routes)));
+    }
+    let manager = PodManagerConfig {
+        node_name: config.identity.name.clone(),
+        host_ips: config
+            .identity
+            .node_ips
+            .iter()
+            .map(|ip| ip.to_string())
+            .collect(),
+        node: NodeContext {
+            memory_capacity: host.memory_bytes as i64,
+            ..config.node.clone()
+        },
+        root_dir: config.root_dir.clone(),
+        allocatable: (host.cpus as i64 * 1000, host.memory_bytes as i64),
+        relist: config.relist,
+        static_pod_path: config.static_pod_path.clone(),
     };
+    let shared = pods::shared(&manager, client.clone(), cri.clone());
+    if let Some(address) = config.read_only {
+        let listener = listen(address, "the read-only port").await?;
+        tracing::warn!(%address, "serving the unauthenticated read-only port (/healthz, /pods)");
+        let shared = shared.clone();
+        let routes: Routes = Arc::new(move |path| match path {
+            "/healthz" => Some(("text/plain", "ok".to_owned())),
+            "/pods" | "/pods/" => Some(("application/json", pod_list(&shared))),
+            _ => None,
+        });
+        servers.push(tokio::spawn(serve(listener, routes)));
+    }
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -91,28 +162,12 @@ pub async fn run(
             wait(stopped.clone()),
         ))
     });
-    let manager = PodManagerConfig {
-        node_name: config.identity.name.clone(),
-        host_ips: config
-            .identity
-            .node_ips
-            .iter()
-            .map(|ip| ip.to_string())
-            .collect(),
-        node: NodeContext {
-            memory_capacity: host.memory_bytes as i64,
-            ..config.node.clone()
-        },
-        root_dir: config.root_dir.clone(),
-        allocatable: (host.cpus as i64 * 1000, host.memory_bytes as i64),
-        relist: config.relist,
-    };
-    pods::run(manager, client, cri, wait(stopped)).await;
+    pods::run(manager, shared, wait(stopped)).await;
     if let Some(agent) = agent {
         let _ = agent.await;
     }
-    if let Some(healthz) = healthz {
-        healthz.abort();
+    for server in servers {
+        server.abort();
     }
     Ok(())
 }

@@ -51,6 +51,12 @@ pub struct KubeletArgs {
     /// Labels to register the Node with: key=value, comma-separated.
     #[arg(long, value_delimiter = ',')]
     node_labels: Vec<String>,
+    /// A directory of static pod manifests (watched).
+    #[arg(long)]
+    pod_manifest_path: Option<PathBuf>,
+    /// The unauthenticated read-only port (/healthz, /pods); 0 (the default) keeps it off.
+    #[arg(long)]
+    read_only_port: Option<u16>,
     /// The kubelet's state directory.
     #[arg(long, default_value = "/var/lib/kubelet")]
     root_dir: PathBuf,
@@ -109,10 +115,11 @@ fn config_from(args: &KubeletArgs) -> anyhow::Result<KubeletConfiguration> {
             .collect::<anyhow::Result<_>>()
             .context("--register-with-taints")?;
     }
-    if !file.static_pod_path.is_empty() {
-        bail!(
-            "staticPodPath: static pods are not supported by tug's kubelet yet (issue #7); remove the field"
-        );
+    if let Some(path) = &args.pod_manifest_path {
+        file.static_pod_path = path.display().to_string();
+    }
+    if let Some(port) = args.read_only_port {
+        file.read_only_port = port;
     }
     Ok(file)
 }
@@ -184,10 +191,21 @@ pub async fn run(args: KubeletArgs) -> anyhow::Result<()> {
         relist: Duration::from_secs(1),
         healthz: (file.healthz_port != 0)
             .then(|| {
-                format!("{}:{}", file.healthz_bind_address, file.healthz_port).parse::<SocketAddr>()
+                (file.healthz_bind_address.parse::<IpAddr>())
+                    .map(|ip| SocketAddr::new(ip, file.healthz_port))
             })
             .transpose()
             .context("healthzBindAddress/healthzPort")?,
+        read_only: (file.read_only_port != 0)
+            .then(|| {
+                file.address
+                    .parse::<IpAddr>()
+                    .map(|ip| SocketAddr::new(ip, file.read_only_port))
+            })
+            .transpose()
+            .context("address/readOnlyPort")?,
+        static_pod_path: (!file.static_pod_path.is_empty())
+            .then(|| PathBuf::from(&file.static_pod_path)),
     };
     serve(config, client, crate::shutdown::signalled())
         .await

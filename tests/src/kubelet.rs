@@ -14,6 +14,17 @@ use crate::cluster::{client_from_kubeconfig, cluster, unique_name};
 use crate::cni::tug_binary;
 use crate::eventually::eventually;
 
+/// How to run it beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// No kubeconfig: standalone, static pods only.
+    pub standalone: bool,
+    /// `--pod-manifest-path`.
+    pub manifests: Option<PathBuf>,
+    /// `--read-only-port`.
+    pub read_only_port: Option<u16>,
+}
+
 /// A running `tug kubelet`.
 #[derive(Debug)]
 pub struct TugKubelet {
@@ -27,14 +38,29 @@ pub struct TugKubelet {
     pub root_dir: PathBuf,
     /// Its pod log dir.
     pub logs_dir: PathBuf,
+    options: Options,
     _dirs: Vec<tempfile::TempDir>,
 }
 
 impl TugKubelet {
     /// Starts `tug kubelet` against the CRI at `endpoint` and waits for its Node to be Ready.
     pub async fn start(prefix: &str, endpoint: &Path, node_ip: &str) -> TugKubelet {
+        TugKubelet::start_with(prefix, endpoint, node_ip, Options::default()).await
+    }
+
+    /// Starts it with `options`; a standalone kubelet is ready when its read-only port answers.
+    pub async fn start_with(
+        prefix: &str,
+        endpoint: &Path,
+        node_ip: &str,
+        options: Options,
+    ) -> TugKubelet {
         let name = unique_name(prefix);
-        let kubeconfig = cluster().node_kubeconfig(&name).await;
+        let kubeconfig = if options.standalone {
+            String::new()
+        } else {
+            cluster().node_kubeconfig(&name).await
+        };
         let dir = tempfile::tempdir().expect("temp dir");
         let root_dir = dir.path().join("root");
         let logs_dir = dir.path().join("logs");
@@ -51,12 +77,10 @@ impl TugKubelet {
         )
         .expect("write the kubelet config");
         let path = |p: &Path| p.display().to_string();
-        let args = vec![
+        let mut args = vec![
             "kubelet".to_owned(),
             "--config".into(),
             path(&config_path),
-            "--kubeconfig".into(),
-            path(&kubeconfig_path),
             "--hostname-override".into(),
             name.clone(),
             "--node-ip".into(),
@@ -66,6 +90,15 @@ impl TugKubelet {
             "--node-labels".into(),
             "tug.io/test=kubelet".into(),
         ];
+        if !options.standalone {
+            args.extend(["--kubeconfig".to_owned(), path(&kubeconfig_path)]);
+        }
+        if let Some(dir) = &options.manifests {
+            args.extend(["--pod-manifest-path".to_owned(), path(dir)]);
+        }
+        if let Some(port) = options.read_only_port {
+            args.extend(["--read-only-port".to_owned(), port.to_string()]);
+        }
         let mut kubelet = TugKubelet {
             child: None,
             args,
@@ -73,6 +106,7 @@ impl TugKubelet {
             node_ip: node_ip.to_owned(),
             root_dir,
             logs_dir,
+            options,
             _dirs: vec![dir],
         };
         kubelet.spawn();
@@ -92,6 +126,24 @@ impl TugKubelet {
     }
 
     async fn wait_ready(&self) {
+        if self.options.standalone {
+            let port = self
+                .options
+                .read_only_port
+                .expect("a standalone kubelet in tests needs its read-only port");
+            eventually(
+                "the standalone kubelet's read-only port",
+                Duration::from_secs(30),
+                || async move {
+                    crate::http::get(&format!("127.0.0.1:{port}"), "/healthz")
+                        .ok()
+                        .filter(|r| r.starts_with("HTTP/1.1 200"))
+                        .map(|_| ())
+                },
+            )
+            .await;
+            return;
+        }
         let nodes: Api<Node> = Api::all(cluster().admin().await);
         let name = self.name.clone();
         eventually(
@@ -132,6 +184,9 @@ impl TugKubelet {
 impl Drop for TugKubelet {
     fn drop(&mut self) {
         self.kill9();
+        if self.options.standalone {
+            return;
+        }
         let (name, kubeconfig) = (
             self.name.clone(),
             cluster().admin_kubeconfig_path().to_owned(),

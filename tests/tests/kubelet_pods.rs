@@ -17,7 +17,7 @@ use serde_json::json;
 use tug_tests::cluster::cluster;
 use tug_tests::cri::install_tug_cni;
 use tug_tests::eventually::eventually;
-use tug_tests::kubelet::TugKubelet;
+use tug_tests::kubelet::{Options, TugKubelet};
 use tug_tests::shim::TugShim;
 use tug_tests::substrate::Substrate;
 use tug_tests::tier::{Tier, require};
@@ -93,32 +93,6 @@ fn waiting_reason(pod: &Pod, name: &str) -> Option<String> {
         .as_ref()?
         .reason
         .clone()
-}
-
-async fn http_get(ip: &str, port: u16, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let address = if ip.contains(':') {
-        format!("[{ip}]:{port}")
-    } else {
-        format!("{ip}:{port}")
-    };
-    let mut stream = tokio::time::timeout(
-        Duration::from_secs(2),
-        tokio::net::TcpStream::connect(&address),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut body = String::new();
-    tokio::time::timeout(Duration::from_secs(2), stream.read_to_string(&mut body))
-        .await
-        .ok()?
-        .ok()?;
-    Some(body)
 }
 
 async fn suite(kubelet: &mut TugKubelet, cidr_prefix: &str, runtime_name: &str) {
@@ -230,9 +204,7 @@ async fn suite(kubelet: &mut TugKubelet, cidr_prefix: &str, runtime_name: &str) 
         c.container_id
     );
     assert!(!c.image_id.is_empty());
-    let body = http_get(&ip, 8080, "/")
-        .await
-        .expect("the pod answers on its IP");
+    let body = tug_tests::http::get(&format!("{ip}:8080"), "/").expect("the pod answers on its IP");
     assert!(body.contains("tug-test http"), "{body}");
     let web_container = c.container_id.clone();
 
@@ -553,4 +525,179 @@ async fn the_same_pods_run_on_containerds_own_cri() {
     )
     .await;
     Box::pin(suite(&mut kubelet, "10.254.11.", "containerd")).await;
+}
+
+fn manifest(name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: kube-system\nspec:\n  containers:\n  - name: web\n    image: {}\n    readinessProbe:\n      httpGet: {{path: /healthz, port: 8080}}\n      periodSeconds: 1\n",
+        image("http")
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The read-only port's `/pods`, as JSON.
+fn local_pods(port: u16) -> Option<serde_json::Value> {
+    let response = tug_tests::http::get(&format!("127.0.0.1:{port}"), "/pods").ok()?;
+    let body = response.split("\r\n\r\n").nth(1)?;
+    serde_json::from_str(body).ok()
+}
+
+#[tokio::test]
+#[ignore = "containerd tier (root): run as root via ./scripts/test, or scripts/substrate up && cargo build -p tug && cargo test -p tug-tests --test kubelet_pods -- --ignored"]
+async fn standalone_static_pods_run_and_show_on_the_read_only_port() {
+    require(Tier::Containerd);
+    let shim = TugShim::start("kubelet-static", "10.254.12.0/24").await;
+    let manifests = tempfile::tempdir().unwrap();
+    std::fs::write(manifests.path().join("web.yaml"), manifest("web")).unwrap();
+    std::fs::write(
+        manifests.path().join("broken.yaml"),
+        "kind: Pod\nspec: {}\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let options = Options {
+        standalone: true,
+        manifests: Some(manifests.path().to_owned()),
+        read_only_port: Some(port),
+    };
+    let kubelet = TugKubelet::start_with("standalone", &shim.socket, "192.0.2.23", options).await;
+    let name = format!("web-{}", kubelet.name);
+    let pod = eventually(
+        "the static pod to run and be ready",
+        Duration::from_secs(60),
+        || {
+            let name = name.clone();
+            async move {
+                let list = local_pods(port)?;
+                let pod = list["items"]
+                    .as_array()?
+                    .iter()
+                    .find(|p| p["metadata"]["name"] == name.as_str())?
+                    .clone();
+                (pod["status"]["phase"] == "Running"
+                    && pod["status"]["conditions"]
+                        .as_array()?
+                        .iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True"))
+                .then_some(pod)
+            }
+        },
+    )
+    .await;
+    assert_eq!(pod["metadata"]["namespace"], "kube-system");
+    assert_eq!(
+        pod["metadata"]["annotations"]["kubernetes.io/config.source"],
+        "file"
+    );
+    let ip = pod["status"]["podIP"].as_str().unwrap().to_owned();
+    assert!(ip.starts_with("10.254.12."), "{ip}");
+    let body = tug_tests::http::get(&format!("{ip}:8080"), "/").expect("the static pod answers");
+    assert!(body.contains("tug-test http"));
+    // The broken manifest is skipped, nothing else is affected; removing a manifest stops its pod.
+    assert_eq!(
+        local_pods(port).unwrap()["items"].as_array().unwrap().len(),
+        1
+    );
+    std::fs::remove_file(manifests.path().join("web.yaml")).unwrap();
+    eventually(
+        "the static pod to be gone",
+        Duration::from_secs(60),
+        || async move {
+            local_pods(port)?["items"]
+                .as_array()?
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+    let mut cri = shim.cri().await;
+    let sandboxes = cri
+        .runtime
+        .list_pod_sandbox(k8s_cri::v1::ListPodSandboxRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert!(
+        sandboxes.is_empty(),
+        "the static pod's sandbox is still in the runtime: {sandboxes:?}"
+    );
+}
+
+#[tokio::test]
+#[ignore = "containerd tier (root) with the cluster tier: run as root via ./scripts/test, or scripts/substrate up && cargo build -p tug && cargo test -p tug-tests --test kubelet_pods -- --ignored"]
+async fn static_pods_get_mirror_pods_in_the_api() {
+    require(Tier::Containerd);
+    let shim = TugShim::start("kubelet-mirror", "10.254.13.0/24").await;
+    let manifests = tempfile::tempdir().unwrap();
+    std::fs::write(manifests.path().join("web.yaml"), manifest("mirrored")).unwrap();
+    let options = Options {
+        manifests: Some(manifests.path().to_owned()),
+        ..Default::default()
+    };
+    let kubelet = TugKubelet::start_with("mirror", &shim.socket, "192.0.2.24", options).await;
+    let pods: Api<Pod> = Api::namespaced(cluster().admin().await, "kube-system");
+    let name = format!("mirrored-{}", kubelet.name);
+    let mirror = wait_pod(
+        &pods,
+        &name,
+        "a Ready mirror pod",
+        Duration::from_secs(60),
+        |p| (condition(p, "Ready").as_deref() == Some("True")).then(|| p.clone()),
+    )
+    .await;
+    let annotations = mirror.metadata.annotations.clone().unwrap_or_default();
+    assert!(
+        annotations.contains_key("kubernetes.io/config.mirror"),
+        "{annotations:?}"
+    );
+    let owner = mirror.metadata.owner_references.clone().unwrap_or_default();
+    assert_eq!(owner.first().map(|o| o.kind.as_str()), Some("Node"));
+    let container_id = container(&mirror, "web").unwrap().container_id.clone();
+    // Deleting the mirror does not touch the static pod; the kubelet puts the mirror back.
+    pods.delete(
+        &name,
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let again = wait_pod(
+        &pods,
+        &name,
+        "a new mirror pod",
+        Duration::from_secs(60),
+        |p| {
+            (p.metadata.uid != mirror.metadata.uid
+                && condition(p, "Ready").as_deref() == Some("True"))
+            .then(|| p.clone())
+        },
+    )
+    .await;
+    assert_eq!(
+        container(&again, "web").unwrap().container_id,
+        container_id,
+        "the static pod's container was restarted"
+    );
+    // Removing the manifest removes the pod and its mirror.
+    std::fs::remove_file(manifests.path().join("web.yaml")).unwrap();
+    eventually(
+        "the mirror pod to be deleted",
+        Duration::from_secs(60),
+        || {
+            let pods = pods.clone();
+            let name = name.clone();
+            async move { pods.get_opt(&name).await.ok()?.is_none().then_some(()) }
+        },
+    )
+    .await;
 }

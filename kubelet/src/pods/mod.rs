@@ -18,6 +18,7 @@ pub mod observed;
 pub mod plan;
 pub mod probe;
 pub mod quantity;
+pub mod static_pods;
 pub mod status;
 pub mod translate;
 pub mod volumes;
@@ -57,6 +58,8 @@ pub struct PodManagerConfig {
     /// How often the runtime is relisted when it streams no events (1 s, upstream's PLEG);
     /// with events, ten times that.
     pub relist: Duration,
+    /// The static pod manifest directory, if any.
+    pub static_pod_path: Option<PathBuf>,
 }
 
 struct Handle {
@@ -71,10 +74,32 @@ pub type Statuses = Arc<Shared>;
 struct Manager {
     shared: Arc<Shared>,
     workers: HashMap<String, Handle>,
+    statics: HashSet<String>,
 }
 
 impl Manager {
     fn apply(&mut self, pod: Pod) {
+        if static_pods::is_mirror(&pod) {
+            let hash = pod
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(static_pods::CONFIG_MIRROR))
+                .cloned()
+                .unwrap_or_default();
+            let new = self
+                .shared
+                .mirrors
+                .lock()
+                .expect("mirrors lock")
+                .insert(hash.clone(), pod.clone())
+                .is_none_or(|old| old.metadata.uid != pod.metadata.uid);
+            if new {
+                // A new mirror pod needs the static pod's status.
+                self.wake(&hash);
+            }
+            return;
+        }
         let Some(uid) = pod.metadata.uid.clone() else {
             return;
         };
@@ -113,6 +138,11 @@ impl Manager {
     }
 
     fn delete(&mut self, pod: &Pod) {
+        if static_pods::is_mirror(pod) {
+            let mut mirrors = self.shared.mirrors.lock().expect("mirrors lock");
+            mirrors.retain(|_, m| m.metadata.uid != pod.metadata.uid);
+            return;
+        }
         let Some(uid) = pod.metadata.uid.as_deref() else {
             return;
         };
@@ -137,8 +167,133 @@ impl Manager {
         }
     }
 
+    /// Brings the static pods in line with the manifest directory.
+    fn sync_static(&mut self, dir: &std::path::Path, reported: &mut HashSet<String>) {
+        let (pods, errors) = static_pods::load_dir(dir, &self.shared.node_name);
+        for (path, error) in errors {
+            if reported.insert(format!("{}:{error}", path.display())) {
+                tracing::warn!(file = %path.display(), %error, "ignoring a static pod manifest");
+            }
+        }
+        let wanted: HashSet<String> = pods.iter().filter_map(|p| p.metadata.uid.clone()).collect();
+        let stale: Vec<String> = self
+            .statics
+            .iter()
+            .filter(|uid| !wanted.contains(*uid))
+            .cloned()
+            .collect();
+        for uid in stale {
+            tracing::info!(pod = %uid, "static pod manifest removed or changed; stopping its pod");
+            if let Some(handle) = self.workers.get(&uid) {
+                handle.updates.send_replace(None);
+            }
+            self.statics.remove(&uid);
+        }
+        for pod in pods {
+            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            if self.statics.insert(uid.clone()) {
+                tracing::info!(pod = ?pod.metadata.name, %uid, "static pod from its manifest");
+                self.spawn(uid, Some(pod));
+            }
+        }
+        *self.shared.static_pods.lock().expect("static lock") = self
+            .workers
+            .iter()
+            .filter(|(uid, _)| self.statics.contains(*uid))
+            .filter_map(|(_, h)| h.updates.borrow().clone())
+            .collect();
+    }
+
     fn reap(&mut self) {
         self.workers.retain(|_, h| !h.task.is_finished());
+    }
+}
+
+/// Keeps one mirror pod per static pod in the API, and none for static pods that are gone.
+async fn sync_mirrors(shared: &Shared, client: &kube::Client) {
+    let statics: Vec<Pod> = shared.static_pods.lock().expect("static lock").clone();
+    let mirrors: Vec<Pod> = shared
+        .mirrors
+        .lock()
+        .expect("mirrors lock")
+        .values()
+        .cloned()
+        .collect();
+    let node_uid = async {
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+        nodes
+            .get_opt(&shared.node_name)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|n| n.metadata.uid)
+    };
+    let mut node_uid_cache = None;
+    let mut node_uid = Some(node_uid);
+    for mirror in &mirrors {
+        let hash = mirror
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(static_pods::CONFIG_MIRROR));
+        let current = statics.iter().any(|p| {
+            static_pods::hash(p) == hash.map(String::as_str)
+                && p.metadata.name == mirror.metadata.name
+        });
+        if !current {
+            let api: Api<Pod> = Api::namespaced(
+                client.clone(),
+                mirror.metadata.namespace.as_deref().unwrap_or("default"),
+            );
+            let params = kube::api::DeleteParams {
+                grace_period_seconds: Some(0),
+                preconditions: Some(kube::api::Preconditions {
+                    uid: mirror.metadata.uid.clone(),
+                    resource_version: None,
+                }),
+                ..Default::default()
+            };
+            if let Err(error) = api
+                .delete(mirror.metadata.name.as_deref().unwrap_or_default(), &params)
+                .await
+            {
+                tracing::debug!(%error, "deleting a stale mirror pod failed");
+            }
+        }
+    }
+    for pod in &statics {
+        let hash = static_pods::hash(pod).unwrap_or_default();
+        if mirrors.iter().any(|m| {
+            m.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(static_pods::CONFIG_MIRROR))
+                .map(String::as_str)
+                == Some(hash)
+        }) {
+            continue;
+        }
+        if node_uid_cache.is_none()
+            && let Some(lookup) = node_uid.take()
+        {
+            node_uid_cache = Some(lookup.await);
+        }
+        let mirror = static_pods::mirror(
+            pod,
+            &shared.node_name,
+            node_uid_cache.clone().flatten().as_deref(),
+        );
+        let api: Api<Pod> = Api::namespaced(
+            client.clone(),
+            pod.metadata.namespace.as_deref().unwrap_or("default"),
+        );
+        match api.create(&kube::api::PostParams::default(), &mirror).await {
+            Ok(_) => tracing::info!(pod = ?pod.metadata.name, "created the mirror pod"),
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(error) => {
+                tracing::warn!(pod = ?pod.metadata.name, %error, "creating the mirror pod failed; retrying")
+            }
+        }
     }
 }
 
@@ -189,13 +344,9 @@ async fn relist(cri: &Cri) -> Option<BTreeMap<String, Vec<(String, i32)>>> {
     Some(out)
 }
 
-/// Runs the pods bound to this node until `shutdown`. Pods keep running when it returns.
-pub async fn run(
-    config: PodManagerConfig,
-    client: Option<kube::Client>,
-    cri: Cri,
-    shutdown: impl Future<Output = ()>,
-) -> Arc<Shared> {
+/// What the workers share, from the configuration, the API client (none when standalone) and
+/// the runtime.
+pub fn shared(config: &PodManagerConfig, client: Option<kube::Client>, cri: Cri) -> Arc<Shared> {
     let recorder = client.clone().map(|c| {
         Recorder::new(
             c,
@@ -205,22 +356,40 @@ pub async fn run(
             },
         )
     });
-    let shared = Arc::new(Shared {
-        cri: cri.clone(),
+    Arc::new(Shared {
+        cri,
         node: config.node.clone(),
         node_name: config.node_name.clone(),
         host_ips: config.host_ips.clone(),
         root_dir: config.root_dir.clone(),
-        client: client.clone(),
+        client,
         recorder,
         runtime_name: tokio::sync::OnceCell::new(),
         allocatable: config.allocatable,
         statuses: Default::default(),
-    });
+        mirrors: Default::default(),
+        static_pods: Default::default(),
+    })
+}
+
+/// Runs the pods bound to this node until `shutdown`. Pods keep running when it returns.
+pub async fn run(
+    config: PodManagerConfig,
+    shared: Arc<Shared>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let client = shared.client.clone();
+    let cri = shared.cri.clone();
     let mut manager = Manager {
         shared: shared.clone(),
         workers: HashMap::new(),
+        statics: HashSet::new(),
     };
+    let mut reported = HashSet::new();
+    if let Some(dir) = &config.static_pod_path {
+        manager.sync_static(dir, &mut reported);
+    }
+    let mut static_tick = tokio::time::interval(Duration::from_secs(2));
     tokio::pin!(shutdown);
 
     // Pods from the API.
@@ -277,7 +446,13 @@ pub async fn run(
                 Some(Ok(watcher::Event::InitDone)) => {
                     let present: HashSet<String> = initial.iter().filter_map(|p| p.metadata.uid.clone()).collect();
                     // Pods deleted while the watch was down.
-                    let gone: Vec<String> = manager.workers.keys().filter(|uid| !present.contains(*uid)).cloned().collect();
+                    let gone: Vec<String> = manager
+                        .workers
+                        .keys()
+                        .filter(|uid| !present.contains(*uid) && !manager.statics.contains(*uid))
+                        .cloned()
+                        .collect();
+                    shared.mirrors.lock().expect("mirrors lock").clear();
                     for uid in gone {
                         if let Some(handle) = manager.workers.get(&uid) {
                             handle.updates.send_replace(None);
@@ -298,6 +473,14 @@ pub async fn run(
                 None => break,
             },
             Some(uid) = events.recv() => manager.wake(&uid),
+            _ = static_tick.tick(), if config.static_pod_path.is_some() => {
+                if let Some(dir) = &config.static_pod_path {
+                    manager.sync_static(dir, &mut reported);
+                }
+                if listed && let Some(client) = &client {
+                    sync_mirrors(&shared, client).await;
+                }
+            }
             () = tokio::time::sleep_until(next_relist) => {
                 let period = if streaming.load(std::sync::atomic::Ordering::Relaxed) { config.relist * 10 } else { config.relist };
                 next_relist = tokio::time::Instant::now() + period;
@@ -319,5 +502,4 @@ pub async fn run(
     for (_, handle) in manager.workers.drain() {
         handle.task.abort();
     }
-    shared
 }

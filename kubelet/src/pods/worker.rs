@@ -53,6 +53,10 @@ pub struct Shared {
     pub allocatable: (i64, i64),
     /// The latest status of every pod (what the kubelet API and standalone mode show).
     pub statuses: std::sync::Mutex<HashMap<String, Pod>>,
+    /// Mirror pods in the API, by the hash (UID) of the static pod they stand for.
+    pub mirrors: std::sync::Mutex<HashMap<String, Pod>>,
+    /// The static pods now.
+    pub static_pods: std::sync::Mutex<Vec<Pod>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -115,7 +119,7 @@ pub struct Worker {
     wake: Arc<Notify>,
     failures_tx: mpsc::UnboundedSender<Failure>,
     failures: mpsc::UnboundedReceiver<Failure>,
-    written: Option<PodStatus>,
+    written: Option<(String, PodStatus)>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -1078,15 +1082,28 @@ impl Worker {
         let Some(client) = &self.shared.client else {
             return;
         };
-        if self.written.as_ref() == Some(&new) {
+        // A static pod's status goes to its mirror pod, once there is one.
+        let (target_uid, old) = if super::static_pods::is_static(pod) {
+            let mirrors = self.shared.mirrors.lock().expect("mirrors lock");
+            let Some(mirror) = mirrors.get(&self.uid) else {
+                return;
+            };
+            (
+                mirror.metadata.uid.clone().unwrap_or_default(),
+                mirror.status.clone().unwrap_or_default(),
+            )
+        } else {
+            (self.uid.clone(), pod.status.clone().unwrap_or_default())
+        };
+        let written = Some((target_uid.clone(), new.clone()));
+        if self.written == written {
             return;
         }
-        let old = pod.status.clone().unwrap_or_default();
         let Some(mut patch) = status::patch(&old, &new) else {
-            self.written = Some(new);
+            self.written = written;
             return;
         };
-        patch["metadata"] = serde_json::json!({"uid": self.uid});
+        patch["metadata"] = serde_json::json!({ "uid": target_uid });
         let api: Api<Pod> = Api::namespaced(
             client.clone(),
             pod.metadata.namespace.as_deref().unwrap_or("default"),
@@ -1099,7 +1116,7 @@ impl Worker {
             )
             .await
         {
-            Ok(_) => self.written = Some(new),
+            Ok(_) => self.written = written,
             Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
             Err(error) => {
                 tracing::warn!(pod = %self.uid, %error, "writing the pod status failed; retrying at the next sync")
