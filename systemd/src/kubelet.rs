@@ -26,6 +26,13 @@ pub struct KubeletArgs {
     /// Kubeconfig with the node's identity; without it the kubelet runs standalone.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// Kubeconfig with a bootstrap token: when `--kubeconfig` has no usable client certificate,
+    /// the kubelet requests one (TLS bootstrap) and writes `--kubeconfig`.
+    #[arg(long, requires = "kubeconfig")]
+    bootstrap_kubeconfig: Option<PathBuf>,
+    /// Where the client certificate goes (default: <root-dir>/pki).
+    #[arg(long)]
+    cert_dir: Option<PathBuf>,
     /// This node's IP addresses (comma-separated; default: the source address of the default
     /// route).
     #[arg(long, value_delimiter = ',')]
@@ -145,6 +152,15 @@ pub async fn run(args: KubeletArgs) -> anyhow::Result<()> {
     } else {
         ResolvConf::parse(&std::fs::read_to_string(&file.resolv_conf).unwrap_or_default())
     };
+    if let (Some(path), Some(bootstrap)) = (&args.kubeconfig, &args.bootstrap_kubeconfig) {
+        let cert_dir = args
+            .cert_dir
+            .clone()
+            .unwrap_or_else(|| args.root_dir.join("pki"));
+        tug_kubelet::bootstrap::ensure(path, bootstrap, &cert_dir, &name)
+            .await
+            .context("TLS bootstrap")?;
+    }
     let client = match &args.kubeconfig {
         Some(path) => Some(kubeconfig::client(path).await?),
         None => {

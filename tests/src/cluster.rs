@@ -13,17 +13,13 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use k8s_openapi::api::certificates::v1::{
-    CertificateSigningRequest, CertificateSigningRequestSpec,
-};
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::core::v1::{Namespace, Node, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::{Value, json};
 use tug_test_apiserver::{ServerConfig, TestApiServer};
-
-use crate::eventually::eventually;
 
 /// The environment variable naming a real cluster's admin kubeconfig.
 pub const KUBECONFIG_ENV: &str = "TUG_TEST_KUBECONFIG";
@@ -211,53 +207,13 @@ impl TestCluster {
     pub async fn node_kubeconfig(&self, node: &str) -> String {
         let token = self.bootstrap_token().await;
         let bootstrap = client_from_kubeconfig(&self.token_kubeconfig(Some(&token.token()))).await;
-        let key = rcgen::KeyPair::generate().expect("generate node key");
-        let mut params = rcgen::CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::OrganizationName, "system:nodes");
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, format!("system:node:{node}"));
-        let csr_pem = params
-            .serialize_request(&key)
-            .expect("build CSR")
-            .pem()
-            .expect("CSR PEM");
-        let csrs: Api<CertificateSigningRequest> = Api::all(bootstrap);
-        let name = unique_name("node-csr");
-        let csr = CertificateSigningRequest {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                ..Default::default()
-            },
-            spec: CertificateSigningRequestSpec {
-                request: k8s_openapi::ByteString(csr_pem.into_bytes()),
-                signer_name: "kubernetes.io/kube-apiserver-client-kubelet".into(),
-                usages: Some(vec!["digital signature".into(), "client auth".into()]),
-                ..Default::default()
-            },
-            status: None,
-        };
-        csrs.create(&PostParams::default(), &csr)
-            .await
-            .unwrap_or_else(|e| panic!("create CSR {name} as a bootstrap token: {e}"));
-        let cert = eventually(
-            &format!("CSR {name} to be approved and signed"),
+        let (cert, key, name) = tug_kubelet::bootstrap::request_client_certificate(
+            bootstrap,
+            node,
             Duration::from_secs(30),
-            || {
-                let csrs = csrs.clone();
-                let name = name.clone();
-                async move {
-                    let csr = csrs.get(&name).await.ok()?;
-                    csr.status?
-                        .certificate
-                        .map(|c| String::from_utf8(c.0).expect("certificate is PEM"))
-                }
-            },
         )
-        .await;
+        .await
+        .unwrap_or_else(|e| panic!("TLS bootstrap for node {node}: {e}"));
         let admin_csrs: Api<CertificateSigningRequest> = Api::all(self.admin().await);
         let _ = admin_csrs.delete(&name, &DeleteParams::default()).await;
         format!(
@@ -265,7 +221,7 @@ impl TestCluster {
             self.server_url,
             STANDARD.encode(&self.ca_pem),
             STANDARD.encode(cert),
-            STANDARD.encode(key.serialize_pem())
+            STANDARD.encode(key)
         )
     }
 

@@ -56,16 +56,22 @@ impl TugKubelet {
         options: Options,
     ) -> TugKubelet {
         let name = unique_name(prefix);
-        let kubeconfig = if options.standalone {
-            String::new()
+        // The kubelet bootstraps its own identity from a bootstrap token (TLS bootstrap).
+        let token = if options.standalone {
+            None
         } else {
-            cluster().node_kubeconfig(&name).await
+            Some(cluster().bootstrap_token().await)
         };
+        let bootstrap = token
+            .as_ref()
+            .map(|t| cluster().token_kubeconfig(Some(&t.token())))
+            .unwrap_or_default();
         let dir = tempfile::tempdir().expect("temp dir");
         let root_dir = dir.path().join("root");
         let logs_dir = dir.path().join("logs");
         let kubeconfig_path = dir.path().join("kubelet.conf");
-        std::fs::write(&kubeconfig_path, &kubeconfig).expect("write kubeconfig");
+        let bootstrap_path = dir.path().join("bootstrap-kubelet.conf");
+        std::fs::write(&bootstrap_path, &bootstrap).expect("write the bootstrap kubeconfig");
         let config_path = dir.path().join("config.yaml");
         std::fs::write(
             &config_path,
@@ -91,7 +97,12 @@ impl TugKubelet {
             "tug.io/test=kubelet".into(),
         ];
         if !options.standalone {
-            args.extend(["--kubeconfig".to_owned(), path(&kubeconfig_path)]);
+            args.extend([
+                "--kubeconfig".to_owned(),
+                path(&kubeconfig_path),
+                "--bootstrap-kubeconfig".to_owned(),
+                path(&bootstrap_path),
+            ]);
         }
         if let Some(dir) = &options.manifests {
             args.extend(["--pod-manifest-path".to_owned(), path(dir)]);
@@ -111,6 +122,13 @@ impl TugKubelet {
         };
         kubelet.spawn();
         kubelet.wait_ready().await;
+        drop(token);
+        if !kubelet.options.standalone {
+            assert!(
+                kubeconfig_path.exists(),
+                "the kubelet wrote no kubeconfig after its TLS bootstrap"
+            );
+        }
         kubelet
     }
 

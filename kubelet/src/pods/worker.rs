@@ -248,6 +248,12 @@ impl Worker {
                     return Flow::Again(Some(Duration::from_secs(2)));
                 }
             };
+            // The runtime's name makes container IDs, which the probers' seeds are matched by.
+            if self.shared.runtime_name.get().is_none()
+                && let Ok(name) = self.shared.cri.runtime_name().await
+            {
+                let _ = self.shared.runtime_name.set(name);
+            }
             self.sync_probers(pod, &observed);
             let decision = decide(pod, &observed, &self.unhealthy(), &self.backoff, now_ns());
             wake_at = decision.wake_at;

@@ -1,0 +1,272 @@
+//! Kubelet TLS bootstrap: with a bootstrap kubeconfig (a bootstrap token) and no usable
+//! kubeconfig of its own, the kubelet generates a key that never leaves the node, asks for a
+//! client certificate with a CertificateSigningRequest (signer
+//! `kubernetes.io/kube-apiserver-client-kubelet`, subject `O=system:nodes,
+//! CN=system:node:<node>`), waits until it is issued, and writes the certificate and key
+//! (`<cert-dir>/kubelet-client-<time>.pem`, 0600, linked from `kubelet-client-current.pem`) and
+//! a kubeconfig that uses them, as upstream's kubelet does.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use k8s_openapi::api::certificates::v1::{
+    CertificateSigningRequest, CertificateSigningRequestSpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Api;
+use kube::api::PostParams;
+
+/// Why the bootstrap failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    /// The bootstrap kubeconfig cannot be used.
+    #[error("bootstrap kubeconfig {path}: {message}")]
+    Kubeconfig {
+        /// Its path.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The API refused or failed the CSR.
+    #[error("certificate signing request: {0}")]
+    Csr(String),
+    /// It was not issued in time.
+    #[error(
+        "certificate signing request {name} was not issued within {seconds}s (is a CSR approver running for signer kubernetes.io/kube-apiserver-client-kubelet?)"
+    )]
+    Timeout {
+        /// The CSR.
+        name: String,
+        /// The wait.
+        seconds: u64,
+    },
+    /// Files could not be written.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// A key and the CSR for `node`'s client certificate (ECDSA P-256, as upstream).
+pub fn client_csr(node: &str) -> Result<(rcgen::KeyPair, String), String> {
+    let key = rcgen::KeyPair::generate().map_err(|e| format!("generate the node key: {e}"))?;
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "system:nodes");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("system:node:{node}"));
+    let pem = params
+        .serialize_request(&key)
+        .and_then(|r| r.pem())
+        .map_err(|e| format!("build the CSR: {e}"))?;
+    Ok((key, pem))
+}
+
+/// Asks the API for a client certificate for `node` and waits until it is issued; returns the
+/// certificate (PEM), the key (PEM) and the CSR's name.
+pub async fn request_client_certificate(
+    client: kube::Client,
+    node: &str,
+    wait: Duration,
+) -> Result<(String, String, String), BootstrapError> {
+    let (key, pem) = client_csr(node).map_err(BootstrapError::Csr)?;
+    let csrs: Api<CertificateSigningRequest> = Api::all(client);
+    let csr = CertificateSigningRequest {
+        metadata: ObjectMeta {
+            generate_name: Some("node-csr-".into()),
+            ..Default::default()
+        },
+        spec: CertificateSigningRequestSpec {
+            request: k8s_openapi::ByteString(pem.into_bytes()),
+            signer_name: "kubernetes.io/kube-apiserver-client-kubelet".into(),
+            usages: Some(vec!["digital signature".into(), "client auth".into()]),
+            ..Default::default()
+        },
+        status: None,
+    };
+    let created = csrs
+        .create(&PostParams::default(), &csr)
+        .await
+        .map_err(|e| BootstrapError::Csr(e.to_string()))?;
+    let name = created.metadata.name.clone().unwrap_or_default();
+    tracing::info!(csr = %name, "waiting for the client certificate to be issued");
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let csr = csrs
+            .get(&name)
+            .await
+            .map_err(|e| BootstrapError::Csr(format!("get {name}: {e}")))?;
+        let status = csr.status.unwrap_or_default();
+        for condition in status.conditions.iter().flatten() {
+            if matches!(condition.type_.as_str(), "Denied" | "Failed") && condition.status == "True"
+            {
+                return Err(BootstrapError::Csr(format!(
+                    "{name} was {}: {} {}",
+                    condition.type_.to_lowercase(),
+                    condition.reason.clone().unwrap_or_default(),
+                    condition.message.clone().unwrap_or_default()
+                )));
+            }
+        }
+        if let Some(cert) = status.certificate.filter(|c| !c.0.is_empty()) {
+            let cert = String::from_utf8(cert.0)
+                .map_err(|_| BootstrapError::Csr(format!("{name}: the certificate is not PEM")))?;
+            return Ok((cert, key.serialize_pem(), name));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(BootstrapError::Timeout {
+                name,
+                seconds: wait.as_secs(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Whether the kubeconfig at `path` has a client certificate that is valid for another hour.
+pub fn usable(path: &Path) -> bool {
+    let Ok(config) = kube::config::Kubeconfig::read_from(path) else {
+        return false;
+    };
+    let Some(user) = config.auth_infos.first().and_then(|a| a.auth_info.clone()) else {
+        return false;
+    };
+    let pem = match (&user.client_certificate, &user.client_certificate_data) {
+        (Some(file), _) => std::fs::read(file).ok(),
+        (None, Some(data)) => STANDARD.decode(data).ok(),
+        _ => return user.token.is_some() || user.token_file.is_some(),
+    };
+    let Some(pem) = pem else { return false };
+    let Ok((_, block)) = x509_parser::pem::parse_x509_pem(&pem) else {
+        return false;
+    };
+    let Ok(cert) = block.parse_x509() else {
+        return false;
+    };
+    let not_after = cert.validity().not_after.timestamp();
+    not_after > jiff::Timestamp::now().as_second() + 3600
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), BootstrapError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| BootstrapError::Io(format!("write {}: {e}", tmp.display())))?;
+    file.write_all(bytes)
+        .map_err(|e| BootstrapError::Io(format!("write {}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| BootstrapError::Io(format!("write {}: {e}", path.display())))
+}
+
+/// Makes sure `kubeconfig` holds a usable client identity, bootstrapping it with
+/// `bootstrap` when it does not.
+pub async fn ensure(
+    kubeconfig: &Path,
+    bootstrap: &Path,
+    cert_dir: &Path,
+    node: &str,
+) -> Result<(), BootstrapError> {
+    if usable(kubeconfig) {
+        return Ok(());
+    }
+    let fail = |message: String| BootstrapError::Kubeconfig {
+        path: bootstrap.to_owned(),
+        message,
+    };
+    let file = kube::config::Kubeconfig::read_from(bootstrap).map_err(|e| fail(e.to_string()))?;
+    let context_name = file.current_context.clone().unwrap_or_default();
+    let context = file
+        .contexts
+        .iter()
+        .find(|c| c.name == context_name)
+        .or(file.contexts.first())
+        .and_then(|c| c.context.clone())
+        .ok_or_else(|| fail("no context".into()))?;
+    let cluster = file
+        .clusters
+        .iter()
+        .find(|c| c.name == context.cluster)
+        .and_then(|c| c.cluster.clone())
+        .ok_or_else(|| fail(format!("no cluster {:?}", context.cluster)))?;
+    let server = cluster
+        .server
+        .clone()
+        .ok_or_else(|| fail("the cluster has no server".into()))?;
+    let ca = match (
+        &cluster.certificate_authority_data,
+        &cluster.certificate_authority,
+    ) {
+        (Some(data), _) => data.clone(),
+        (None, Some(path)) => {
+            STANDARD.encode(std::fs::read(path).map_err(|e| fail(format!("read {path}: {e}")))?)
+        }
+        (None, None) => {
+            return Err(fail(
+                "the cluster has no certificate authority (refusing to bootstrap without one)"
+                    .into(),
+            ));
+        }
+    };
+    let config = kube::Config::from_custom_kubeconfig(file, &Default::default())
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let client = kube::Client::try_from(config).map_err(|e| fail(e.to_string()))?;
+    let (cert, key, csr) =
+        request_client_certificate(client, node, Duration::from_secs(300)).await?;
+    std::fs::create_dir_all(cert_dir)
+        .map_err(|e| BootstrapError::Io(format!("create {}: {e}", cert_dir.display())))?;
+    let stamp = jiff::Timestamp::now()
+        .strftime("%Y-%m-%d-%H-%M-%S")
+        .to_string();
+    let pem_path = cert_dir.join(format!("kubelet-client-{stamp}.pem"));
+    write_private(&pem_path, format!("{cert}{key}").as_bytes())?;
+    let current = cert_dir.join("kubelet-client-current.pem");
+    let link_tmp = cert_dir.join(".kubelet-client-current.tmp");
+    let _ = std::fs::remove_file(&link_tmp);
+    std::os::unix::fs::symlink(&pem_path, &link_tmp)
+        .map_err(|e| BootstrapError::Io(format!("link {}: {e}", link_tmp.display())))?;
+    std::fs::rename(&link_tmp, &current)
+        .map_err(|e| BootstrapError::Io(format!("link {}: {e}", current.display())))?;
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: default-cluster\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: default-auth\n  user:\n    client-certificate: {cert}\n    client-key: {cert}\ncontexts:\n- name: default-context\n  context:\n    cluster: default-cluster\n    namespace: default\n    user: default-auth\ncurrent-context: default-context\n",
+        cert = current.display()
+    );
+    if let Some(parent) = kubeconfig.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| BootstrapError::Io(format!("create {}: {e}", parent.display())))?;
+    }
+    write_private(kubeconfig, text.as_bytes())?;
+    tracing::info!(%csr, kubeconfig = %kubeconfig.display(), "TLS bootstrap done: client certificate issued");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_csr_names_the_node_in_system_nodes() {
+        let (_, pem) = client_csr("node-7").unwrap();
+        let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let (_, csr) =
+            <x509_parser::certification_request::X509CertificationRequest as x509_parser::prelude::FromDer<_>>::from_der(&block.contents)
+                .unwrap();
+        let subject = csr.certification_request_info.subject.to_string();
+        assert!(subject.contains("CN=system:node:node-7"), "{subject}");
+        assert!(subject.contains("O=system:nodes"), "{subject}");
+    }
+
+    #[test]
+    fn a_missing_or_certless_kubeconfig_is_not_usable() {
+        assert!(!usable(Path::new("/nonexistent/kubelet.conf")));
+    }
+}
