@@ -258,7 +258,7 @@ mod tests {
         let (_, pem) = client_csr("node-7").unwrap();
         let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
         let (_, csr) =
-            <x509_parser::certification_request::X509CertificationRequest as x509_parser::prelude::FromDer<_>>::from_der(&block.contents)
+            <x509_parser::certification_request::X509CertificationRequest<'_> as x509_parser::prelude::FromDer<_>>::from_der(&block.contents)
                 .unwrap();
         let subject = csr.certification_request_info.subject.to_string();
         assert!(subject.contains("CN=system:node:node-7"), "{subject}");
