@@ -46,6 +46,8 @@ pub struct KubeletConfiguration {
     pub read_only_port: u16,
     /// The address the kubelet's ports bind to.
     pub address: String,
+    /// How often every pod is synced without a change (a Go duration, `1m`).
+    pub sync_frequency: String,
     /// Everything else, reported as not acted on.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_yaml::Value>,
@@ -83,6 +85,7 @@ impl Default for KubeletConfiguration {
             static_pod_path: String::new(),
             read_only_port: 0,
             address: "0.0.0.0".into(),
+            sync_frequency: "1m".into(),
             other: BTreeMap::new(),
         }
     }
@@ -142,6 +145,7 @@ impl KubeletConfiguration {
                 message: format!("{:?} is neither cgroupfs nor systemd", config.cgroup_driver),
             });
         }
+        config.sync_period()?;
         for server in &config.cluster_dns {
             if server.parse::<std::net::IpAddr>().is_err() {
                 return Err(ConfigError::Invalid {
@@ -165,6 +169,29 @@ impl KubeletConfiguration {
             }
         }
         Ok(config)
+    }
+
+    /// `syncFrequency` as a duration.
+    pub fn sync_period(&self) -> Result<std::time::Duration, ConfigError> {
+        let invalid = |why: String| ConfigError::Invalid {
+            field: "syncFrequency",
+            message: why,
+        };
+        let parsed: jiff::SignedDuration = self.sync_frequency.parse().map_err(|e| {
+            invalid(format!(
+                "{:?} is not a duration like 1m or 30s: {e}",
+                self.sync_frequency
+            ))
+        })?;
+        let period = std::time::Duration::try_from(parsed)
+            .map_err(|_| invalid("must not be negative".into()))?;
+        if period < std::time::Duration::from_secs(1) {
+            return Err(invalid(format!(
+                "{:?} is shorter than 1s",
+                self.sync_frequency
+            )));
+        }
+        Ok(period)
     }
 
     /// Fields present in the file that tug does not act on.
@@ -220,6 +247,23 @@ mod tests {
             Some("infra")
         );
         assert_eq!(config.unused_fields(), ["evictionHard"]);
+        assert_eq!(
+            config.sync_period().unwrap(),
+            std::time::Duration::from_secs(60)
+        );
+        let mut fast = config.clone();
+        fast.sync_frequency = "1m30s".into();
+        assert_eq!(
+            fast.sync_period().unwrap(),
+            std::time::Duration::from_secs(90)
+        );
+        fast.sync_frequency = "soon".into();
+        assert!(
+            fast.sync_period()
+                .unwrap_err()
+                .to_string()
+                .starts_with("syncFrequency:")
+        );
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub struct KubeletConfig {
     pub read_only: Option<SocketAddr>,
     /// Static pod manifests.
     pub static_pod_path: Option<PathBuf>,
+    /// The periodic pod sync (`syncFrequency`).
+    pub sync_frequency: Duration,
 }
 
 type Routes = Arc<dyn Fn(&str) -> Option<(&'static str, String)> + Send + Sync>;
@@ -129,6 +131,7 @@ pub async fn run(
         allocatable: (host.cpus as i64 * 1000, host.memory_bytes as i64),
         relist: config.relist,
         static_pod_path: config.static_pod_path.clone(),
+        sync_frequency: config.sync_frequency,
     };
     let shared = pods::shared(&manager, client.clone(), cri.clone());
     if let Some(address) = config.read_only {

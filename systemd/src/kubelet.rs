@@ -222,6 +222,7 @@ pub async fn run(args: KubeletArgs) -> anyhow::Result<()> {
             .context("address/readOnlyPort")?,
         static_pod_path: (!file.static_pod_path.is_empty())
             .then(|| PathBuf::from(&file.static_pod_path)),
+        sync_frequency: file.sync_period()?,
     };
     serve(config, client, crate::shutdown::signalled())
         .await

@@ -76,7 +76,7 @@ impl TugKubelet {
         std::fs::write(
             &config_path,
             format!(
-                "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nclusterDNS: [10.96.0.10]\nclusterDomain: cluster.local\npodLogsDir: {}\nhealthzPort: 0\ncontainerRuntimeEndpoint: unix://{}\n",
+                "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nclusterDNS: [10.96.0.10]\nclusterDomain: cluster.local\npodLogsDir: {}\nhealthzPort: 0\nsyncFrequency: 2s\ncontainerRuntimeEndpoint: unix://{}\n",
                 logs_dir.display(),
                 endpoint.display()
             ),

@@ -110,6 +110,41 @@ async fn suite(kubelet: &mut TugKubelet, cidr_prefix: &str, runtime_name: &str) 
     };
     let host_dir = tempfile::tempdir().expect("host dir");
 
+    // Content volumes: a ConfigMap the test changes later, a Secret with a restrictive mode.
+    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(admin.clone(), namespace.name());
+    maps.create(
+        &PostParams::default(),
+        &serde_json::from_value(
+            json!({"metadata": {"name": "greeting"}, "data": {"greeting": "v1"}}),
+        )
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(admin.clone(), namespace.name());
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "creds"}, "stringData": {"password": "hunter2"}}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    create(pod("config", &node, json!({"terminationGracePeriodSeconds": 1,
+        "volumes": [{"name": "config", "configMap": {"name": "greeting"}}],
+        "containers": [{"name": "app", "image": image("busybox"), "command": ["sleep", "3600"],
+            "volumeMounts": [{"name": "config", "mountPath": "/config"}],
+            "readinessProbe": {"exec": {"command": ["grep", "-q", "v2", "/config/greeting"]}, "periodSeconds": 1}}]}))).await;
+    create(pod("secret-mode", &node, json!({"restartPolicy": "Never",
+        "volumes": [{"name": "creds", "secret": {"secretName": "creds", "defaultMode": 256}}],
+        "containers": [{"name": "app", "image": image("busybox"),
+            "command": ["sh", "-c", "stat -L -c %a /creds/password > /dev/termination-log; grep ' /creds ' /proc/mounts | cut -d' ' -f3 >> /dev/termination-log; cat /creds/password >> /dev/termination-log"],
+            "volumeMounts": [{"name": "creds", "mountPath": "/creds", "readOnly": true}]}]}))).await;
+
     // A web server with probes, a crash loop, a liveness failure, a readiness flip, init
     // containers feeding the app through an emptyDir, two Job-style pods, a bad image, a bad
     // spec, and one with a preStop hook — all at once, as a node gets them.
@@ -238,31 +273,38 @@ async fn suite(kubelet: &mut TugKubelet, cidr_prefix: &str, runtime_name: &str) 
         .as_ref()
         .unwrap();
     assert_eq!((last.exit_code, last.reason.as_deref()), (1, Some("Error")));
-    let started = Instant::now();
+    let first_finished = last.finished_at.clone().expect("finishedAt").0;
     let second = wait_pod(
         &pods,
         "crash",
         "a longer back-off",
         Duration::from_secs(60),
         |p| {
-            let message = container(p, "crash")?
-                .state
-                .as_ref()?
-                .waiting
-                .as_ref()?
-                .message
-                .clone()?;
-            message
-                .starts_with("back-off 20s")
-                .then(|| container(p, "crash").map(|c| c.restart_count))
+            let c = container(p, "crash")?;
+            let message = c.state.as_ref()?.waiting.as_ref()?.message.clone()?;
+            message.starts_with("back-off 20s").then(|| c.clone())
         },
     )
     .await;
+    // The restart after the 10 s back-off started (by the runtime's clock) no sooner than 10 s
+    // after the crash before it (timestamps have whole seconds).
+    let restarted = second
+        .last_state
+        .as_ref()
+        .unwrap()
+        .terminated
+        .as_ref()
+        .unwrap()
+        .started_at
+        .clone()
+        .expect("startedAt")
+        .0;
+    let gap = restarted.duration_since(first_finished);
     assert!(
-        started.elapsed() >= Duration::from_secs(8),
-        "the second restart came after {:?}",
-        started.elapsed()
+        gap >= jiff::SignedDuration::from_secs(9),
+        "the second restart came {gap:?} after the crash before it"
     );
+    let second = Some(second.restart_count);
     assert!(second.unwrap_or_default() >= 2);
     assert_eq!(
         wait_pod(&pods, "crash", "phase", Duration::from_secs(5), |p| phase(
@@ -420,6 +462,62 @@ async fn suite(kubelet: &mut TugKubelet, cidr_prefix: &str, runtime_name: &str) 
         .unwrap_or_default();
     assert!(message.contains("missing-config"), "{message}");
     assert_eq!(phase(&bad), Some("Pending"));
+
+    // A Secret is mounted on tmpfs with the requested mode (0400).
+    let secret = wait_pod(
+        &pods,
+        "secret-mode",
+        "Succeeded",
+        Duration::from_secs(60),
+        |p| (phase(p) == Some("Succeeded")).then(|| p.clone()),
+    )
+    .await;
+    let message = container(&secret, "app")
+        .unwrap()
+        .state
+        .clone()
+        .unwrap()
+        .terminated
+        .unwrap()
+        .message
+        .unwrap_or_default();
+    assert_eq!(
+        message.split_whitespace().collect::<Vec<_>>(),
+        ["400", "tmpfs", "hunter2"],
+        "secret volume: {message}"
+    );
+
+    // A ConfigMap update reaches the running pod (its readiness probe waits for the new value).
+    wait_pod(
+        &pods,
+        "config",
+        "Running, not yet Ready",
+        Duration::from_secs(60),
+        |p| {
+            (phase(p) == Some("Running") && condition(p, "Ready").as_deref() == Some("False"))
+                .then_some(())
+        },
+    )
+    .await;
+    let mut map = maps.get("greeting").await.unwrap();
+    map.data = Some([("greeting".to_owned(), "v2".to_owned())].into());
+    maps.replace("greeting", &PostParams::default(), &map)
+        .await
+        .unwrap();
+    wait_pod(
+        &pods,
+        "config",
+        "Ready after the ConfigMap changed",
+        Duration::from_secs(30),
+        |p| (condition(p, "Ready").as_deref() == Some("True")).then_some(()),
+    )
+    .await;
+    assert_eq!(
+        container(&pods.get("config").await.unwrap(), "app")
+            .unwrap()
+            .restart_count,
+        0
+    );
 
     // postStart ran; deletion runs preStop, and the pod leaves the API only when it is gone.
     wait_pod(&pods, "prestop", "Running", Duration::from_secs(60), |p| {

@@ -60,6 +60,9 @@ pub struct PodManagerConfig {
     pub relist: Duration,
     /// The static pod manifest directory, if any.
     pub static_pod_path: Option<PathBuf>,
+    /// How often every pod is synced even without a change (`syncFrequency`, 1 m): volume
+    /// contents are refreshed then.
+    pub sync_frequency: Duration,
 }
 
 struct Handle {
@@ -369,6 +372,8 @@ pub fn shared(config: &PodManagerConfig, client: Option<kube::Client>, cri: Cri)
         statuses: Default::default(),
         mirrors: Default::default(),
         static_pods: Default::default(),
+        tokens: Default::default(),
+        sync_frequency: config.sync_frequency,
     })
 }
 

@@ -325,6 +325,22 @@ async fn service_account_token(
             "a service-account token needs the API server (standalone mode has none)".into(),
         );
     };
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let lifetime = expiration.unwrap_or(3607);
+    let key = format!("{uid}/{}/{lifetime}", audience.clone().unwrap_or_default());
+    let now = jiff::Timestamp::now().as_second();
+    // Rotated at 80 % of its lifetime, as upstream's kubelet does.
+    let cached = shared
+        .tokens
+        .lock()
+        .expect("tokens lock")
+        .get(&key)
+        .cloned();
+    if let Some((token, issued, expires)) = cached
+        && now < issued + (expires - issued) * 8 / 10
+    {
+        return Ok(token);
+    }
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
     let account = pod
         .spec
@@ -334,7 +350,7 @@ async fn service_account_token(
     let request = TokenRequest {
         spec: TokenRequestSpec {
             audiences: audience.into_iter().collect(),
-            expiration_seconds: Some(expiration.unwrap_or(3607)),
+            expiration_seconds: Some(lifetime),
             bound_object_ref: Some(BoundObjectReference {
                 api_version: Some("v1".into()),
                 kind: Some("Pod".into()),
@@ -349,11 +365,45 @@ async fn service_account_token(
         .create_subresource("token", &account, &PostParams::default(), &request)
         .await
         .map_err(|e| format!("request a token for service account {namespace}/{account}: {e}"))?;
-    Ok(reply
+    let status = reply
         .status
-        .map(|s| s.token)
-        .unwrap_or_default()
-        .into_bytes())
+        .ok_or_else(|| format!("the token request for {namespace}/{account} returned no token"))?;
+    let expires = status.expiration_timestamp.0.as_second();
+    let token = status.token.into_bytes();
+    shared
+        .tokens
+        .lock()
+        .expect("tokens lock")
+        .insert(key, (token.clone(), now, expires.max(now + 60)));
+    Ok(token)
+}
+
+/// Rewrites the content volumes (configMap, secret, downwardAPI, projected) of a pod whose
+/// volumes were set up, so running containers see updates.
+pub async fn refresh(shared: &Shared, pod: &Pod) -> Result<(), String> {
+    let pod_dir = shared.pod_dir(pod.metadata.uid.as_deref().unwrap_or_default());
+    for volume in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
+        let plugin = if volume.config_map.is_some() {
+            "configmap"
+        } else if volume.secret.is_some() {
+            "secret"
+        } else if volume.downward_api.is_some() {
+            "downward-api"
+        } else if volume.projected.is_some() {
+            "projected"
+        } else {
+            continue;
+        };
+        if plugin_dir(&pod_dir, plugin, &volume.name)
+            .join("..data")
+            .exists()
+        {
+            prepare(shared, pod, volume)
+                .await
+                .map_err(|e| format!("refreshing volume {:?}: {e}", volume.name))?;
+        }
+    }
+    Ok(())
 }
 
 /// Materialises one volume; returns its host path.

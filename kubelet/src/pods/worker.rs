@@ -57,6 +57,11 @@ pub struct Shared {
     pub mirrors: std::sync::Mutex<HashMap<String, Pod>>,
     /// The static pods now.
     pub static_pods: std::sync::Mutex<Vec<Pod>>,
+    /// Service-account tokens by pod UID, audience and lifetime: the token, when it was
+    /// issued and when it expires (s since the epoch).
+    pub tokens: std::sync::Mutex<HashMap<String, (Vec<u8>, i64, i64)>>,
+    /// The periodic sync (volume refresh) period.
+    pub sync_frequency: Duration,
 }
 
 impl std::fmt::Debug for Shared {
@@ -120,6 +125,7 @@ pub struct Worker {
     failures_tx: mpsc::UnboundedSender<Failure>,
     failures: mpsc::UnboundedReceiver<Failure>,
     written: Option<(String, PodStatus)>,
+    volumes_refreshed: Option<Instant>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -145,6 +151,7 @@ impl Worker {
             failures_tx,
             failures,
             written: None,
+            volumes_refreshed: None,
         }
     }
 
@@ -171,7 +178,9 @@ impl Worker {
                     }
                     return;
                 }
-                Flow::Again(wait) => wait.unwrap_or(Duration::from_secs(60)),
+                Flow::Again(wait) => wait
+                    .unwrap_or(self.shared.sync_frequency)
+                    .min(self.shared.sync_frequency),
             };
             let deadline = tokio::time::Instant::now() + wait;
             loop {
@@ -278,6 +287,7 @@ impl Worker {
                 Err(Gone) => return Flow::Done,
             }
         }
+        self.refresh_volumes(pod, &observed).await;
         self.write_status(pod, &observed).await;
         let image_wake = self.image_backoff_wake();
         // A pull that just failed shows ErrImagePull now and ImagePullBackOff shortly after,
@@ -590,6 +600,12 @@ impl Worker {
             }
         }
         volumes::teardown(&self.shared.pod_dir(&self.uid)).await;
+        let prefix = format!("{}/", self.uid);
+        self.shared
+            .tokens
+            .lock()
+            .expect("tokens lock")
+            .retain(|key, _| !key.starts_with(&prefix));
     }
 
     /// The pod is gone from the API (or was never known: an orphan): stop and remove all of it.
@@ -1037,6 +1053,24 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// Brings ConfigMap, Secret, projected and downward API volume contents of a running pod up
+    /// to date (atomically; unchanged content is not rewritten), once per sync period.
+    async fn refresh_volumes(&mut self, pod: &Pod, observed: &Observed) {
+        if observed.running().next().is_none() {
+            return;
+        }
+        let due = self
+            .volumes_refreshed
+            .is_none_or(|at| at.elapsed() >= self.shared.sync_frequency);
+        if !due {
+            return;
+        }
+        self.volumes_refreshed = Some(Instant::now());
+        if let Err(error) = volumes::refresh(&self.shared, pod).await {
+            self.event(pod, EventType::Warning, "FailedMount", error, None);
+        }
     }
 
     async fn write_status(&mut self, pod: &Pod, observed: &Observed) {
