@@ -31,6 +31,9 @@ use super::translate::{self, ContainerInputs, NodeContext};
 use super::volumes;
 use crate::runtime::{Cri, CriError};
 
+/// A service-account token: its bytes, when it was issued and when it expires (s).
+pub type Token = (Vec<u8>, i64, i64);
+
 /// What every pod worker shares.
 pub struct Shared {
     /// The container runtime.
@@ -59,7 +62,7 @@ pub struct Shared {
     pub static_pods: std::sync::Mutex<Vec<Pod>>,
     /// Service-account tokens by pod UID, audience and lifetime: the token, when it was
     /// issued and when it expires (s since the epoch).
-    pub tokens: std::sync::Mutex<HashMap<String, (Vec<u8>, i64, i64)>>,
+    pub tokens: std::sync::Mutex<HashMap<String, Token>>,
     /// The periodic sync (volume refresh) period.
     pub sync_frequency: Duration,
 }
