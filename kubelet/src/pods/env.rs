@@ -83,7 +83,8 @@ fn is_env_name(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_graphic())
 }
 
-fn field_value(pod: &Pod, path: &str, facts: &Facts) -> Result<String, String> {
+/// The value of a `fieldRef` path (also what downward API volume files hold).
+pub fn field_value(pod: &Pod, path: &str, facts: &Facts) -> Result<String, String> {
     let meta = &pod.metadata;
     let spec = pod.spec.clone().unwrap_or_default();
     let keyed = |prefix: &str, map: &Option<BTreeMap<String, String>>| -> Option<String> {

@@ -221,7 +221,6 @@ fn secret_bytes(secret: &Secret) -> BTreeMap<String, Vec<u8>> {
 
 fn downward_file(pod: &Pod, item: &DownwardAPIVolumeFile) -> Result<Vec<u8>, String> {
     if let Some(field) = &item.field_ref {
-        let meta = &pod.metadata;
         let render = |map: &Option<BTreeMap<String, String>>| {
             map.iter()
                 .flatten()
@@ -229,28 +228,9 @@ fn downward_file(pod: &Pod, item: &DownwardAPIVolumeFile) -> Result<Vec<u8>, Str
                 .collect::<String>()
         };
         let text = match field.field_path.as_str() {
-            "metadata.name" => meta.name.clone().unwrap_or_default(),
-            "metadata.namespace" => meta.namespace.clone().unwrap_or_default(),
-            "metadata.uid" => meta.uid.clone().unwrap_or_default(),
-            "metadata.labels" => render(&meta.labels),
-            "metadata.annotations" => render(&meta.annotations),
-            path => {
-                let keyed = |prefix: &str, map: &Option<BTreeMap<String, String>>| {
-                    let key = path
-                        .strip_prefix(prefix)?
-                        .strip_prefix("['")?
-                        .strip_suffix("']")?;
-                    Some(
-                        map.as_ref()
-                            .and_then(|m| m.get(key))
-                            .cloned()
-                            .unwrap_or_default(),
-                    )
-                };
-                keyed("metadata.labels", &meta.labels)
-                    .or_else(|| keyed("metadata.annotations", &meta.annotations))
-                    .ok_or_else(|| format!("unsupported downwardAPI fieldPath {path:?}"))?
-            }
+            "metadata.labels" => render(&pod.metadata.labels),
+            "metadata.annotations" => render(&pod.metadata.annotations),
+            path => super::env::field_value(pod, path, &Default::default())?,
         };
         return Ok(text.into_bytes());
     }
@@ -286,32 +266,27 @@ fn downward_file(pod: &Pod, item: &DownwardAPIVolumeFile) -> Result<Vec<u8>, Str
     ))
 }
 
-async fn get_config_map(
-    shared: &Shared,
-    namespace: &str,
-    name: &str,
-) -> Result<Option<ConfigMap>, String> {
+/// A namespaced object by name from the API (`None`: it does not exist, or there is no API).
+pub async fn fetch<K>(shared: &Shared, namespace: &str, name: &str) -> Result<Option<K>, String>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
     let Some(client) = &shared.client else {
         return Ok(None);
     };
-    Api::<ConfigMap>::namespaced(client.clone(), namespace)
+    Api::<K>::namespaced(client.clone(), namespace)
         .get_opt(name)
         .await
-        .map_err(|e| format!("get configmap {name:?}: {e}"))
-}
-
-async fn get_secret(
-    shared: &Shared,
-    namespace: &str,
-    name: &str,
-) -> Result<Option<Secret>, String> {
-    let Some(client) = &shared.client else {
-        return Ok(None);
-    };
-    Api::<Secret>::namespaced(client.clone(), namespace)
-        .get_opt(name)
-        .await
-        .map_err(|e| format!("get secret {name:?}: {e}"))
+        .map_err(|e| {
+            format!(
+                "get {} {name:?}: {e}",
+                K::kind(&Default::default()).to_lowercase()
+            )
+        })
 }
 
 async fn service_account_token(
@@ -484,7 +459,7 @@ async fn prepare(shared: &Shared, pod: &Pod, volume: &Volume) -> Result<PathBuf,
         let optional = source.optional.unwrap_or(false);
         let mode = source.default_mode.unwrap_or(0o644) as u32;
         let mut files = Files::new();
-        match get_config_map(shared, &namespace, &source.name).await? {
+        match fetch::<ConfigMap>(shared, &namespace, &source.name).await? {
             Some(map) => project(
                 &config_map_bytes(&map),
                 source.items.as_ref(),
@@ -506,7 +481,7 @@ async fn prepare(shared: &Shared, pod: &Pod, volume: &Volume) -> Result<PathBuf,
         let optional = source.optional.unwrap_or(false);
         let mode = source.default_mode.unwrap_or(0o644) as u32;
         let mut files = Files::new();
-        match get_secret(shared, &namespace, &secret_name).await? {
+        match fetch::<Secret>(shared, &namespace, &secret_name).await? {
             Some(secret) => project(
                 &secret_bytes(&secret),
                 source.items.as_ref(),
@@ -555,7 +530,7 @@ async fn prepare(shared: &Shared, pod: &Pod, volume: &Volume) -> Result<PathBuf,
             }
             if let Some(cm) = &part.config_map {
                 let optional = cm.optional.unwrap_or(false);
-                match get_config_map(shared, &namespace, &cm.name).await? {
+                match fetch::<ConfigMap>(shared, &namespace, &cm.name).await? {
                     Some(map) => project(
                         &config_map_bytes(&map),
                         cm.items.as_ref(),
@@ -570,7 +545,7 @@ async fn prepare(shared: &Shared, pod: &Pod, volume: &Volume) -> Result<PathBuf,
             }
             if let Some(s) = &part.secret {
                 let optional = s.optional.unwrap_or(false);
-                match get_secret(shared, &namespace, &s.name).await? {
+                match fetch::<Secret>(shared, &namespace, &s.name).await? {
                     Some(secret) => project(
                         &secret_bytes(&secret),
                         s.items.as_ref(),

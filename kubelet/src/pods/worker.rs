@@ -820,23 +820,13 @@ impl Worker {
         let (maps, secrets) = env::referenced(container);
         let mut sources = Sources::default();
         let namespace = pod.metadata.namespace.clone().unwrap_or_default();
-        if let Some(client) = &self.shared.client {
-            let map_api: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
-            for name in maps {
-                let found = map_api
-                    .get_opt(&name)
-                    .await
-                    .map_err(|e| format!("get configmap {name:?}: {e}"))?;
-                sources.config_maps.insert(name, found);
-            }
-            let secret_api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
-            for name in secrets {
-                let found = secret_api
-                    .get_opt(&name)
-                    .await
-                    .map_err(|e| format!("get secret {name:?}: {e}"))?;
-                sources.secrets.insert(name, found);
-            }
+        for name in maps {
+            let found = volumes::fetch::<ConfigMap>(&self.shared, &namespace, &name).await?;
+            sources.config_maps.insert(name, found);
+        }
+        for name in secrets {
+            let found = volumes::fetch::<Secret>(&self.shared, &namespace, &name).await?;
+            sources.secrets.insert(name, found);
         }
         let facts = Facts {
             pod_ips: if pod
@@ -856,6 +846,21 @@ impl Worker {
         env::resolve(pod, container, &sources, &facts)
     }
 
+    /// A container that could not start: a Warning event and the waiting reason it shows.
+    fn failed(&self, pod: &Pod, container: &str, reason: &str, message: &str) -> Waiting {
+        self.event(
+            pod,
+            EventType::Warning,
+            "Failed",
+            format!("Error: {message}"),
+            Some(container),
+        );
+        Waiting {
+            reason: reason.into(),
+            message: message.to_owned(),
+        }
+    }
+
     async fn start(
         &mut self,
         pod: &Pod,
@@ -863,7 +868,7 @@ impl Worker {
         start: &Start,
     ) -> Result<(), Waiting> {
         let config_error = |message: String| Waiting {
-            reason: "CreateContainerConfigError".into(),
+            reason: CONFIG_ERROR.into(),
             message,
         };
         let Some(container) = find_container(pod, &start.name).cloned() else {
@@ -903,28 +908,12 @@ impl Worker {
             let uid = image.as_ref().and_then(|i| i.uid.map(|u| u.value));
             let user = image.map(|i| i.username).unwrap_or_default();
             if let Err(error) = translate::verify_non_root(pod, &container, uid, &user) {
-                self.event(
-                    pod,
-                    EventType::Warning,
-                    "Failed",
-                    format!("Error: {error}"),
-                    Some(&container.name),
-                );
-                return Err(config_error(error.0));
+                return Err(self.failed(pod, &container.name, CONFIG_ERROR, &error.0));
             }
         }
         let env = match self.environment(pod, &container, &sandbox.ips).await {
             Ok(env) => env,
-            Err(message) => {
-                self.event(
-                    pod,
-                    EventType::Warning,
-                    "Failed",
-                    format!("Error: {message}"),
-                    Some(&container.name),
-                );
-                return Err(config_error(message));
-            }
+            Err(message) => return Err(self.failed(pod, &container.name, CONFIG_ERROR, &message)),
         };
         let pod_dir = self.shared.pod_dir(&self.uid);
         let mounts =
@@ -971,17 +960,12 @@ impl Worker {
         let id = match created {
             Ok(reply) => reply.into_inner().container_id,
             Err(status) => {
-                self.event(
+                return Err(self.failed(
                     pod,
-                    EventType::Warning,
-                    "Failed",
-                    format!("Error: {}", status.message()),
-                    Some(&container.name),
-                );
-                return Err(Waiting {
-                    reason: "CreateContainerError".into(),
-                    message: status.message().to_owned(),
-                });
+                    &container.name,
+                    "CreateContainerError",
+                    status.message(),
+                ));
             }
         };
         self.event(
@@ -997,17 +981,7 @@ impl Worker {
             })
             .await
         {
-            self.event(
-                pod,
-                EventType::Warning,
-                "Failed",
-                format!("Error: {}", status.message()),
-                Some(&container.name),
-            );
-            return Err(Waiting {
-                reason: "RunContainerError".into(),
-                message: status.message().to_owned(),
-            });
+            return Err(self.failed(pod, &container.name, "RunContainerError", status.message()));
         }
         self.event(
             pod,
@@ -1167,6 +1141,9 @@ impl Worker {
         }
     }
 }
+
+/// The waiting reason of a container whose configuration cannot be made.
+const CONFIG_ERROR: &str = "CreateContainerConfigError";
 
 /// Ends the sync loop: the pod is gone.
 struct Gone;
