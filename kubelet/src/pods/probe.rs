@@ -521,6 +521,63 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn grpc_probes_ask_the_health_service() {
+        use tonic_health::ServingStatus;
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("", ServingStatus::Serving)
+            .await;
+        reporter
+            .set_service_status("db", ServingStatus::NotServing)
+            .await;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let address: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve(address),
+        );
+        let target = Target {
+            cri: Cri::new("/nonexistent"),
+            container_id: String::new(),
+            container: Container::default(),
+            pod_ip: "127.0.0.1".into(),
+        };
+        let action = |service: Option<&str>| GRPCAction {
+            port: i32::from(port),
+            service: service.map(str::to_owned),
+        };
+        let mut outcome = Outcome::Failure(String::new());
+        for _ in 0..50 {
+            outcome = grpc(&target, &action(None), Duration::from_secs(2)).await;
+            if outcome == Outcome::Success {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(outcome, Outcome::Success);
+        let Outcome::Failure(why) =
+            grpc(&target, &action(Some("db")), Duration::from_secs(2)).await
+        else {
+            panic!("a NOT_SERVING service passed")
+        };
+        assert!(why.contains("NOT_SERVING"), "{why}");
+        let Outcome::Failure(why) =
+            grpc(&target, &action(Some("unknown")), Duration::from_secs(2)).await
+        else {
+            panic!("an unknown service passed")
+        };
+        assert!(
+            why.contains("NotFound") || why.contains("not found") || why.contains("Not found"),
+            "{why}"
+        );
+    }
+
+    #[tokio::test]
     async fn http_and_tcp_probes_against_a_real_listener() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
