@@ -131,15 +131,7 @@ fn resource_value(
         .filter(|n| !n.is_empty())
     {
         None => own.clone(),
-        Some(name) => pod
-            .spec
-            .iter()
-            .flat_map(|s| {
-                s.containers
-                    .iter()
-                    .chain(s.init_containers.iter().flatten())
-            })
-            .find(|c| c.name == name)
+        Some(name) => super::translate::find_container(pod, name)
             .cloned()
             .ok_or_else(|| {
                 format!("resourceFieldRef names container {name:?}, which the pod does not have")

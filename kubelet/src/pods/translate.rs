@@ -162,6 +162,15 @@ fn all_containers(pod: &Pod) -> impl Iterator<Item = &Container> {
     })
 }
 
+/// The container (or init container) of `pod` named `name`.
+pub fn find_container<'a>(pod: &'a Pod, name: &str) -> Option<&'a Container> {
+    let spec = pod.spec.as_ref()?;
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .find(|c| c.name == name)
+}
+
 /// The pod's QoS class, as the apiserver computes it.
 pub fn qos(pod: &Pod) -> Qos {
     let mut any = false;

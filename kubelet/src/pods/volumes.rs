@@ -266,6 +266,42 @@ fn downward_file(pod: &Pod, item: &DownwardAPIVolumeFile) -> Result<Vec<u8>, Str
     ))
 }
 
+/// The keys of a ConfigMap or a Secret, projected into files.
+struct KeySource<'a> {
+    secret: bool,
+    name: &'a str,
+    items: Option<&'a Vec<KeyToPath>>,
+    optional: bool,
+    mode: u32,
+}
+
+async fn add_keys(
+    shared: &Shared,
+    namespace: &str,
+    source: KeySource<'_>,
+    files: &mut Files,
+) -> Result<(), String> {
+    let (data, what) = if source.secret {
+        let found = fetch::<Secret>(shared, namespace, source.name).await?;
+        (found.map(|s| secret_bytes(&s)), "secret")
+    } else {
+        let found = fetch::<ConfigMap>(shared, namespace, source.name).await?;
+        (found.map(|m| config_map_bytes(&m)), "configmap")
+    };
+    match data {
+        Some(data) => project(
+            &data,
+            source.items,
+            source.mode,
+            source.name,
+            source.optional,
+            files,
+        ),
+        None if source.optional => Ok(()),
+        None => Err(format!("{what} {:?} not found", source.name)),
+    }
+}
+
 /// A namespaced object by name from the API (`None`: it does not exist, or there is no API).
 pub async fn fetch<K>(shared: &Shared, namespace: &str, name: &str) -> Result<Option<K>, String>
 where
@@ -459,18 +495,19 @@ async fn prepare(shared: &Shared, pod: &Pod, volume: &Volume) -> Result<PathBuf,
         let optional = source.optional.unwrap_or(false);
         let mode = source.default_mode.unwrap_or(0o644) as u32;
         let mut files = Files::new();
-        match fetch::<ConfigMap>(shared, &namespace, &source.name).await? {
-            Some(map) => project(
-                &config_map_bytes(&map),
-                source.items.as_ref(),
-                mode,
-                &source.name,
+        add_keys(
+            shared,
+            &namespace,
+            KeySource {
+                secret: false,
+                name: &source.name,
+                items: source.items.as_ref(),
                 optional,
-                &mut files,
-            )?,
-            None if optional => {}
-            None => return Err(format!("configmap {:?} not found", source.name)),
-        }
+                mode,
+            },
+            &mut files,
+        )
+        .await?;
         write_atomic(&dir, &files)?;
         return Ok(dir);
     }
@@ -481,18 +518,19 @@ async fn prepare(shared: &Shared, pod: &Pod, volume: &Volume) -> Result<PathBuf,
         let optional = source.optional.unwrap_or(false);
         let mode = source.default_mode.unwrap_or(0o644) as u32;
         let mut files = Files::new();
-        match fetch::<Secret>(shared, &namespace, &secret_name).await? {
-            Some(secret) => project(
-                &secret_bytes(&secret),
-                source.items.as_ref(),
-                mode,
-                &secret_name,
+        add_keys(
+            shared,
+            &namespace,
+            KeySource {
+                secret: true,
+                name: &secret_name,
+                items: source.items.as_ref(),
                 optional,
-                &mut files,
-            )?,
-            None if optional => {}
-            None => return Err(format!("secret {secret_name:?} not found")),
-        }
+                mode,
+            },
+            &mut files,
+        )
+        .await?;
         write_atomic(&dir, &files)?;
         return Ok(dir);
     }
@@ -530,33 +568,35 @@ async fn prepare(shared: &Shared, pod: &Pod, volume: &Volume) -> Result<PathBuf,
             }
             if let Some(cm) = &part.config_map {
                 let optional = cm.optional.unwrap_or(false);
-                match fetch::<ConfigMap>(shared, &namespace, &cm.name).await? {
-                    Some(map) => project(
-                        &config_map_bytes(&map),
-                        cm.items.as_ref(),
-                        mode,
-                        &cm.name,
+                add_keys(
+                    shared,
+                    &namespace,
+                    KeySource {
+                        secret: false,
+                        name: &cm.name,
+                        items: cm.items.as_ref(),
                         optional,
-                        &mut files,
-                    )?,
-                    None if optional => {}
-                    None => return Err(format!("configmap {:?} not found", cm.name)),
-                }
+                        mode,
+                    },
+                    &mut files,
+                )
+                .await?;
             }
             if let Some(s) = &part.secret {
                 let optional = s.optional.unwrap_or(false);
-                match fetch::<Secret>(shared, &namespace, &s.name).await? {
-                    Some(secret) => project(
-                        &secret_bytes(&secret),
-                        s.items.as_ref(),
-                        mode,
-                        &s.name,
+                add_keys(
+                    shared,
+                    &namespace,
+                    KeySource {
+                        secret: true,
+                        name: &s.name,
+                        items: s.items.as_ref(),
                         optional,
-                        &mut files,
-                    )?,
-                    None if optional => {}
-                    None => return Err(format!("secret {:?} not found", s.name)),
-                }
+                        mode,
+                    },
+                    &mut files,
+                )
+                .await?;
             }
             if let Some(downward) = &part.downward_api {
                 for item in downward.items.iter().flatten() {
@@ -733,15 +773,7 @@ pub fn termination_messages(
         let mut message = std::fs::read(&file)
             .map(|b| String::from_utf8_lossy(&b[..b.len().min(4096)]).into_owned())
             .unwrap_or_default();
-        let fallback = pod
-            .spec
-            .iter()
-            .flat_map(|s| {
-                s.containers
-                    .iter()
-                    .chain(s.init_containers.iter().flatten())
-            })
-            .find(|c| c.name == instance.name)
+        let fallback = super::translate::find_container(pod, &instance.name)
             .and_then(|c| c.termination_message_policy.as_deref())
             == Some("FallbackToLogsOnError");
         if message.is_empty() && fallback && instance.exit_code != 0 {

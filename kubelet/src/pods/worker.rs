@@ -27,7 +27,7 @@ use super::observed::{Instance, Observed, RunState, observe};
 use super::plan::{Backoff, Decision, Start, Terminate, Waiting, decide};
 use super::probe::{self, Failure, Target, Verdict, Verdicts};
 use super::status::{self, ProbeView};
-use super::translate::{self, ContainerInputs, NodeContext};
+use super::translate::{self, ContainerInputs, NodeContext, find_container};
 use super::volumes;
 use crate::runtime::{Cri, CriError};
 
@@ -85,14 +85,6 @@ impl Shared {
 
 fn now_ns() -> i64 {
     jiff::Timestamp::now().as_nanosecond() as i64
-}
-
-fn find_container<'a>(pod: &'a Pod, name: &str) -> Option<&'a Container> {
-    let spec = pod.spec.as_ref()?;
-    spec.containers
-        .iter()
-        .chain(spec.init_containers.iter().flatten())
-        .find(|c| c.name == name)
 }
 
 fn reference(pod: &Pod) -> ObjectReference {
