@@ -406,96 +406,136 @@ pub fn spawn(
         initial.saturating_sub(elapsed)
     };
     tokio::spawn(async move {
-        let period = |p: &Probe| Duration::from_secs(p.period_seconds.unwrap_or(10).max(1) as u64);
+        let report = |message: &str| {
+            let _ = failures.send(Failure {
+                container: container.name.clone(),
+                message: message.to_owned(),
+            });
+        };
         if let (Some(probe), false) = (&container.startup_probe, initial.started) {
-            tokio::time::sleep(delay_from_start(probe)).await;
             let threshold = probe.failure_threshold.unwrap_or(3).max(1);
-            let mut failed = 0;
-            loop {
-                match run_probe(&target, probe).await {
-                    Outcome::Success => {
+            let passed = repeat(
+                &target,
+                probe,
+                "Startup",
+                delay_from_start(probe),
+                |streak| match streak {
+                    Streak::Passed(_) => {
                         update(&|v| {
                             v.started = true;
                             v.ready = container.readiness_probe.is_none();
                         });
-                        break;
+                        false
                     }
-                    Outcome::Failure(why) => {
-                        failed += 1;
-                        let message = format!("Startup probe failed: {why}");
-                        let _ = failures.send(Failure {
-                            container: container.name.clone(),
-                            message: message.clone(),
-                        });
+                    Streak::Failed(failed, message) => {
+                        report(&message);
                         if failed >= threshold {
                             update(&|v| v.unhealthy = Some(message.clone()));
-                            return;
                         }
+                        failed < threshold
                     }
-                }
-                tokio::time::sleep(period(probe)).await;
+                },
+            )
+            .await;
+            if !passed {
+                return;
             }
         }
         let liveness = async {
             let Some(probe) = &container.liveness_probe else {
                 return std::future::pending::<()>().await;
             };
-            tokio::time::sleep(delay_from_start(probe)).await;
             let threshold = probe.failure_threshold.unwrap_or(3).max(1);
-            let mut failed = 0;
-            loop {
-                match run_probe(&target, probe).await {
-                    Outcome::Success => failed = 0,
-                    Outcome::Failure(why) => {
-                        failed += 1;
-                        let message = format!("Liveness probe failed: {why}");
-                        let _ = failures.send(Failure {
-                            container: container.name.clone(),
-                            message: message.clone(),
-                        });
-                        if failed >= threshold {
-                            update(&|v| v.unhealthy = Some(message.clone()));
-                            return;
-                        }
+            repeat(
+                &target,
+                probe,
+                "Liveness",
+                delay_from_start(probe),
+                |streak| {
+                    let Streak::Failed(failed, message) = streak else {
+                        return true;
+                    };
+                    report(&message);
+                    if failed >= threshold {
+                        update(&|v| v.unhealthy = Some(message.clone()));
                     }
-                }
-                tokio::time::sleep(period(probe)).await;
-            }
+                    failed < threshold
+                },
+            )
+            .await;
         };
         let readiness = async {
             let Some(probe) = &container.readiness_probe else {
                 return std::future::pending::<()>().await;
             };
-            tokio::time::sleep(delay_from_start(probe)).await;
             let fail_threshold = probe.failure_threshold.unwrap_or(3).max(1);
             let success_threshold = probe.success_threshold.unwrap_or(1).max(1);
-            let (mut ok, mut failed) = (0, 0);
-            loop {
-                match run_probe(&target, probe).await {
-                    Outcome::Success => {
-                        ok += 1;
-                        failed = 0;
-                        if ok >= success_threshold {
-                            update(&|v| v.ready = true);
+            repeat(
+                &target,
+                probe,
+                "Readiness",
+                delay_from_start(probe),
+                |streak| {
+                    match streak {
+                        Streak::Passed(ok) if ok >= success_threshold => {
+                            update(&|v| v.ready = true)
+                        }
+                        Streak::Passed(_) => {}
+                        Streak::Failed(failed, message) => {
+                            report(&message);
+                            if failed >= fail_threshold {
+                                update(&|v| v.ready = false);
+                            }
                         }
                     }
-                    Outcome::Failure(why) => {
-                        failed += 1;
-                        ok = 0;
-                        let _ = failures.send(Failure {
-                            container: container.name.clone(),
-                            message: format!("Readiness probe failed: {why}"),
-                        });
-                        if failed >= fail_threshold {
-                            update(&|v| v.ready = false);
-                        }
-                    }
-                }
-                tokio::time::sleep(period(probe)).await;
-            }
+                    true
+                },
+            )
+            .await;
         };
         tokio::join!(liveness, readiness);
     })
+}
+
+/// The run of equal results a probe is on.
+enum Streak {
+    /// This many passes in a row.
+    Passed(i32),
+    /// This many failures in a row, and `<Kind> probe failed: <why>`.
+    Failed(i32, String),
+}
+
+/// Runs `probe` after `delay`, then every period, telling `next` each streak, until `next`
+/// says stop; returns whether the last result passed.
+async fn repeat(
+    target: &Target,
+    probe: &Probe,
+    kind: &str,
+    delay: Duration,
+    mut next: impl FnMut(Streak) -> bool,
+) -> bool {
+    tokio::time::sleep(delay).await;
+    let period = Duration::from_secs(probe.period_seconds.unwrap_or(10).max(1) as u64);
+    let (mut ok, mut failed) = (0, 0);
+    loop {
+        let (passed, streak) = match run_probe(target, probe).await {
+            Outcome::Success => {
+                (ok, failed) = (ok + 1, 0);
+                (true, Streak::Passed(ok))
+            }
+            Outcome::Failure(why) => {
+                (ok, failed) = (0, failed + 1);
+                (
+                    false,
+                    Streak::Failed(failed, format!("{kind} probe failed: {why}")),
+                )
+            }
+        };
+        if !next(streak) {
+            return passed;
+        }
+        tokio::time::sleep(period).await;
+    }
 }
 
 #[cfg(test)]

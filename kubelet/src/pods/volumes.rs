@@ -490,43 +490,39 @@ async fn prepare(shared: &Shared, pod: &Pod, volume: &Volume) -> Result<PathBuf,
         }
         return Ok(path);
     }
-    if let Some(source) = &volume.config_map {
-        let dir = plugin_dir(&pod_dir, "configmap", name);
-        let optional = source.optional.unwrap_or(false);
-        let mode = source.default_mode.unwrap_or(0o644) as u32;
+    // A ConfigMap or a Secret: its keys as files (a Secret's on tmpfs).
+    let keys = match (&volume.config_map, &volume.secret) {
+        (Some(source), _) => Some((
+            false,
+            source.name.clone(),
+            source.items.as_ref(),
+            source.optional,
+            source.default_mode,
+        )),
+        (None, Some(source)) => Some((
+            true,
+            source.secret_name.clone().unwrap_or_default(),
+            source.items.as_ref(),
+            source.optional,
+            source.default_mode,
+        )),
+        (None, None) => None,
+    };
+    if let Some((secret, source_name, items, optional, default_mode)) = keys {
+        let dir = plugin_dir(&pod_dir, if secret { "secret" } else { "configmap" }, name);
+        if secret {
+            mount_tmpfs(&dir, None)?;
+        }
         let mut files = Files::new();
         add_keys(
             shared,
             &namespace,
             KeySource {
-                secret: false,
-                name: &source.name,
-                items: source.items.as_ref(),
-                optional,
-                mode,
-            },
-            &mut files,
-        )
-        .await?;
-        write_atomic(&dir, &files)?;
-        return Ok(dir);
-    }
-    if let Some(source) = &volume.secret {
-        let dir = plugin_dir(&pod_dir, "secret", name);
-        mount_tmpfs(&dir, None)?;
-        let secret_name = source.secret_name.clone().unwrap_or_default();
-        let optional = source.optional.unwrap_or(false);
-        let mode = source.default_mode.unwrap_or(0o644) as u32;
-        let mut files = Files::new();
-        add_keys(
-            shared,
-            &namespace,
-            KeySource {
-                secret: true,
-                name: &secret_name,
-                items: source.items.as_ref(),
-                optional,
-                mode,
+                secret,
+                name: &source_name,
+                items,
+                optional: optional.unwrap_or(false),
+                mode: default_mode.unwrap_or(0o644) as u32,
             },
             &mut files,
         )
