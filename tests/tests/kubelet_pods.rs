@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod};
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
 use serde_json::json;
@@ -69,6 +69,19 @@ fn container<'a>(pod: &'a Pod, name: &str) -> Option<&'a ContainerStatus> {
         .flatten()
         .chain(status.init_container_statuses.iter().flatten())
         .find(|c| c.name == name)
+}
+
+fn terminated(pod: &Pod, name: &str) -> ContainerStateTerminated {
+    container(pod, name)
+        .and_then(|c| c.state.clone()?.terminated)
+        .unwrap_or_else(|| panic!("container {name} has not terminated"))
+}
+
+async fn wait_phase(pods: &Api<Pod>, name: &str, phase_wanted: &str) -> Pod {
+    wait_pod(pods, name, phase_wanted, Duration::from_secs(60), |p| {
+        (phase(p) == Some(phase_wanted)).then(|| p.clone())
+    })
+    .await
 }
 
 fn condition(pod: &Pod, kind: &str) -> Option<String> {
@@ -366,17 +379,8 @@ async fn suite(kubelet: &mut TugKubelet, cidr_prefix: &str, runtime_name: &str) 
     );
 
     // Init containers ran in order; the app saw their work and its own pod IP; Succeeded.
-    let init = wait_pod(&pods, "init", "Succeeded", Duration::from_secs(60), |p| {
-        (phase(p) == Some("Succeeded")).then(|| p.clone())
-    })
-    .await;
-    let done = container(&init, "app")
-        .unwrap()
-        .state
-        .clone()
-        .unwrap()
-        .terminated
-        .unwrap();
+    let init = wait_phase(&pods, "init", "Succeeded").await;
+    let done = terminated(&init, "app");
     let message = done.message.unwrap_or_default();
     let init_ip = init
         .status
@@ -394,29 +398,14 @@ async fn suite(kubelet: &mut TugKubelet, cidr_prefix: &str, runtime_name: &str) 
     );
     assert_eq!(done.reason.as_deref(), Some("Completed"));
     for name in ["first", "second"] {
-        let t = container(&init, name)
-            .unwrap()
-            .state
-            .clone()
-            .unwrap()
-            .terminated
-            .unwrap();
+        let t = terminated(&init, name);
         assert_eq!(t.exit_code, 0, "{name}");
     }
     assert_eq!(condition(&init, "Initialized").as_deref(), Some("True"));
 
     // A Job-style pod that fails ends Failed, and is never restarted.
-    let failed = wait_pod(&pods, "job-fails", "Failed", Duration::from_secs(60), |p| {
-        (phase(p) == Some("Failed")).then(|| p.clone())
-    })
-    .await;
-    let t = container(&failed, "job")
-        .unwrap()
-        .state
-        .clone()
-        .unwrap()
-        .terminated
-        .unwrap();
+    let failed = wait_phase(&pods, "job-fails", "Failed").await;
+    let t = terminated(&failed, "job");
     assert_eq!((t.exit_code, t.reason.as_deref()), (3, Some("Error")));
     assert_eq!(container(&failed, "job").unwrap().restart_count, 0);
 
@@ -463,23 +452,8 @@ async fn suite(kubelet: &mut TugKubelet, cidr_prefix: &str, runtime_name: &str) 
     assert_eq!(phase(&bad), Some("Pending"));
 
     // A Secret is mounted on tmpfs with the requested mode (0400).
-    let secret = wait_pod(
-        &pods,
-        "secret-mode",
-        "Succeeded",
-        Duration::from_secs(60),
-        |p| (phase(p) == Some("Succeeded")).then(|| p.clone()),
-    )
-    .await;
-    let message = container(&secret, "app")
-        .unwrap()
-        .state
-        .clone()
-        .unwrap()
-        .terminated
-        .unwrap()
-        .message
-        .unwrap_or_default();
+    let secret = wait_phase(&pods, "secret-mode", "Succeeded").await;
+    let message = terminated(&secret, "app").message.unwrap_or_default();
     assert_eq!(
         message.split_whitespace().collect::<Vec<_>>(),
         ["400", "tmpfs", "hunter2"],
