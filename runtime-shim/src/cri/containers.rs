@@ -611,15 +611,7 @@ impl Runtime {
                 Ok(())
             }
             Err(status) => {
-                let mut tasks = TasksClient::new(self.inner.containerd.channel());
-                let _ = tasks
-                    .delete(self.inner.containerd.request(
-                        DeleteTaskRequest {
-                            container_id: container.id.clone(),
-                        },
-                        None,
-                    ))
-                    .await;
+                let _ = self.delete_task(&container.id).await;
                 container.state.phase = Phase::Exited;
                 container.state.finished_at = now_nanos();
                 container.state.exit_code = START_FAILED_EXIT;
@@ -708,24 +700,12 @@ impl Runtime {
             return Ok(());
         }
         let oom = oom_kills(&container.state.cgroups_path).is_some_and(|n| n > 0);
-        let mut tasks = TasksClient::new(self.inner.containerd.channel());
-        let (exit_code, finished_at, lost) = match tasks
-            .delete(self.inner.containerd.request(
-                DeleteTaskRequest {
-                    container_id: id.to_owned(),
-                },
-                None,
-            ))
-            .await
-        {
-            Ok(response) => {
-                let response = response.into_inner();
-                (
-                    response.exit_status as i32,
-                    timestamp_nanos(response.exited_at),
-                    false,
-                )
-            }
+        let (exit_code, finished_at, lost) = match self.delete_task(id).await {
+            Ok(response) => (
+                response.exit_status as i32,
+                timestamp_nanos(response.exited_at),
+                false,
+            ),
             Err(status) if status.code() == tonic::Code::NotFound => {
                 (UNKNOWN_EXIT, now_nanos(), true)
             }
@@ -828,20 +808,29 @@ impl Runtime {
         self.finish(id).await
     }
 
+    /// Deletes the container's task in containerd (its exit status comes back).
+    async fn delete_task(
+        &self,
+        id: &str,
+    ) -> Result<containerd_client::services::v1::DeleteResponse, Status> {
+        let mut tasks = TasksClient::new(self.inner.containerd.channel());
+        tasks
+            .delete(self.inner.containerd.request(
+                DeleteTaskRequest {
+                    container_id: id.to_owned(),
+                },
+                None,
+            ))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
     /// RemoveContainer: kills it if it runs, then deletes the record and its rootfs. Removing
     /// what is gone succeeds.
     pub(super) async fn remove(&self, container: &Container) -> Result<(), Status> {
         self.stop(container, 0).await?;
         // A created container may still have a task record from a failed start.
-        let mut tasks = TasksClient::new(self.inner.containerd.channel());
-        let _ = tasks
-            .delete(self.inner.containerd.request(
-                DeleteTaskRequest {
-                    container_id: container.id.clone(),
-                },
-                None,
-            ))
-            .await;
+        let _ = self.delete_task(&container.id).await;
         records::delete(&self.inner.containerd, &container.id)
             .await
             .map_err(containerd_error(format!(
