@@ -320,9 +320,9 @@ pub fn base(config: &NftConfig) -> Ruleset {
             data: RTN_LOCAL.to_ne_bytes().to_vec(),
         },
     ];
-    let port_lookup = |set: &str| {
-        let mut rule = local.clone();
-        rule.extend([
+    // protocol . destination port → verdict, from map `set`.
+    let l4_lookup = |set: &str| {
+        [
             Expr::Meta {
                 key: META_L4PROTO,
                 dreg: REG32,
@@ -338,7 +338,11 @@ pub fn base(config: &NftConfig) -> Ruleset {
                 sreg: REG32,
                 dreg: Some(REG_VERDICT),
             },
-        ]);
+        ]
+    };
+    let port_lookup = |set: &str| {
+        let mut rule = local.clone();
+        rule.extend(l4_lookup(set));
         rule
     };
     let (mark_for_masquerade, masquerading) = mark_rules();
@@ -346,29 +350,18 @@ pub fn base(config: &NftConfig) -> Ruleset {
     // NodePorts: on every local address, or on the `nodePortAddresses` ones (set `nodeport-ips`).
     let nodeport_rule = match &config.node_port_ips {
         None => port_lookup("service-nodeports"),
-        Some(_) => vec![
-            family.daddr(REG32),
-            Expr::Lookup {
-                set: "nodeport-ips".into(),
-                sreg: REG32,
-                dreg: None,
-            },
-            Expr::Meta {
-                key: META_L4PROTO,
-                dreg: REG32,
-            },
-            Expr::Payload {
-                base: 2,
-                offset: 2,
-                len: 2,
-                dreg: REG32 + 1,
-            },
-            Expr::Lookup {
-                set: "service-nodeports".into(),
-                sreg: REG32,
-                dreg: Some(REG_VERDICT),
-            },
-        ],
+        Some(_) => {
+            let mut rule = vec![
+                family.daddr(REG32),
+                Expr::Lookup {
+                    set: "nodeport-ips".into(),
+                    sreg: REG32,
+                    dreg: None,
+                },
+            ];
+            rule.extend(l4_lookup("service-nodeports"));
+            rule
+        }
     };
     let base =
         |name: &str, hook: u32, priority: i32, kind: &'static str, rules: Vec<Vec<Expr>>| Chain {
