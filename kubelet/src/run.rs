@@ -48,9 +48,10 @@ async fn serve(listener: tokio::net::TcpListener, routes: Routes) -> std::io::Re
         let (mut socket, _) = listener.accept().await?;
         let routes = routes.clone();
         tokio::spawn(async move {
-            let mut buffer = [0u8; 2048];
-            let n = socket.read(&mut buffer).await.unwrap_or(0);
-            let request = String::from_utf8_lossy(&buffer[..n]);
+            let Some(head) = read_head(&mut socket).await else {
+                return;
+            };
+            let request = String::from_utf8_lossy(&head);
             let mut words = request.split_whitespace();
             let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
             let path = path.split('?').next().unwrap_or(path);
@@ -73,6 +74,26 @@ async fn serve(listener: tokio::net::TcpListener, routes: Routes) -> std::io::Re
             );
             let _ = socket.write_all(reply.as_bytes()).await;
         });
+    }
+}
+
+/// Reads a request's head (up to the blank line, at most 8 KiB, 10 s); `None` when the client
+/// sent no complete head.
+async fn read_head(socket: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::with_capacity(512);
+    let mut buffer = [0u8; 1024];
+    let read = async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+            match socket.read(&mut buffer).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => head.extend_from_slice(&buffer[..n]),
+            }
+        }
+        true
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(10), read).await {
+        Ok(true) => Some(head),
+        _ => None,
     }
 }
 

@@ -11,7 +11,8 @@ pub fn get(addr: &str, path: &str) -> std::io::Result<String> {
     })?;
     let mut conn = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(conn, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    // One write: a request split over several segments must not race a server's first read.
+    conn.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
     let mut response = String::new();
     conn.read_to_string(&mut response)?;
     Ok(response)
