@@ -4,8 +4,9 @@
 //! desired rules and the iptables, nftables and IPVS backends that apply only its difference. See
 //! `DESIGN.md` §3 (service flow) and §4 (rule layout).
 //!
-//! Built so far: the pure model ([`model`]), the iptables backend ([`iptables`]) and the
-//! watch-and-sync loop with health and metrics ([`run`]). nftables and IPVS are not built yet.
+//! Built so far: the pure model ([`model`]), the iptables and nftables backends
+//! ([`iptables`], [`nftables`]), the watch-and-sync loop with health and metrics ([`run`]) and
+//! standalone mode without an API server ([`standalone`]). IPVS is not built yet.
 
 pub mod addresses;
 pub mod backend;
@@ -17,3 +18,4 @@ pub mod model;
 pub mod nfnetlink;
 pub mod nftables;
 pub mod run;
+pub mod standalone;

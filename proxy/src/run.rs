@@ -265,11 +265,28 @@ async fn serve_http(
     }))
 }
 
-/// Runs the proxy with `client` until `shutdown` resolves. Rules are left in place on exit
+/// Where the proxy's Services and EndpointSlices come from.
+pub enum Source {
+    /// Watches on an API server.
+    Cluster(kube::Client),
+    /// Local manifests and the local kubelet's pods (no API server).
+    Standalone(crate::standalone::Standalone),
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Cluster(_) => f.write_str("Cluster"),
+            Source::Standalone(s) => f.debug_tuple("Standalone").field(s).finish(),
+        }
+    }
+}
+
+/// Runs the proxy on `source` until `shutdown` resolves. Rules are left in place on exit
 /// (as upstream does), so a restart does not interrupt traffic.
 pub async fn run(
     config: ProxyConfig,
-    client: kube::Client,
+    source: Source,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ProxyError> {
     let stats: Shared = Arc::default();
@@ -280,25 +297,33 @@ pub async fn run(
     {
         servers.push(serve_http(address, stats.clone(), config.sync_period).await?);
     }
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "tug-proxy".into(),
-            instance: Some(config.node_name.clone()),
-        },
-    );
-    let mut service_events = watcher::watcher(
-        Api::<Service>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .boxed();
-    let mut slice_events = watcher::watcher(
-        Api::<EndpointSlice>::all(client),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .boxed();
+    let (recorder, mut service_events, mut slice_events) = match source {
+        Source::Cluster(client) => (
+            Some(Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: "tug-proxy".into(),
+                    instance: Some(config.node_name.clone()),
+                },
+            )),
+            watcher::watcher(
+                Api::<Service>::all(client.clone()),
+                watcher::Config::default(),
+            )
+            .default_backoff()
+            .boxed(),
+            watcher::watcher(
+                Api::<EndpointSlice>::all(client),
+                watcher::Config::default(),
+            )
+            .default_backoff()
+            .boxed(),
+        ),
+        Source::Standalone(standalone) => {
+            let (services, slices) = crate::standalone::watch(standalone);
+            (None, services, slices)
+        }
+    };
     let mut services = Store::<Service>::new();
     let mut slices = Store::<EndpointSlice>::new();
     let backends = config.backends;
@@ -342,7 +367,9 @@ pub async fn run(
                 for skip in &skipped {
                     if reported.insert((skip.service.clone(), skip.reason.clone())) {
                         tracing::warn!(service = %skip.service, reason = %skip.reason, "service left out; every other service is still programmed");
-                        publish_skip(&recorder, &services, &skip.service, &skip.reason).await;
+                        if let Some(recorder) = &recorder {
+                            publish_skip(recorder, &services, &skip.service, &skip.reason).await;
+                        }
                     }
                 }
                 reported.retain(|(s, r)| skipped.iter().any(|k| &k.service == s && &k.reason == r));

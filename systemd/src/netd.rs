@@ -39,6 +39,10 @@ pub struct NetdArgs {
     /// The nft program.
     #[arg(long, default_value = "nft")]
     nft: PathBuf,
+    /// Standalone mode (tug's own, no API server): this node's pod CIDRs (comma-separated).
+    /// Without it netd reads them from its Node's `spec.podCIDRs`.
+    #[arg(long, value_delimiter = ',')]
+    pod_cidr: Vec<ipnet::IpNet>,
     /// Seconds between full resyncs.
     #[arg(long, default_value_t = 30)]
     resync_seconds: u64,
@@ -47,7 +51,6 @@ pub struct NetdArgs {
 /// Runs netd until a signal.
 pub async fn run(args: NetdArgs) -> anyhow::Result<()> {
     let node_name = crate::kubeconfig::node_name(args.node_name)?;
-    let client = crate::kubeconfig::client(&args.kubeconfig).await?;
     let config = tug_cni::netd::Config {
         node_name,
         dataplane: tug_cni::netd::apply::Dataplane {
@@ -63,6 +66,13 @@ pub async fn run(args: NetdArgs) -> anyhow::Result<()> {
         resync: Duration::from_secs(args.resync_seconds.max(1)),
     };
     tracing::info!(node = %config.node_name, "tug netd starting");
+    if !args.pod_cidr.is_empty() {
+        tracing::info!(pod_cidrs = ?args.pod_cidr, "standalone: no API server");
+        return tug_cni::netd::run_standalone(config, args.pod_cidr, crate::shutdown::signalled())
+            .await
+            .context("tug netd");
+    }
+    let client = crate::kubeconfig::client(&args.kubeconfig).await?;
     tug_cni::netd::run(config, client, crate::shutdown::signalled())
         .await
         .context("tug netd")

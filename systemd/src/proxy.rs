@@ -10,7 +10,8 @@ use tug_proxy::backend::RuleBackend;
 use tug_proxy::config::KubeProxyConfiguration;
 use tug_proxy::iptables::{Iptables, IptablesConfig};
 use tug_proxy::nftables::{NftConfig, Nftables};
-use tug_proxy::run::{ProxyConfig, run as serve};
+use tug_proxy::run::{ProxyConfig, Source, run as serve};
+use tug_proxy::standalone::Standalone;
 
 /// Flags of `tug proxy` (upstream kube-proxy's names). A flag given explicitly wins over the
 /// `--config` file.
@@ -50,6 +51,16 @@ pub struct ProxyArgs {
     /// Remove every rule tug programmed, then exit.
     #[arg(long)]
     cleanup: bool,
+    /// Standalone mode (tug's own, no API server): the Service manifests in this directory,
+    /// with endpoints from the pods of the kubelet at --standalone-kubelet.
+    #[arg(long, value_name = "DIR")]
+    standalone_services: Option<PathBuf>,
+    /// Standalone mode: the local kubelet's read-only address (its `/pods` gives the endpoints).
+    #[arg(long, default_value = "127.0.0.1:10255")]
+    standalone_kubelet: SocketAddr,
+    /// Standalone mode: where ClusterIPs are allocated for manifests that give none.
+    #[arg(long, default_value = "10.96.0.0/12")]
+    service_cluster_ip_range: ipnet::IpNet,
 }
 
 fn address(value: &str, what: &str) -> anyhow::Result<Option<SocketAddr>> {
@@ -203,9 +214,21 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         healthz_address: address(&healthz, "--healthz-bind-address")?,
         metrics_address: address(&metrics, "--metrics-bind-address")?,
     };
-    let client = crate::kubeconfig::client(&kubeconfig).await?;
+    let source = match &args.standalone_services {
+        Some(dir) => {
+            tracing::info!(services = %dir.display(), kubelet = %args.standalone_kubelet, "standalone: no API server");
+            Source::Standalone(Standalone {
+                manifests: dir.clone(),
+                kubelet: args.standalone_kubelet,
+                service_cidr: args.service_cluster_ip_range,
+                node_port_range: config.node_port_range,
+                poll: Duration::from_secs(1),
+            })
+        }
+        None => Source::Cluster(crate::kubeconfig::client(&kubeconfig).await?),
+    };
     tracing::info!(node = %config.node_name, mode = %if mode.is_empty() { "iptables" } else { mode.as_str() }, "tug proxy starting");
-    serve(config, client, crate::shutdown::signalled())
+    serve(config, source, crate::shutdown::signalled())
         .await
         .context("tug proxy")
 }

@@ -47,13 +47,7 @@ pub async fn run(
     client: kube::Client,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NetdError> {
-    let (connection, handle, _) = rtnetlink::new_connection().map_err(NetdError::Netlink)?;
-    tokio::spawn(connection);
-    let settings = desired::Settings {
-        node_name: config.node_name.clone(),
-        mtu: config.mtu,
-        ipam_dir: config.ipam_dir.display().to_string(),
-    };
+    let (handle, settings) = start(&config)?;
     let nodes_api: Api<Node> = Api::all(client);
     let mut events = watcher::watcher(nodes_api, watcher::Config::default())
         .default_backoff()
@@ -77,29 +71,81 @@ pub async fn run(
                 None => return Ok(()),
             },
         };
-        if !changed {
-            continue;
+        if changed {
+            sync(&handle, &config, &settings, &nodes).await;
         }
-        let subnets = match apply::local_subnets(&handle).await {
-            Ok(subnets) => subnets,
-            Err(error) => {
-                tracing::warn!(%error, "cannot read local addresses; retrying at the next sync");
-                continue;
-            }
-        };
-        let want = desired::desired(&settings, &nodes, &subnets);
-        for (node, why) in &want.skipped {
-            tracing::debug!(node, why, "peer not routed yet");
+    }
+}
+
+/// The netlink handle (its connection spawned) and the settings the desired state needs.
+fn start(config: &Config) -> Result<(rtnetlink::Handle, desired::Settings), NetdError> {
+    let (connection, handle, _) = rtnetlink::new_connection().map_err(NetdError::Netlink)?;
+    tokio::spawn(connection);
+    let settings = desired::Settings {
+        node_name: config.node_name.clone(),
+        mtu: config.mtu,
+        ipam_dir: config.ipam_dir.display().to_string(),
+    };
+    Ok((handle, settings))
+}
+
+/// Computes the whole desired state from `nodes` and applies its difference.
+async fn sync(
+    handle: &rtnetlink::Handle,
+    config: &Config,
+    settings: &desired::Settings,
+    nodes: &BTreeMap<String, Node>,
+) {
+    let subnets = match apply::local_subnets(handle).await {
+        Ok(subnets) => subnets,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read local addresses; retrying at the next sync");
+            return;
         }
-        match apply::apply(&handle, &config.dataplane, &want).await {
-            Ok(changes) => {
-                for change in changes {
-                    tracing::info!(change, "pod network updated");
-                }
+    };
+    let want = desired::desired(settings, nodes, &subnets);
+    for (node, why) in &want.skipped {
+        tracing::debug!(node, why, "peer not routed yet");
+    }
+    match apply::apply(handle, &config.dataplane, &want).await {
+        Ok(changes) => {
+            for change in changes {
+                tracing::info!(change, "pod network updated");
             }
-            Err(error) => {
-                tracing::warn!(%error, "applying the pod network failed; retrying at the next sync")
-            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "applying the pod network failed; retrying at the next sync")
+        }
+    }
+}
+
+/// Runs netd without an API server until `shutdown` resolves: this node alone, with the pod
+/// CIDRs given (tug's standalone node). The same dataplane as in a cluster, with no peers.
+pub async fn run_standalone(
+    config: Config,
+    pod_cidrs: Vec<ipnet::IpNet>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NetdError> {
+    let (handle, settings) = start(&config)?;
+    let node = Node {
+        metadata: kube::api::ObjectMeta {
+            name: Some(config.node_name.clone()),
+            ..Default::default()
+        },
+        spec: Some(k8s_openapi::api::core::v1::NodeSpec {
+            pod_cidr: pod_cidrs.first().map(ToString::to_string),
+            pod_cidrs: Some(pod_cidrs.iter().map(ToString::to_string).collect()),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    let nodes = BTreeMap::from([(config.node_name.clone(), node)]);
+    let mut ticker = tokio::time::interval(config.resync);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            _ = ticker.tick() => sync(&handle, &config, &settings, &nodes).await,
         }
     }
 }
