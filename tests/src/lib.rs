@@ -20,6 +20,7 @@ pub mod measure;
 pub mod netns;
 pub mod services;
 pub mod shim;
+pub mod streaming;
 pub mod substrate;
 pub mod tier;
 pub mod vm;

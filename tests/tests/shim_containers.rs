@@ -179,6 +179,106 @@ async fn exec(
         .map(|r| r.into_inner())
 }
 
+/// Exec (with stdin, without and with a TTY) and port-forward through the runtime's streaming
+/// server, as `kubectl exec` and `kubectl port-forward` reach it through the kubelet.
+async fn streaming(cri: &mut Cri, sandbox: &str, sleeper: &str) {
+    let url = |r: Result<String, tonic::Status>| r.expect("a streaming URL");
+    let exec_url = |cmd: &[&str], stdin: bool, tty: bool| ExecRequest {
+        container_id: sleeper.to_owned(),
+        cmd: cmd.iter().map(|s| (*s).to_owned()).collect(),
+        tty,
+        stdin,
+        stdout: true,
+        stderr: !tty,
+    };
+    let request = exec_url(
+        &["sh", "-c", "tr a-z A-Z; echo done >&2; exit 5"],
+        true,
+        false,
+    );
+    let target = url(cri.runtime.exec(request).await.map(|r| r.into_inner().url));
+    let out = tug_tests::streaming::exec(&target, Some(b"hello stream\n"), false)
+        .await
+        .expect("exec over SPDY");
+    assert_eq!(out.protocol, "v4.channel.k8s.io");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "HELLO STREAM\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "done\n");
+    assert_eq!(out.exit, Ok(5));
+    // A URL is good for one session only.
+    assert!(
+        tug_tests::streaming::exec(&target, None, false)
+            .await
+            .is_err()
+    );
+    // With a TTY: output through the terminal, whose size the resize stream set.
+    let request = exec_url(
+        &[
+            "sh",
+            "-c",
+            "sleep 1; stty size 2>&1; stty -a 2>&1 | head -2; tty",
+        ],
+        true,
+        true,
+    );
+    let target = url(cri.runtime.exec(request).await.map(|r| r.into_inner().url));
+    let out = tug_tests::streaming::exec(&target, Some(b""), true)
+        .await
+        .expect("exec with a TTY");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("30 100"),
+        "the terminal has the size sent: {text:?}"
+    );
+    assert!(text.contains("/dev/pts/"), "{text:?}");
+    assert_eq!(out.exit, Ok(0));
+    // Port-forward: a web server in the pod, reached through the sandbox's port-forward URL,
+    // twice on one session; a closed port is reported on the error stream.
+    let started = exec(
+        cri,
+        sleeper,
+        &["sh", "-c", "mkdir -p /tmp/www && echo forwarded > /tmp/www/index.html && httpd -p 8081 -h /tmp/www"],
+        10,
+    )
+    .await
+    .expect("start a web server in the pod");
+    assert_eq!(started.exit_code, 0, "{started:?}");
+    let target = url(cri
+        .runtime
+        .port_forward(PortForwardRequest {
+            pod_sandbox_id: sandbox.to_owned(),
+            port: vec![8081],
+        })
+        .await
+        .map(|r| r.into_inner().url));
+    let forward = tug_tests::streaming::PortForward::open(&target)
+        .await
+        .expect("port-forward over SPDY");
+    for _ in 0..2 {
+        let answer = forward
+            .exchange(8081, b"GET / HTTP/1.0\r\n\r\n")
+            .await
+            .expect("an answer through the forwarded port");
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.starts_with("HTTP/1.") && text.ends_with("forwarded\n"),
+            "{text}"
+        );
+    }
+    let refused = forward.exchange(8099, b"GET / HTTP/1.0\r\n\r\n").await;
+    assert!(refused.is_err(), "a closed port: {refused:?}");
+    drop(forward);
+    // Unknown containers are NotFound at the CRI call.
+    let missing = cri
+        .runtime
+        .exec(ExecRequest {
+            container_id: "no-such-container".into(),
+            ..exec_url(&["true"], false, false)
+        })
+        .await
+        .expect_err("Exec of an unknown container");
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+}
+
 async fn remove_all(cri: &mut Cri, sandbox: &str, containers: &[&str]) {
     for id in containers {
         for _ in 0..2 {
@@ -321,6 +421,7 @@ async fn exercise_containers(mut cri: Cri, substrate: &Substrate, strict: bool) 
         format!("hi\n{name}\n")
     );
     assert_eq!(String::from_utf8_lossy(&output.stderr), "oops\n");
+    streaming(&mut cri, &sandbox, &sleeper).await;
     let began = Instant::now();
     let timed_out = exec(&mut cri, &sleeper, &["sleep", "30"], 1).await;
     assert!(

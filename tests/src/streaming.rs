@@ -1,0 +1,153 @@
+//! A streaming client as kubectl (through the API server and kubelet) meets a runtime's
+//! streaming server: exec and port-forward over SPDY/3.1 at the URL a CRI `Exec` or
+//! `PortForward` returned. The same client is run against containerd's CRI, so it is checked
+//! against a real Go server, not only against tug's.
+
+use tokio::net::TcpStream;
+use tug_streaming::spdy::{self, Headers, Role, Session};
+use tug_streaming::upgrade::{Rewind, request_upgrade};
+use tug_streaming::{portforward, remotecommand};
+
+/// What an exec produced.
+#[derive(Debug)]
+pub struct ExecOutput {
+    /// stdout (with a TTY: the terminal's output).
+    pub stdout: Vec<u8>,
+    /// stderr.
+    pub stderr: Vec<u8>,
+    /// The exit code, or why the command failed.
+    pub exit: Result<i32, String>,
+    /// The sub-protocol the server chose.
+    pub protocol: String,
+}
+
+async fn session(url: &str, protocols: &[&str]) -> std::io::Result<(String, Session)> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| std::io::Error::other(format!("{url}: not an http:// URL")))?;
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let conn = TcpStream::connect(host).await?;
+    let (protocol, io): (String, Rewind<TcpStream>) =
+        request_upgrade(conn, path, host, spdy::UPGRADE, protocols, &[]).await?;
+    Ok((protocol, Session::new(io, Role::Client)))
+}
+
+fn typed(kind: &str) -> Headers {
+    vec![(remotecommand::STREAM_TYPE.into(), kind.into())]
+}
+
+/// Runs the exec (or attach) at `url`: sends `stdin` (then closes it) when given, collects
+/// stdout and stderr (stderr not with `tty`), and reads the status.
+pub async fn exec(url: &str, stdin: Option<&[u8]>, tty: bool) -> std::io::Result<ExecOutput> {
+    let (protocol, session) = session(url, remotecommand::PROTOCOLS).await?;
+    let mut error = session.open(typed(remotecommand::ERROR)).await?;
+    let input = match stdin {
+        Some(_) => Some(session.open(typed(remotecommand::STDIN)).await?),
+        None => None,
+    };
+    let mut stdout = session.open(typed(remotecommand::STDOUT)).await?;
+    let mut stderr = if tty {
+        None
+    } else {
+        Some(session.open(typed(remotecommand::STDERR)).await?)
+    };
+    let _resize = if tty {
+        let resize = session.open(typed(remotecommand::RESIZE)).await?;
+        resize.send(br#"{"Width":100,"Height":30}"#)?;
+        Some(resize)
+    } else {
+        None
+    };
+    // With a TTY, the end of stdin ends the terminal session (as `kubectl exec -it` does when
+    // its input ends), so stdin stays open until the output is done.
+    if let (Some(stream), Some(data)) = (&input, stdin) {
+        stream.send(data)?;
+        if !tty {
+            stream.close();
+        }
+    }
+    let (out, err, status) = tokio::join!(
+        stdout.read_to_end(),
+        async {
+            match &mut stderr {
+                Some(s) => s.read_to_end().await,
+                None => Vec::new(),
+            }
+        },
+        error.read_to_end()
+    );
+    if let Some(stream) = &input {
+        stream.close();
+    }
+    session.close();
+    Ok(ExecOutput {
+        stdout: out,
+        stderr: err,
+        exit: remotecommand::parse_status(&status),
+        protocol,
+    })
+}
+
+/// A port-forward session: each `connect` is one connection to the pod's port.
+#[derive(Debug)]
+pub struct PortForward {
+    session: Session,
+    next: std::sync::atomic::AtomicU32,
+}
+
+impl PortForward {
+    /// Upgrades the port-forward `url` to a session.
+    pub async fn open(url: &str) -> std::io::Result<PortForward> {
+        let (protocol, session) = session(url, &[portforward::PROTOCOL]).await?;
+        if protocol != portforward::PROTOCOL {
+            return Err(std::io::Error::other(format!(
+                "the server chose {protocol:?}, not {}",
+                portforward::PROTOCOL
+            )));
+        }
+        Ok(PortForward {
+            session,
+            next: Default::default(),
+        })
+    }
+
+    /// Sends `request` to `port` in the pod, closes the sending side, and returns everything
+    /// the pod answered, or the error the server reported.
+    pub async fn exchange(&self, port: u16, request: &[u8]) -> Result<Vec<u8>, String> {
+        let id = self
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .to_string();
+        let headers = |kind: &str| -> Headers {
+            vec![
+                (remotecommand::STREAM_TYPE.into(), kind.into()),
+                (portforward::PORT.into(), port.to_string()),
+                (portforward::REQUEST_ID.into(), id.clone()),
+            ]
+        };
+        let mut error = self
+            .session
+            .open(headers(portforward::ERROR))
+            .await
+            .map_err(|e| e.to_string())?;
+        error.close();
+        let mut data = self
+            .session
+            .open(headers(portforward::DATA))
+            .await
+            .map_err(|e| e.to_string())?;
+        data.send(request).map_err(|e| e.to_string())?;
+        data.close();
+        let (answer, failure) = tokio::join!(data.read_to_end(), error.read_to_end());
+        if !failure.is_empty() {
+            return Err(String::from_utf8_lossy(&failure).into_owned());
+        }
+        Ok(answer)
+    }
+}
+
+impl Drop for PortForward {
+    fn drop(&mut self) {
+        self.session.close();
+    }
+}
