@@ -10,6 +10,7 @@ use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
 
 use crate::cri::images::Images;
 use crate::cri::runtime::{Runtime, RuntimeConfig};
+use crate::cri::streaming::Streaming;
 use crate::image::pull::Containerd;
 use crate::image::registry::{Registry, RegistryConfig};
 use crate::network::Cni;
@@ -37,6 +38,9 @@ pub struct ShimConfig {
     pub registry: RegistryConfig,
     /// The binary containerd's shim runs to write container logs (`tug` itself).
     pub logger: PathBuf,
+    /// Where the streaming server (exec, attach, port-forward) listens; port 0 picks one. The
+    /// kubelet proxies clients to it, so loopback is enough.
+    pub streaming_address: std::net::SocketAddr,
 }
 
 /// Why the server could not run. Not retryable without a change (socket in use, containerd down).
@@ -87,6 +91,18 @@ pub async fn run(config: ShimConfig, shutdown: impl Future<Output = ()>) -> Resu
         Registry::new(config.registry.clone()),
         config.snapshotter_root.clone(),
     );
+    let streams = tokio::net::TcpListener::bind(config.streaming_address)
+        .await
+        .map_err(|source| ServeError::Socket {
+            what: "listen for streaming sessions on",
+            path: PathBuf::from(config.streaming_address.to_string()),
+            source,
+        })?;
+    let streaming_address = streams.local_addr().map_err(|source| ServeError::Socket {
+        what: "address of",
+        path: PathBuf::from(config.streaming_address.to_string()),
+        source,
+    })?;
     let runtime = Runtime::new(RuntimeConfig {
         containerd,
         images: images.clone(),
@@ -97,8 +113,10 @@ pub async fn run(config: ShimConfig, shutdown: impl Future<Output = ()>) -> Resu
         netns_dir: config.netns_dir.clone(),
         state_dir: config.state_dir.clone(),
         logger: config.logger.clone(),
+        streaming: std::sync::Arc::new(Streaming::new(streaming_address)),
     });
     let watcher = runtime.watch_exits();
+    let streamer = runtime.serve_streams(streams);
 
     let socket = &config.listen;
     let io = |what: &'static str| {
@@ -117,7 +135,7 @@ pub async fn run(config: ShimConfig, shutdown: impl Future<Output = ()>) -> Resu
     // The CRI is root's alone: whoever reaches it can run anything on the node.
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .map_err(io("restrict permissions of"))?;
-    tracing::info!(socket = %socket.display(), containerd = %config.containerd_socket.display(), namespace = %config.namespace, "serving CRI");
+    tracing::info!(socket = %socket.display(), streaming = %streaming_address, containerd = %config.containerd_socket.display(), namespace = %config.namespace, "serving CRI");
     let served = tonic::transport::Server::builder()
         .add_service(RuntimeServiceServer::new(runtime))
         .add_service(ImageServiceServer::new(images))
@@ -127,6 +145,7 @@ pub async fn run(config: ShimConfig, shutdown: impl Future<Output = ()>) -> Resu
         )
         .await;
     watcher.abort();
+    streamer.abort();
     let _ = std::fs::remove_file(socket);
     served.map_err(|source| ServeError::Serve {
         path: socket.clone(),

@@ -40,6 +40,10 @@ pub struct ShimArgs {
     /// A registry (`host:port`) reached over plain HTTP; repeatable.
     #[arg(long = "insecure-registry")]
     insecure_registries: Vec<String>,
+    /// Where the streaming server for exec, attach and port-forward listens (the kubelet
+    /// proxies to it); port 0 picks a free one.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    streaming_address: std::net::SocketAddr,
     /// A mirror for a registry, `registry=URL`; repeatable, tried in order.
     #[arg(long = "registry-mirror")]
     registry_mirrors: Vec<String>,
@@ -74,6 +78,7 @@ pub async fn run(args: ShimArgs) -> anyhow::Result<()> {
             snapshotter_root: args.snapshotter_root,
             registry,
             logger,
+            streaming_address: args.streaming_address,
         },
         crate::shutdown::signalled(),
     )

@@ -79,7 +79,10 @@ impl TugShim {
         let _ = std::fs::remove_file(&self.socket);
         let child = Command::new(tug_binary())
             .args(&self.args)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("TUG_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

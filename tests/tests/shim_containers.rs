@@ -422,6 +422,48 @@ async fn exercise_containers(mut cri: Cri, substrate: &Substrate, strict: bool) 
     );
     assert_eq!(String::from_utf8_lossy(&output.stderr), "oops\n");
     streaming(&mut cri, &sandbox, &sleeper).await;
+    // Attach: the output of a running container, until it exits.
+    let ticker = create(
+        &mut cri,
+        &sandbox,
+        &sandbox_config,
+        container(
+            substrate,
+            "ticker",
+            &[
+                "sh",
+                "-c",
+                "sleep 2; for i in 1 2 3 4 5 6; do echo tick $i; sleep 0.3; done",
+            ],
+        ),
+    )
+    .await;
+    start(&mut cri, &ticker).await;
+    let target = cri
+        .runtime
+        .attach(AttachRequest {
+            container_id: ticker.clone(),
+            stdin: false,
+            tty: false,
+            stdout: true,
+            stderr: true,
+        })
+        .await
+        .expect("Attach")
+        .into_inner()
+        .url;
+    let attached = tokio::time::timeout(
+        Duration::from_secs(30),
+        tug_tests::streaming::exec(&target, None, false),
+    )
+    .await
+    .expect("the attach session ends when the container exits")
+    .expect("attach over SPDY");
+    let text = String::from_utf8_lossy(&attached.stdout);
+    assert!(
+        text.contains("tick 1\n") && text.ends_with("tick 6\n"),
+        "{text:?}"
+    );
     let began = Instant::now();
     let timed_out = exec(&mut cri, &sleeper, &["sleep", "30"], 1).await;
     assert!(
@@ -606,7 +648,7 @@ async fn exercise_containers(mut cri: Cri, substrate: &Substrate, strict: bool) 
         "earlier containers are untouched"
     );
 
-    remove_all(&mut cri, &sandbox, &[&exiter, &sleeper, &hog]).await;
+    remove_all(&mut cri, &sandbox, &[&exiter, &sleeper, &hog, &ticker]).await;
     let gone = cri
         .runtime
         .container_status(ContainerStatusRequest {

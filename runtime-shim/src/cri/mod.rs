@@ -6,3 +6,4 @@ pub mod images;
 mod records;
 pub mod runtime;
 pub mod stats;
+pub mod streaming;

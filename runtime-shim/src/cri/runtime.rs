@@ -46,6 +46,8 @@ pub struct RuntimeConfig {
     pub state_dir: PathBuf,
     /// The `tug` binary containerd's shim runs as each container's log writer.
     pub logger: PathBuf,
+    /// The streaming server (exec, attach, port-forward URLs).
+    pub streaming: Arc<super::streaming::Streaming>,
 }
 
 /// The RuntimeService.
@@ -62,6 +64,7 @@ pub(super) struct Inner {
     pub(super) netns_dir: PathBuf,
     pub(super) state_dir: PathBuf,
     pub(super) logger: PathBuf,
+    pub(super) streaming: Arc<super::streaming::Streaming>,
     pub(super) events: tokio::sync::broadcast::Sender<ContainerEventResponse>,
     pub(super) locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pub(super) cpu_samples: std::sync::Mutex<HashMap<String, (i64, u64)>>,
@@ -150,6 +153,7 @@ impl Runtime {
                 netns_dir: config.netns_dir,
                 state_dir: config.state_dir,
                 logger: config.logger,
+                streaming: config.streaming,
                 events,
                 locks: std::sync::Mutex::new(HashMap::new()),
                 cpu_samples: std::sync::Mutex::new(HashMap::new()),
@@ -651,17 +655,25 @@ impl RuntimeService for Runtime {
             .await
             .map(Response::new)
     }
-    async fn exec(&self, _: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
-        unimplemented("Exec (streaming)")
+    async fn exec(&self, request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
+        let url = self.exec_url(request.into_inner()).await?;
+        Ok(Response::new(ExecResponse { url }))
     }
-    async fn attach(&self, _: Request<AttachRequest>) -> Result<Response<AttachResponse>, Status> {
-        unimplemented("Attach (streaming)")
+    async fn attach(
+        &self,
+        request: Request<AttachRequest>,
+    ) -> Result<Response<AttachResponse>, Status> {
+        let url = self.attach_url(request.into_inner()).await?;
+        Ok(Response::new(AttachResponse { url }))
     }
     async fn port_forward(
         &self,
-        _: Request<PortForwardRequest>,
+        request: Request<PortForwardRequest>,
     ) -> Result<Response<PortForwardResponse>, Status> {
-        unimplemented("PortForward (streaming)")
+        let url = self
+            .port_forward_url(&request.into_inner().pod_sandbox_id)
+            .await?;
+        Ok(Response::new(PortForwardResponse { url }))
     }
     async fn container_stats(
         &self,
