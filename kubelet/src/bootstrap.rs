@@ -150,7 +150,7 @@ pub fn usable(path: &Path) -> bool {
     not_after > jiff::Timestamp::now().as_second() + 3600
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), BootstrapError> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), BootstrapError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");

@@ -48,9 +48,72 @@ pub struct KubeletConfiguration {
     pub address: String,
     /// How often every pod is synced without a change (a Go duration, `1m`).
     pub sync_frequency: String,
+    /// The API's serving certificate (PEM); empty: a self-signed one in the cert dir.
+    pub tls_cert_file: String,
+    /// Its key.
+    pub tls_private_key_file: String,
+    /// How API requests are authenticated.
+    pub authentication: Authentication,
+    /// How API requests are authorized.
+    pub authorization: AuthorizationConfig,
     /// Everything else, reported as not acted on.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_yaml::Value>,
+}
+
+/// `authentication`: client certificates, webhook (TokenReview) tokens, anonymous.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Authentication {
+    /// `x509.clientCAFile`.
+    pub x509: X509,
+    /// `webhook.enabled` (default true).
+    pub webhook: Enabled,
+    /// `anonymous.enabled` (default false).
+    pub anonymous: Enabled,
+}
+
+impl Default for Authentication {
+    fn default() -> Authentication {
+        Authentication {
+            x509: X509::default(),
+            webhook: Enabled { enabled: true },
+            anonymous: Enabled { enabled: false },
+        }
+    }
+}
+
+/// `x509`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase", default)]
+pub struct X509 {
+    /// The CA bundle that signs client certificates.
+    #[serde(rename = "clientCAFile")]
+    pub client_ca_file: String,
+}
+
+/// `{enabled: bool}`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(default)]
+pub struct Enabled {
+    /// On or off.
+    pub enabled: bool,
+}
+
+/// `authorization`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AuthorizationConfig {
+    /// `Webhook` (default) or `AlwaysAllow`.
+    pub mode: String,
+}
+
+impl Default for AuthorizationConfig {
+    fn default() -> AuthorizationConfig {
+        AuthorizationConfig {
+            mode: "Webhook".into(),
+        }
+    }
 }
 
 /// A taint as the file writes it.
@@ -86,6 +149,10 @@ impl Default for KubeletConfiguration {
             read_only_port: 0,
             address: "0.0.0.0".into(),
             sync_frequency: "1m".into(),
+            tls_cert_file: String::new(),
+            tls_private_key_file: String::new(),
+            authentication: Authentication::default(),
+            authorization: AuthorizationConfig::default(),
             other: BTreeMap::new(),
         }
     }
@@ -118,13 +185,7 @@ pub enum ConfigError {
 }
 
 /// Fields upstream defines that tug reads under another name or does not need to act on.
-const IGNORED_QUIETLY: &[&str] = &[
-    "authentication",
-    "authorization",
-    "staticPodURL",
-    "rotateCertificates",
-    "serverTLSBootstrap",
-];
+const IGNORED_QUIETLY: &[&str] = &["staticPodURL", "rotateCertificates", "serverTLSBootstrap"];
 
 impl KubeletConfiguration {
     /// Parses and checks the file.

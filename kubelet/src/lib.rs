@@ -9,6 +9,7 @@
 //! CRI, status, probes, volumes), the configuration file ([`config`]) and the assembly of all of
 //! it ([`run`]).
 
+pub mod api;
 pub mod bootstrap;
 pub mod config;
 pub mod node;

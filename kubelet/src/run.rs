@@ -38,6 +38,8 @@ pub struct KubeletConfig {
     pub static_pod_path: Option<PathBuf>,
     /// The periodic pod sync (`syncFrequency`).
     pub sync_frequency: Duration,
+    /// The kubelet API on its secure port (off when `None`).
+    pub api: Option<crate::api::ApiConfig>,
 }
 
 type Routes = Arc<dyn Fn(&str) -> Option<(&'static str, String)> + Send + Sync>;
@@ -165,6 +167,22 @@ pub async fn run(
             _ => None,
         });
         servers.push(tokio::spawn(serve(listener, routes)));
+    }
+    if let Some(api) = &config.api {
+        let tls = crate::api::tls(api)?;
+        tracing::info!(address = %api.address, authorization = ?api.authorization, anonymous = api.anonymous, "serving the kubelet API");
+        let api = crate::api::serve(
+            api.clone(),
+            tls,
+            client.clone(),
+            config.identity.name.clone(),
+            shared.clone(),
+        )
+        .await?;
+        servers.push(tokio::spawn(async move {
+            let _ = api.await;
+            Ok(())
+        }));
     }
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

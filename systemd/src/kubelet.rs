@@ -131,6 +131,69 @@ fn config_from(args: &KubeletArgs) -> anyhow::Result<KubeletConfiguration> {
     Ok(file)
 }
 
+/// The kubelet API's settings: on `address:port` when there is an API server to authenticate
+/// and authorize against (a standalone kubelet has none, so its API stays off), with the
+/// configured serving certificate or a self-signed one in the cert dir.
+fn api_config(
+    args: &KubeletArgs,
+    file: &KubeletConfiguration,
+    name: &str,
+    node_ips: &[IpAddr],
+    with_api_server: bool,
+) -> anyhow::Result<Option<tug_kubelet::api::ApiConfig>> {
+    if file.port == 0 || !with_api_server {
+        if file.port != 0 {
+            tracing::info!("standalone: the kubelet API (port {}) stays off", file.port);
+        }
+        return Ok(None);
+    }
+    let port = u16::try_from(file.port).context("port: not a TCP port")?;
+    let ip: IpAddr = file.address.parse().context("address: not an IP address")?;
+    let cert_dir = args
+        .cert_dir
+        .clone()
+        .unwrap_or_else(|| args.root_dir.join("pki"));
+    let (cert_file, key_file) = if file.tls_cert_file.is_empty() {
+        let (cert, key) = (cert_dir.join("kubelet.crt"), cert_dir.join("kubelet.key"));
+        let mut names = vec![name.to_owned()];
+        names.extend(node_ips.iter().map(ToString::to_string));
+        tug_kubelet::api::ensure_serving_cert(&cert, &key, &names)
+            .context("the kubelet API's self-signed serving certificate")?;
+        (cert, key)
+    } else {
+        (
+            PathBuf::from(&file.tls_cert_file),
+            PathBuf::from(&file.tls_private_key_file),
+        )
+    };
+    let authorization = match file.authorization.mode.as_str() {
+        "Webhook" | "" => tug_kubelet::api::Authorization::Webhook,
+        "AlwaysAllow" => {
+            tracing::warn!(
+                "authorization mode AlwaysAllow: every authenticated client may use the kubelet API"
+            );
+            tug_kubelet::api::Authorization::AlwaysAllow
+        }
+        other => bail!("authorization.mode {other:?}: expected Webhook or AlwaysAllow"),
+    };
+    let auth = &file.authentication;
+    if auth.anonymous.enabled {
+        tracing::warn!(
+            "authentication.anonymous.enabled: unauthenticated requests reach authorization as system:anonymous"
+        );
+    }
+    Ok(Some(tug_kubelet::api::ApiConfig {
+        address: SocketAddr::new(ip, port),
+        cert_file,
+        key_file,
+        client_ca_file: (!auth.x509.client_ca_file.is_empty())
+            .then(|| PathBuf::from(&auth.x509.client_ca_file)),
+        webhook_authentication: auth.webhook.enabled,
+        anonymous: auth.anonymous.enabled,
+        authorization,
+    }))
+}
+
 /// Runs the kubelet until a signal.
 pub async fn run(args: KubeletArgs) -> anyhow::Result<()> {
     let file = config_from(&args)?;
@@ -168,7 +231,9 @@ pub async fn run(args: KubeletArgs) -> anyhow::Result<()> {
             None
         }
     };
+    let api = api_config(&args, &file, &name, &node_ips, client.is_some())?;
     let config = KubeletConfig {
+        api,
         identity: NodeIdentity {
             name: name.clone(),
             hostname: name,

@@ -38,6 +38,8 @@ pub struct TugKubelet {
     pub root_dir: PathBuf,
     /// Its pod log dir.
     pub logs_dir: PathBuf,
+    /// The kubelet API's port (on 127.0.0.1).
+    pub api_port: u16,
     options: Options,
     _dirs: Vec<tempfile::TempDir>,
 }
@@ -73,12 +75,21 @@ impl TugKubelet {
         let bootstrap_path = dir.path().join("bootstrap-kubelet.conf");
         std::fs::write(&bootstrap_path, &bootstrap).expect("write the bootstrap kubeconfig");
         let config_path = dir.path().join("config.yaml");
+        // The kubelet API on a port of its own (several test kubelets share the host),
+        // trusting the cluster's CA for client certificates.
+        let api_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let client_ca = dir.path().join("client-ca.crt");
+        std::fs::write(&client_ca, cluster().ca_pem()).expect("write the client CA");
         std::fs::write(
             &config_path,
             format!(
-                "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nclusterDNS: [10.96.0.10]\nclusterDomain: cluster.local\npodLogsDir: {}\nhealthzPort: 0\nsyncFrequency: 2s\ncontainerRuntimeEndpoint: unix://{}\n",
+                "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nclusterDNS: [10.96.0.10]\nclusterDomain: cluster.local\npodLogsDir: {}\nhealthzPort: 0\nsyncFrequency: 2s\ncontainerRuntimeEndpoint: unix://{}\naddress: 127.0.0.1\nport: {api_port}\nauthentication:\n  x509:\n    clientCAFile: {}\n",
                 logs_dir.display(),
-                endpoint.display()
+                endpoint.display(),
+                client_ca.display()
             ),
         )
         .expect("write the kubelet config");
@@ -117,6 +128,7 @@ impl TugKubelet {
             node_ip: node_ip.to_owned(),
             root_dir,
             logs_dir,
+            api_port,
             options,
             _dirs: vec![dir],
         };

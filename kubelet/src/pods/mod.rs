@@ -14,6 +14,7 @@
 //! and readiness resumes from the status the previous kubelet wrote.
 
 pub mod env;
+pub mod logs;
 pub mod observed;
 pub mod plan;
 pub mod probe;

@@ -1,0 +1,505 @@
+//! The kubelet API on its secure port (10250): TLS with a serving certificate, every request
+//! authenticated (client certificate from the client CA, or a bearer token checked with a
+//! TokenReview; anonymous requests refused unless enabled) and authorized with a
+//! SubjectAccessReview on the Node's subresource, as upstream does (`nodes/proxy`, `nodes/log`,
+//! `nodes/stats`, `nodes/metrics`, `nodes/spec`, with `nodes/healthz` and `nodes/pods` tried
+//! first and `nodes/proxy` as the fallback).
+//!
+//! Routes: `/healthz`, `/pods`, `/containerLogs/{namespace}/{pod}/{container}`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
+use kube::Api;
+use kube::api::PostParams;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tug_streaming::upgrade::{Request, read_request};
+
+use crate::pods::worker::Shared;
+
+/// How requests are authorized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Authorization {
+    /// SubjectAccessReview against the API server (upstream's `Webhook`).
+    Webhook,
+    /// Every authenticated request is allowed.
+    AlwaysAllow,
+}
+
+/// The API's configuration.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Where it listens.
+    pub address: SocketAddr,
+    /// The serving certificate and key (PEM files).
+    pub cert_file: PathBuf,
+    /// Its key.
+    pub key_file: PathBuf,
+    /// CA bundle that signs client certificates; none: client certificates are not accepted.
+    pub client_ca_file: Option<PathBuf>,
+    /// Bearer tokens checked with TokenReview.
+    pub webhook_authentication: bool,
+    /// Let unauthenticated requests through as `system:anonymous` (off by default).
+    pub anonymous: bool,
+    /// Authorization mode.
+    pub authorization: Authorization,
+}
+
+/// Who made a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    /// User name.
+    pub name: String,
+    /// Groups.
+    pub groups: Vec<String>,
+}
+
+/// The verb and Node subresources (in the order tried) a request needs.
+pub fn attributes(method: &str, path: &str) -> (&'static str, Vec<&'static str>) {
+    let verb = match method {
+        "GET" | "HEAD" => "get",
+        "POST" => "create",
+        "PUT" => "update",
+        "PATCH" => "patch",
+        "DELETE" => "delete",
+        _ => "",
+    };
+    let under = |prefix: &str| path == prefix || path.starts_with(&format!("{prefix}/"));
+    let subresources = if under("/stats") {
+        vec!["stats"]
+    } else if under("/metrics") {
+        vec!["metrics"]
+    } else if under("/logs") {
+        vec!["log"]
+    } else if under("/spec") {
+        vec!["spec"]
+    } else if under("/healthz") {
+        vec!["healthz", "proxy"]
+    } else if under("/pods") {
+        vec!["pods", "proxy"]
+    } else {
+        vec!["proxy"]
+    };
+    (verb, subresources)
+}
+
+/// Creates a self-signed serving certificate for `names` unless `cert`/`key` exist (upstream
+/// writes `kubelet.crt` and `kubelet.key` in its cert dir the same way).
+pub fn ensure_serving_cert(cert: &Path, key: &Path, names: &[String]) -> std::io::Result<()> {
+    if cert.exists() && key.exists() {
+        return Ok(());
+    }
+    let generated = rcgen::generate_simple_self_signed(names.to_vec())
+        .map_err(|e| std::io::Error::other(format!("generate the serving certificate: {e}")))?;
+    if let Some(dir) = cert.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    crate::bootstrap::write_private(key, generated.signing_key.serialize_pem().as_bytes())
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    std::fs::write(cert, generated.cert.pem())?;
+    Ok(())
+}
+
+fn pem_certs(path: &Path) -> std::io::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    let mut reader = std::io::BufReader::new(std::fs::File::open(path)?);
+    rustls_pemfile::certs(&mut reader).collect()
+}
+
+/// The TLS configuration: the serving certificate, and client certificates from the CA when
+/// one is configured (optional: a request may authenticate with a token instead).
+pub fn tls(config: &ApiConfig) -> std::io::Result<rustls::ServerConfig> {
+    let bad = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
+        std::io::Error::other(format!("{what} {}: {e}", path.display()))
+    };
+    let certs = pem_certs(&config.cert_file).map_err(|e| bad("read", &config.cert_file, &e))?;
+    let mut reader = std::io::BufReader::new(
+        std::fs::File::open(&config.key_file).map_err(|e| bad("read", &config.key_file, &e))?,
+    );
+    let key = rustls_pemfile::private_key(&mut reader)
+        .map_err(|e| bad("read", &config.key_file, &e))?
+        .ok_or_else(|| bad("no private key in", &config.key_file, &"empty"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?;
+    let builder = match &config.client_ca_file {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in pem_certs(ca).map_err(|e| bad("read the client CA", ca, &e))? {
+                roots
+                    .add(cert)
+                    .map_err(|e| bad("use the client CA", ca, &e))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| bad("use the client CA", ca, &e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut tls = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| bad("use the serving certificate", &config.cert_file, &e))?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
+/// The user a verified client certificate names: CN, and O as groups.
+fn certificate_user(der: &[u8]) -> Option<User> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = cert.subject();
+    let name = subject.iter_common_name().next()?.as_str().ok()?.to_owned();
+    let groups = subject
+        .iter_organization()
+        .filter_map(|o| o.as_str().ok().map(str::to_owned))
+        .collect();
+    Some(User { name, groups })
+}
+
+/// Why a request is refused.
+#[derive(Debug)]
+enum Refusal {
+    Unauthorized(String),
+    Forbidden(String),
+    Unavailable(String),
+}
+
+/// Runs the API until the task is aborted.
+pub async fn serve(
+    config: ApiConfig,
+    tls: rustls::ServerConfig,
+    client: Option<kube::Client>,
+    node_name: String,
+    shared: Arc<Shared>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(config.address)
+        .await
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("the kubelet API on {}: {e}", config.address),
+            )
+        })?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let config = Arc::new(config);
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((conn, peer)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, config, client, node_name, shared) = (
+                acceptor.clone(),
+                config.clone(),
+                client.clone(),
+                node_name.clone(),
+                shared.clone(),
+            );
+            tokio::spawn(async move {
+                let Ok(Ok(stream)) =
+                    tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(conn))
+                        .await
+                else {
+                    return;
+                };
+                let user = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|certs| certs.first())
+                    .and_then(|der| certificate_user(der));
+                if let Err(error) =
+                    handle(stream, user, &config, client.as_ref(), &node_name, &shared).await
+                {
+                    tracing::debug!(%peer, %error, "kubelet API request failed");
+                }
+            });
+        }
+    }))
+}
+
+async fn authenticate(
+    request: &Request,
+    certificate: Option<User>,
+    config: &ApiConfig,
+    client: Option<&kube::Client>,
+) -> Result<User, Refusal> {
+    if let Some(user) = certificate {
+        return Ok(user);
+    }
+    let bearer = request
+        .headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("authorization"))
+        .and_then(|(_, v)| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    if let Some(token) = bearer {
+        let (true, Some(client)) = (config.webhook_authentication, client) else {
+            return Err(Refusal::Unauthorized(
+                "bearer tokens are not accepted (webhook authentication is off)".into(),
+            ));
+        };
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_owned()),
+                audiences: None,
+            },
+            ..Default::default()
+        };
+        let reviewed = Api::<TokenReview>::all(client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| Refusal::Unavailable(format!("TokenReview failed: {e}")))?;
+        let status = reviewed.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            return Err(Refusal::Unauthorized(
+                status
+                    .error
+                    .unwrap_or_else(|| "the token is not valid".into()),
+            ));
+        }
+        let user = status.user.unwrap_or_default();
+        return Ok(User {
+            name: user.username.unwrap_or_default(),
+            groups: user.groups.unwrap_or_default(),
+        });
+    }
+    if config.anonymous {
+        return Ok(User {
+            name: "system:anonymous".into(),
+            groups: vec!["system:unauthenticated".into()],
+        });
+    }
+    Err(Refusal::Unauthorized(
+        "anonymous requests are not allowed: present a client certificate or a bearer token".into(),
+    ))
+}
+
+async fn authorize(
+    user: &User,
+    request: &Request,
+    config: &ApiConfig,
+    client: Option<&kube::Client>,
+    node_name: &str,
+) -> Result<(), Refusal> {
+    if config.authorization == Authorization::AlwaysAllow {
+        return Ok(());
+    }
+    let Some(client) = client else {
+        return Err(Refusal::Forbidden(
+            "no API server to authorize against (standalone kubelet with Webhook authorization)"
+                .into(),
+        ));
+    };
+    let (verb, subresources) = attributes(&request.method, request.path());
+    for subresource in &subresources {
+        let review = SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: Some(user.name.clone()),
+                groups: Some(user.groups.clone()),
+                resource_attributes: Some(ResourceAttributes {
+                    verb: Some(verb.into()),
+                    resource: Some("nodes".into()),
+                    subresource: Some((*subresource).into()),
+                    name: Some(node_name.into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let reviewed = Api::<SubjectAccessReview>::all(client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| Refusal::Unavailable(format!("SubjectAccessReview failed: {e}")))?;
+        if reviewed.status.is_some_and(|s| s.allowed) {
+            return Ok(());
+        }
+    }
+    Err(Refusal::Forbidden(format!(
+        "Forbidden (user={}, verb={verb}, resource=nodes, subresource({}))",
+        user.name,
+        subresources.join("|")
+    )))
+}
+
+async fn respond<T: AsyncWrite + Unpin>(
+    io: &mut T,
+    status: &str,
+    kind: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    io.write_all(head.as_bytes()).await?;
+    io.write_all(body).await?;
+    io.shutdown().await
+}
+
+async fn handle<T: AsyncRead + AsyncWrite + Unpin>(
+    io: T,
+    certificate: Option<User>,
+    config: &ApiConfig,
+    client: Option<&kube::Client>,
+    node_name: &str,
+    shared: &Shared,
+) -> std::io::Result<()> {
+    let (request, mut io) =
+        tokio::time::timeout(std::time::Duration::from_secs(10), read_request(io))
+            .await
+            .map_err(|_| std::io::Error::other("no request within 10 s"))??;
+    let allowed = match authenticate(&request, certificate, config, client).await {
+        Ok(user) => authorize(&user, &request, config, client, node_name).await,
+        Err(refusal) => Err(refusal),
+    };
+    match allowed {
+        Ok(()) => {}
+        Err(Refusal::Unauthorized(why)) => {
+            return respond(
+                &mut io,
+                "401 Unauthorized",
+                "text/plain",
+                format!("Unauthorized: {why}\n").as_bytes(),
+            )
+            .await;
+        }
+        Err(Refusal::Forbidden(why)) => {
+            return respond(
+                &mut io,
+                "403 Forbidden",
+                "text/plain",
+                format!("{why}\n").as_bytes(),
+            )
+            .await;
+        }
+        Err(Refusal::Unavailable(why)) => {
+            return respond(
+                &mut io,
+                "503 Service Unavailable",
+                "text/plain",
+                format!("{why}\n").as_bytes(),
+            )
+            .await;
+        }
+    }
+    let path = request.path().to_owned();
+    if request.method != "GET" && request.method != "HEAD" {
+        return respond(
+            &mut io,
+            "405 Method Not Allowed",
+            "text/plain",
+            b"only GET\n",
+        )
+        .await;
+    }
+    match path.as_str() {
+        "/healthz" => respond(&mut io, "200 OK", "text/plain", b"ok").await,
+        "/pods" | "/pods/" => {
+            let body = crate::run::pod_list(shared);
+            respond(&mut io, "200 OK", "application/json", body.as_bytes()).await
+        }
+        _ if path.starts_with("/containerLogs/") => {
+            let parts: Vec<&str> = path["/containerLogs/".len()..].split('/').collect();
+            let [namespace, pod, container] = parts.as_slice() else {
+                return respond(
+                    &mut io,
+                    "400 Bad Request",
+                    "text/plain",
+                    b"expected /containerLogs/{namespace}/{pod}/{container}\n",
+                )
+                .await;
+            };
+            match crate::pods::logs::read(shared, namespace, pod, container, &request.query()) {
+                Ok(body) => respond(&mut io, "200 OK", "text/plain", &body).await,
+                Err(crate::pods::logs::LogError::NotFound(why)) => {
+                    respond(
+                        &mut io,
+                        "404 Not Found",
+                        "text/plain",
+                        format!("{why}\n").as_bytes(),
+                    )
+                    .await
+                }
+                Err(crate::pods::logs::LogError::BadRequest(why)) => {
+                    respond(
+                        &mut io,
+                        "400 Bad Request",
+                        "text/plain",
+                        format!("{why}\n").as_bytes(),
+                    )
+                    .await
+                }
+            }
+        }
+        _ => {
+            respond(
+                &mut io,
+                "404 Not Found",
+                "text/plain",
+                b"404 page not found\n",
+            )
+            .await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_map_to_node_subresources_as_upstream() {
+        assert_eq!(attributes("GET", "/stats/summary"), ("get", vec!["stats"]));
+        assert_eq!(
+            attributes("GET", "/metrics/probes"),
+            ("get", vec!["metrics"])
+        );
+        assert_eq!(attributes("GET", "/logs/syslog"), ("get", vec!["log"]));
+        assert_eq!(
+            attributes("GET", "/healthz"),
+            ("get", vec!["healthz", "proxy"])
+        );
+        assert_eq!(attributes("GET", "/pods"), ("get", vec!["pods", "proxy"]));
+        assert_eq!(
+            attributes("POST", "/exec/default/web/c"),
+            ("create", vec!["proxy"])
+        );
+        assert_eq!(
+            attributes("GET", "/containerLogs/default/web/c"),
+            ("get", vec!["proxy"])
+        );
+        // A prefix match is on path segments: "/statsfoo" is not "/stats".
+        assert_eq!(attributes("GET", "/statsfoo"), ("get", vec!["proxy"]));
+    }
+
+    #[test]
+    fn certificates_name_users_and_groups() {
+        let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "system:node:n1");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "system:nodes");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        assert_eq!(
+            certificate_user(cert.der()),
+            Some(User {
+                name: "system:node:n1".into(),
+                groups: vec!["system:nodes".into()]
+            })
+        );
+    }
+}

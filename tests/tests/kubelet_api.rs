@@ -1,0 +1,172 @@
+//! containerd tier with the cluster tier: the kubelet API on its secure port, as the API server
+//! (for `kubectl logs`) and monitoring reach it. Anonymous requests are refused (401), a client
+//! the cluster does not authorize for the Node's subresource is refused (403), and the cluster
+//! admin reads `/pods` and a container's logs with upstream's options.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::PostParams;
+use serde_json::json;
+use tug_tests::cluster::cluster;
+use tug_tests::kubelet::TugKubelet;
+use tug_tests::shim::TugShim;
+use tug_tests::substrate::Substrate;
+use tug_tests::tier::{Tier, require};
+
+/// A client identity for curl: a certificate and key, or a bearer token.
+enum Identity {
+    Anonymous,
+    Token(String),
+    Certificate { cert: String, key: String },
+}
+
+/// The identity in a kubeconfig (its first user), with any files written under `dir`.
+fn identity(kubeconfig: &str, dir: &Path, label: &str) -> Identity {
+    let config: serde_yaml::Value = serde_yaml::from_str(kubeconfig).expect("kubeconfig YAML");
+    let user = &config["users"][0]["user"];
+    if let Some(token) = user["token"].as_str() {
+        return Identity::Token(token.to_owned());
+    }
+    let decode = |key: &str| {
+        base64::engine::general_purpose::STANDARD
+            .decode(
+                user[key]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{key} in the kubeconfig")),
+            )
+            .expect("base64")
+    };
+    let (cert, key) = (
+        dir.join(format!("{label}.crt")),
+        dir.join(format!("{label}.key")),
+    );
+    std::fs::write(&cert, decode("client-certificate-data")).unwrap();
+    std::fs::write(&key, decode("client-key-data")).unwrap();
+    Identity::Certificate {
+        cert: cert.display().to_string(),
+        key: key.display().to_string(),
+    }
+}
+
+/// One HTTPS GET to the kubelet API: status code and body.
+fn get(port: u16, path: &str, who: &Identity) -> (u16, String) {
+    let mut args = vec![
+        "-sk".to_owned(),
+        "--max-time".into(),
+        "10".into(),
+        "-w".into(),
+        "\n%{http_code}".into(),
+    ];
+    match who {
+        Identity::Anonymous => {}
+        Identity::Token(token) => {
+            args.extend(["-H".into(), format!("Authorization: Bearer {token}")]);
+        }
+        Identity::Certificate { cert, key } => {
+            args.extend(["--cert".into(), cert.clone(), "--key".into(), key.clone()]);
+        }
+    }
+    args.push(format!("https://127.0.0.1:{port}{path}"));
+    let out = Command::new("curl").args(&args).output().expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+#[tokio::test]
+#[ignore = "containerd tier (root) with the cluster tier: run as root via ./scripts/test, or scripts/substrate up && cargo build -p tug && cargo test -p tug-tests --test kubelet_api -- --ignored"]
+async fn the_kubelet_api_serves_only_whom_the_cluster_authorizes() {
+    require(Tier::Containerd);
+    let substrate = Substrate::from_env();
+    let shim = TugShim::start("kubelet-api", "10.254.14.0/24").await;
+    let kubelet = TugKubelet::start("tug-api", &shim.socket, "192.0.2.24").await;
+    let namespace = cluster().namespace("kubelet-api").await;
+    let pods: Api<Pod> = Api::namespaced(cluster().admin().await, namespace.name());
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "talker"},
+        "spec": {
+            "nodeName": kubelet.name,
+            "automountServiceAccountToken": false,
+            "containers": [{
+                "name": "talk",
+                "image": substrate.registry_image("busybox"),
+                "command": ["sh", "-c", "for i in 1 2 3 4; do echo line $i; done; printf unterminated; sleep 3600"],
+            }],
+        },
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+    let dir = tempfile::tempdir().unwrap();
+    let admin = identity(
+        &std::fs::read_to_string(cluster().admin_kubeconfig_path()).unwrap(),
+        dir.path(),
+        "admin",
+    );
+    let logs = format!("/containerLogs/{}/talker/talk", namespace.name());
+    let text = tug_tests::eventually::eventually(
+        "the container's logs through the kubelet API",
+        Duration::from_secs(60),
+        || {
+            let (port, logs, admin) = (kubelet.api_port, logs.clone(), &admin);
+            async move {
+                let (code, body) = get(port, &logs, admin);
+                (code == 200 && body.contains("unterminated")).then_some(body)
+            }
+        },
+    )
+    .await;
+    assert_eq!(text, "line 1\nline 2\nline 3\nline 4\nunterminated");
+    let (code, tail) = get(kubelet.api_port, &format!("{logs}?tailLines=2"), &admin);
+    assert_eq!((code, tail.as_str()), (200, "line 4\nunterminated"));
+    let (code, stamped) = get(
+        kubelet.api_port,
+        &format!("{logs}?timestamps=true&limitBytes=40"),
+        &admin,
+    );
+    assert_eq!(code, 200);
+    let stamp = stamped.split(' ').next().unwrap();
+    assert!(stamp.parse::<jiff::Timestamp>().is_ok(), "{stamped:?}");
+    let (code, body) = get(kubelet.api_port, &format!("{logs}?tailLines=x"), &admin);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("tailLines"), "{body}");
+    let (code, body) = get(
+        kubelet.api_port,
+        &format!("/containerLogs/{}/talker/nope", namespace.name()),
+        &admin,
+    );
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("nope"), "{body}");
+    let (code, body) = get(kubelet.api_port, "/pods", &admin);
+    assert_eq!(code, 200, "{body}");
+    let list: serde_json::Value = serde_json::from_str(&body).expect("a PodList");
+    assert!(
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["metadata"]["name"] == "talker"),
+        "{body}"
+    );
+    // No credentials: 401, whatever the path.
+    for path in ["/pods", "/healthz", logs.as_str()] {
+        let (code, body) = get(kubelet.api_port, path, &Identity::Anonymous);
+        assert_eq!(code, 401, "{path}: {body}");
+    }
+    // A node's own identity is not allowed to proxy into another node's kubelet.
+    let other = cluster().node_kubeconfig("tug-api-other-node").await;
+    let node = identity(&other, dir.path(), "node");
+    let (code, body) = get(kubelet.api_port, &logs, &node);
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body.contains("Forbidden") && body.contains("proxy"),
+        "{body}"
+    );
+    let _ = pods.delete("talker", &Default::default()).await;
+}
