@@ -5,7 +5,10 @@
 //! `nodes/stats`, `nodes/metrics`, `nodes/spec`, with `nodes/healthz` and `nodes/pods` tried
 //! first and `nodes/proxy` as the fallback).
 //!
-//! Routes: `/healthz`, `/pods`, `/containerLogs/{namespace}/{pod}/{container}`.
+//! Routes: `/healthz`, `/pods`, `/containerLogs/{namespace}/{pod}/{container}`, and the
+//! streaming routes `/exec/{namespace}/{pod}/{container}`, `/attach/…` and
+//! `/portForward/{namespace}/{pod}`, which ask the CRI runtime for a streaming URL and proxy
+//! the client's upgraded connection to it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -394,6 +397,17 @@ async fn handle<T: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     let path = request.path().to_owned();
+    if ["/exec/", "/attach/", "/portForward/"]
+        .iter()
+        .any(|p| path.starts_with(p))
+    {
+        return match streaming_url(&request, shared).await {
+            Ok(url) => proxy_stream(io, &request, &url).await,
+            Err((status, why)) => {
+                respond(&mut io, status, "text/plain", format!("{why}\n").as_bytes()).await
+            }
+        };
+    }
     if request.method != "GET" && request.method != "HEAD" {
         return respond(
             &mut io,
@@ -452,6 +466,207 @@ async fn handle<T: AsyncRead + AsyncWrite + Unpin>(
             .await
         }
     }
+}
+
+/// A flag of a streaming request's query (`1` or `true`).
+fn flag(query: &[(String, String)], name: &str) -> bool {
+    query
+        .iter()
+        .any(|(k, v)| k == name && matches!(v.as_str(), "1" | "true" | "True"))
+}
+
+/// The UID of the pod `namespace`/`name` this kubelet runs (checked against `uid` when the
+/// path gives one).
+fn pod_uid(
+    shared: &Shared,
+    namespace: &str,
+    name: &str,
+    uid: Option<&str>,
+) -> Result<String, String> {
+    let found = shared
+        .statuses
+        .lock()
+        .expect("statuses lock")
+        .values()
+        .find(|p| {
+            p.metadata.namespace.as_deref() == Some(namespace)
+                && p.metadata.name.as_deref() == Some(name)
+        })
+        .and_then(|p| p.metadata.uid.clone());
+    match (found, uid) {
+        (Some(found), Some(uid)) if found != uid => Err(format!(
+            "pod {namespace}/{name} on this node has UID {found}, not {uid}"
+        )),
+        (Some(found), _) => Ok(found),
+        (None, _) => Err(format!("pod {namespace}/{name} is not on this node")),
+    }
+}
+
+type Failure = (&'static str, String);
+
+/// The CRI URL a streaming request (`/exec`, `/attach`, `/portForward`) is served at.
+async fn streaming_url(request: &Request, shared: &Shared) -> Result<String, Failure> {
+    use crate::pods::translate::{CONTAINER_NAME, POD_UID};
+    let not_found = |m: String| ("404 Not Found", m);
+    let unavailable = |m: String| ("503 Service Unavailable", m);
+    let path = request.path();
+    let mut parts = path.trim_start_matches('/').split('/');
+    let kind = parts.next().unwrap_or_default().to_owned();
+    let rest: Vec<&str> = parts.collect();
+    let query = request.query();
+    let mut cri = shared
+        .cri
+        .runtime()
+        .await
+        .map_err(|e| unavailable(format!("the container runtime: {e}")))?;
+    if kind == "portForward" {
+        let (namespace, name, uid) = match rest.as_slice() {
+            [ns, pod] => (*ns, *pod, None),
+            [ns, pod, uid] => (*ns, *pod, Some(*uid)),
+            _ => {
+                return Err((
+                    "400 Bad Request",
+                    "expected /portForward/{namespace}/{pod}".into(),
+                ));
+            }
+        };
+        let uid = pod_uid(shared, namespace, name, uid).map_err(not_found)?;
+        let sandboxes = cri
+            .list_pod_sandbox(k8s_cri::v1::ListPodSandboxRequest {
+                filter: Some(k8s_cri::v1::PodSandboxFilter {
+                    label_selector: [(POD_UID.to_owned(), uid)].into(),
+                    state: Some(k8s_cri::v1::PodSandboxStateValue { state: 0 }),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(|e| unavailable(format!("ListPodSandbox: {}", e.message())))?
+            .into_inner()
+            .items;
+        let sandbox = sandboxes
+            .first()
+            .ok_or_else(|| not_found(format!("pod {namespace}/{name} has no ready sandbox")))?;
+        let ports = query
+            .iter()
+            .filter(|(k, _)| k == "port")
+            .filter_map(|(_, v)| v.parse().ok())
+            .collect();
+        return cri
+            .port_forward(k8s_cri::v1::PortForwardRequest {
+                pod_sandbox_id: sandbox.id.clone(),
+                port: ports,
+            })
+            .await
+            .map(|r| r.into_inner().url)
+            .map_err(|e| unavailable(format!("PortForward: {}", e.message())));
+    }
+    let (namespace, name, uid, container) = match rest.as_slice() {
+        [ns, pod, container] => (*ns, *pod, None, *container),
+        [ns, pod, uid, container] => (*ns, *pod, Some(*uid), *container),
+        _ => {
+            return Err((
+                "400 Bad Request",
+                format!("expected /{kind}/{{namespace}}/{{pod}}/{{container}}"),
+            ));
+        }
+    };
+    let uid = pod_uid(shared, namespace, name, uid).map_err(not_found)?;
+    let containers = cri
+        .list_containers(k8s_cri::v1::ListContainersRequest {
+            filter: Some(k8s_cri::v1::ContainerFilter {
+                label_selector: [
+                    (POD_UID.to_owned(), uid),
+                    (CONTAINER_NAME.to_owned(), container.to_owned()),
+                ]
+                .into(),
+                state: Some(k8s_cri::v1::ContainerStateValue { state: 1 }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .map_err(|e| unavailable(format!("ListContainers: {}", e.message())))?
+        .into_inner()
+        .containers;
+    let id = containers.first().map(|c| c.id.clone()).ok_or_else(|| {
+        not_found(format!(
+            "container {container:?} of pod {namespace}/{name} is not running"
+        ))
+    })?;
+    let (stdin, stdout, stderr, tty) = (
+        flag(&query, "stdin"),
+        flag(&query, "stdout"),
+        flag(&query, "stderr"),
+        flag(&query, "tty"),
+    );
+    let answer = if kind == "exec" {
+        let cmd: Vec<String> = query
+            .iter()
+            .filter(|(k, _)| k == "command")
+            .map(|(_, v)| v.clone())
+            .collect();
+        if cmd.is_empty() {
+            return Err((
+                "400 Bad Request",
+                "exec needs at least one command parameter".into(),
+            ));
+        }
+        cri.exec(k8s_cri::v1::ExecRequest {
+            container_id: id,
+            cmd,
+            tty,
+            stdin,
+            stdout,
+            stderr,
+        })
+        .await
+        .map(|r| r.into_inner().url)
+    } else {
+        cri.attach(k8s_cri::v1::AttachRequest {
+            container_id: id,
+            stdin,
+            tty,
+            stdout,
+            stderr,
+        })
+        .await
+        .map(|r| r.into_inner().url)
+    };
+    answer.map_err(|e| {
+        let status = if e.code() == tonic::Code::InvalidArgument {
+            "400 Bad Request"
+        } else {
+            "503 Service Unavailable"
+        };
+        (status, format!("{kind}: {}", e.message()))
+    })
+}
+
+/// Proxies the client's upgrade request to the runtime's streaming `url`, then copies bytes
+/// both ways until either side closes (upstream's kubelet proxies the same way).
+async fn proxy_stream<T: AsyncRead + AsyncWrite + Unpin>(
+    mut io: T,
+    request: &Request,
+    url: &str,
+) -> std::io::Result<()> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| std::io::Error::other(format!("unsupported streaming URL {url}")))?;
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut backend = tokio::net::TcpStream::connect(host).await?;
+    let mut head = format!("{} {path} HTTP/1.1\r\nHost: {host}\r\n", request.method);
+    for (name, value) in &request.headers {
+        if ["host", "authorization", "content-length"]
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h))
+        {
+            continue;
+        }
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("Content-Length: 0\r\n\r\n");
+    backend.write_all(head.as_bytes()).await?;
+    tokio::io::copy_bidirectional(&mut io, &mut backend).await?;
+    Ok(())
 }
 
 #[cfg(test)]

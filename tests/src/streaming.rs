@@ -27,9 +27,68 @@ async fn session(url: &str, protocols: &[&str]) -> std::io::Result<(String, Sess
         .ok_or_else(|| std::io::Error::other(format!("{url}: not an http:// URL")))?;
     let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let conn = TcpStream::connect(host).await?;
-    let (protocol, io): (String, Rewind<TcpStream>) =
+    upgrade(conn, host, path, protocols).await
+}
+
+async fn upgrade<T>(
+    conn: T,
+    host: &str,
+    path: &str,
+    protocols: &[&str],
+) -> std::io::Result<(String, Session)>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (protocol, io): (String, Rewind<T>) =
         request_upgrade(conn, path, host, spdy::UPGRADE, protocols, &[]).await?;
     Ok((protocol, Session::new(io, Role::Client)))
+}
+
+/// A TLS connection to `addr` as a client with `cert`/`key` (PEM), verifying the server's
+/// certificate against `ca` (PEM) for `server_name`: how the API server reaches a kubelet.
+pub async fn tls(
+    addr: &str,
+    server_name: &str,
+    ca: &[u8],
+    cert: &[u8],
+    key: &[u8],
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for der in rustls_pemfile::certs(&mut &ca[..]) {
+        roots.add(der?).map_err(std::io::Error::other)?;
+    }
+    let certs: Vec<_> = rustls_pemfile::certs(&mut &cert[..]).collect::<Result<_, _>>()?;
+    let key = rustls_pemfile::private_key(&mut &key[..])?
+        .ok_or_else(|| std::io::Error::other("no private key"))?;
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(std::io::Error::other)?
+    .with_root_certificates(roots)
+    .with_client_auth_cert(certs, key)
+    .map_err(std::io::Error::other)?;
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
+        .map_err(std::io::Error::other)?;
+    let conn = TcpStream::connect(addr).await?;
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, conn)
+        .await
+}
+
+/// Runs an exec through `conn` (already connected, e.g. over TLS to a kubelet) at `path`.
+pub async fn exec_over<T>(
+    conn: T,
+    host: &str,
+    path: &str,
+    stdin: Option<&[u8]>,
+    tty: bool,
+) -> std::io::Result<ExecOutput>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (protocol, session) = upgrade(conn, host, path, remotecommand::PROTOCOLS).await?;
+    run_exec(protocol, session, stdin, tty).await
 }
 
 fn typed(kind: &str) -> Headers {
@@ -40,6 +99,15 @@ fn typed(kind: &str) -> Headers {
 /// stdout and stderr (stderr not with `tty`), and reads the status.
 pub async fn exec(url: &str, stdin: Option<&[u8]>, tty: bool) -> std::io::Result<ExecOutput> {
     let (protocol, session) = session(url, remotecommand::PROTOCOLS).await?;
+    run_exec(protocol, session, stdin, tty).await
+}
+
+async fn run_exec(
+    protocol: String,
+    session: Session,
+    stdin: Option<&[u8]>,
+    tty: bool,
+) -> std::io::Result<ExecOutput> {
     let mut error = session.open(typed(remotecommand::ERROR)).await?;
     let input = match stdin {
         Some(_) => Some(session.open(typed(remotecommand::STDIN)).await?),

@@ -154,6 +154,48 @@ async fn the_kubelet_api_serves_only_whom_the_cluster_authorizes() {
             .any(|p| p["metadata"]["name"] == "talker"),
         "{body}"
     );
+    // exec through the kubelet, over TLS with the admin's certificate, verifying the kubelet's
+    // serving certificate for its node name: the path `kubectl exec` takes from the API server.
+    let Identity::Certificate { cert, key } = &admin else {
+        panic!("the test cluster's admin authenticates with a certificate");
+    };
+    let serving = kubelet.root_dir.join("pki/kubelet.crt");
+    let conn = tug_tests::streaming::tls(
+        &format!("127.0.0.1:{}", kubelet.api_port),
+        &kubelet.name,
+        &std::fs::read(&serving).expect("the kubelet's serving certificate"),
+        &std::fs::read(cert).unwrap(),
+        &std::fs::read(key).unwrap(),
+    )
+    .await
+    .expect("TLS to the kubelet API, its certificate valid for the node name");
+    let exec = format!(
+        "/exec/{}/talker/talk?command=sh&command=-c&command=tr%20a-z%20A-Z%3B%20exit%204&stdin=1&stdout=1&stderr=1",
+        namespace.name()
+    );
+    let out = tug_tests::streaming::exec_over(
+        conn,
+        &kubelet.name,
+        &exec,
+        Some(b"through the kubelet\n"),
+        false,
+    )
+    .await
+    .expect("exec through the kubelet API");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "THROUGH THE KUBELET\n"
+    );
+    assert_eq!(out.exit, Ok(4));
+    let (code, body) = get(
+        kubelet.api_port,
+        &format!(
+            "/exec/{}/talker/nope?command=true&stdout=1",
+            namespace.name()
+        ),
+        &admin,
+    );
+    assert_eq!(code, 404, "{body}");
     // No credentials: 401, whatever the path.
     for path in ["/pods", "/healthz", logs.as_str()] {
         let (code, body) = get(kubelet.api_port, path, &Identity::Anonymous);
