@@ -435,7 +435,10 @@ async fn handle<T: AsyncRead + AsyncWrite + Unpin>(
                 .await;
             };
             match crate::pods::logs::read(shared, namespace, pod, container, &request.query()) {
-                Ok(body) => respond(&mut io, "200 OK", "text/plain", &body).await,
+                Ok(selected) if selected.options.follow => {
+                    follow_logs(io, shared, namespace, pod, container, selected).await
+                }
+                Ok(selected) => respond(&mut io, "200 OK", "text/plain", &selected.body).await,
                 Err(crate::pods::logs::LogError::NotFound(why)) => {
                     respond(
                         &mut io,
@@ -466,6 +469,55 @@ async fn handle<T: AsyncRead + AsyncWrite + Unpin>(
             .await
         }
     }
+}
+
+/// `follow`: what was selected, then new output as it is written, until the container stops
+/// or the client goes. The body ends with the connection.
+async fn follow_logs<T: AsyncWrite + Unpin>(
+    mut io: T,
+    shared: &Shared,
+    namespace: &str,
+    pod: &str,
+    container: &str,
+    selected: crate::pods::logs::Selected,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    io.write_all(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    io.write_all(&selected.body).await?;
+    io.flush().await?;
+    let mut file = tokio::fs::File::open(&selected.file).await?;
+    file.seek(std::io::SeekFrom::Start(selected.offset)).await?;
+    let mut pending = Vec::new();
+    let mut buffer = vec![0u8; 32 * 1024];
+    let mut line_start = true;
+    let mut idle = 0u32;
+    loop {
+        let n = file.read(&mut buffer).await?;
+        if n == 0 {
+            idle += 1;
+            // Every second of quiet, check the container still runs.
+            if idle.is_multiple_of(5)
+                && !crate::pods::logs::running(shared, namespace, pod, container)
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            continue;
+        }
+        idle = 0;
+        pending.extend_from_slice(&buffer[..n]);
+        let (out, used) =
+            crate::pods::logs::render_more(&pending, selected.options.timestamps, &mut line_start);
+        pending.drain(..used);
+        if !out.is_empty() {
+            io.write_all(&out).await?;
+            io.flush().await?;
+        }
+    }
+    io.shutdown().await
 }
 
 /// A flag of a streaming request's query (`1` or `true`).

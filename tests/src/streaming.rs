@@ -88,7 +88,7 @@ where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (protocol, session) = upgrade(conn, host, path, remotecommand::PROTOCOLS).await?;
-    run_exec(protocol, session, stdin, tty).await
+    run_exec(protocol, session, stdin, !tty, tty).await
 }
 
 fn typed(kind: &str) -> Headers {
@@ -98,14 +98,25 @@ fn typed(kind: &str) -> Headers {
 /// Runs the exec (or attach) at `url`: sends `stdin` (then closes it) when given, collects
 /// stdout and stderr (stderr not with `tty`), and reads the status.
 pub async fn exec(url: &str, stdin: Option<&[u8]>, tty: bool) -> std::io::Result<ExecOutput> {
+    exec_streams(url, stdin, !tty, tty).await
+}
+
+/// [`exec`], opening a stderr stream only when `stderr` (the request must agree).
+pub async fn exec_streams(
+    url: &str,
+    stdin: Option<&[u8]>,
+    stderr: bool,
+    tty: bool,
+) -> std::io::Result<ExecOutput> {
     let (protocol, session) = session(url, remotecommand::PROTOCOLS).await?;
-    run_exec(protocol, session, stdin, tty).await
+    run_exec(protocol, session, stdin, stderr, tty).await
 }
 
 async fn run_exec(
     protocol: String,
     session: Session,
     stdin: Option<&[u8]>,
+    with_stderr: bool,
     tty: bool,
 ) -> std::io::Result<ExecOutput> {
     let mut error = session.open(typed(remotecommand::ERROR)).await?;
@@ -114,10 +125,10 @@ async fn run_exec(
         None => None,
     };
     let mut stdout = session.open(typed(remotecommand::STDOUT)).await?;
-    let mut stderr = if tty {
-        None
-    } else {
+    let mut stderr = if with_stderr && !tty {
         Some(session.open(typed(remotecommand::STDERR)).await?)
+    } else {
+        None
     };
     let _resize = if tty {
         let resize = session.open(typed(remotecommand::RESIZE)).await?;

@@ -58,7 +58,12 @@ fn get(port: u16, path: &str, who: &Identity) -> (u16, String) {
     let mut args = vec![
         "-sk".to_owned(),
         "--max-time".into(),
-        "10".into(),
+        if path.contains("follow=true") {
+            "6"
+        } else {
+            "10"
+        }
+        .into(),
         "-w".into(),
         "\n%{http_code}".into(),
     ];
@@ -187,6 +192,40 @@ async fn the_kubelet_api_serves_only_whom_the_cluster_authorizes() {
         "THROUGH THE KUBELET\n"
     );
     assert_eq!(out.exit, Ok(4));
+    // follow: what is there, then what the container writes next (here: an exec writing to
+    // its main process's stdout), for as long as the request lasts.
+    let follow = {
+        let (port, path) = (kubelet.api_port, format!("{logs}?follow=true&tailLines=1"));
+        let who = match &admin {
+            Identity::Certificate { cert, key } => Identity::Certificate {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            Identity::Token(t) => Identity::Token(t.clone()),
+            Identity::Anonymous => Identity::Anonymous,
+        };
+        tokio::task::spawn_blocking(move || get(port, &path, &who))
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let conn = tug_tests::streaming::tls(
+        &format!("127.0.0.1:{}", kubelet.api_port),
+        &kubelet.name,
+        &std::fs::read(&serving).unwrap(),
+        &std::fs::read(cert).unwrap(),
+        &std::fs::read(key).unwrap(),
+    )
+    .await
+    .unwrap();
+    let append = format!(
+        "/exec/{}/talker/talk?command=sh&command=-c&command=echo%20appended%20%3E%20%2Fproc%2F1%2Ffd%2F1&stdout=1&stderr=1",
+        namespace.name()
+    );
+    let out = tug_tests::streaming::exec_over(conn, &kubelet.name, &append, None, false)
+        .await
+        .expect("exec that writes to the container's stdout");
+    assert_eq!(out.exit, Ok(0), "{out:?}");
+    let (_, followed) = follow.await.unwrap();
+    assert_eq!(followed, "last\nappended\n");
     let (code, body) = get(
         kubelet.api_port,
         &format!(

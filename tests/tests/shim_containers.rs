@@ -204,6 +204,22 @@ async fn streaming(cri: &mut Cri, sandbox: &str, sleeper: &str) {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "HELLO STREAM\n");
     assert_eq!(String::from_utf8_lossy(&out.stderr), "done\n");
     assert_eq!(out.exit, Ok(5));
+    // Only stdout asked for: stderr output is dropped, not an error.
+    let request = ExecRequest {
+        stderr: false,
+        ..exec_url(
+            &["sh", "-c", "echo only-out; echo dropped >&2"],
+            false,
+            false,
+        )
+    };
+    let only = url(cri.runtime.exec(request).await.map(|r| r.into_inner().url));
+    let out = tug_tests::streaming::exec_streams(&only, None, false, false)
+        .await
+        .expect("exec with stdout only");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "only-out\n");
+    assert!(out.stderr.is_empty());
+    assert_eq!(out.exit, Ok(0));
     // A URL is good for one session only.
     assert!(
         tug_tests::streaming::exec(&target, None, false)

@@ -30,6 +30,8 @@ pub struct LogOptions {
     pub since_seconds: Option<i64>,
     /// The previous attempt instead of the current one.
     pub previous: bool,
+    /// Keep streaming new output while the container runs.
+    pub follow: bool,
 }
 
 impl LogOptions {
@@ -55,6 +57,7 @@ impl LogOptions {
                 "sinceSeconds" => options.since_seconds = Some(number(key, value)?),
                 "timestamps" => options.timestamps = flag(value),
                 "previous" => options.previous = flag(value),
+                "follow" => options.follow = flag(value),
                 _ => {}
             }
         }
@@ -129,6 +132,68 @@ fn attempts(dir: &PathBuf) -> Vec<PathBuf> {
     files.into_iter().map(|(_, p)| p).collect()
 }
 
+/// What a logs request selected: the text so far, and where a follow continues from.
+#[derive(Debug)]
+pub struct Selected {
+    /// The rendered text.
+    pub body: Vec<u8>,
+    /// The log file read.
+    pub file: PathBuf,
+    /// Bytes of it consumed (only whole records).
+    pub offset: u64,
+    /// The request's options.
+    pub options: LogOptions,
+}
+
+/// Renders the whole records in `chunk` for a follow (partial records as they come, timestamps
+/// at the start of each line); returns the text and the bytes consumed.
+pub fn render_more(chunk: &[u8], timestamps: bool, line_start: &mut bool) -> (Vec<u8>, usize) {
+    let mut out = Vec::new();
+    let mut consumed = 0;
+    while let Some(end) = chunk[consumed..].iter().position(|b| *b == b'\n') {
+        let record = String::from_utf8_lossy(&chunk[consumed..consumed + end]).into_owned();
+        consumed += end + 1;
+        let mut fields = record.splitn(4, ' ');
+        let (Some(stamp), Some(_), Some(tag)) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if timestamps && *line_start {
+            out.extend_from_slice(format!("{stamp} ").as_bytes());
+        }
+        out.extend_from_slice(fields.next().unwrap_or_default().as_bytes());
+        *line_start = tag != "P";
+        if *line_start {
+            out.push(b'\n');
+        }
+    }
+    (out, consumed)
+}
+
+/// Whether `container` of the pod runs now (a follow ends when it stops).
+pub fn running(shared: &Shared, namespace: &str, name: &str, container: &str) -> bool {
+    shared
+        .statuses
+        .lock()
+        .expect("statuses lock")
+        .values()
+        .find(|p| {
+            p.metadata.namespace.as_deref() == Some(namespace)
+                && p.metadata.name.as_deref() == Some(name)
+        })
+        .and_then(|p| p.status.clone())
+        .is_some_and(|status| {
+            status
+                .container_statuses
+                .iter()
+                .flatten()
+                .chain(status.init_container_statuses.iter().flatten())
+                .any(|c| {
+                    c.name == container && c.state.as_ref().is_some_and(|s| s.running.is_some())
+                })
+        })
+}
+
 /// The logs of `container` in the pod `namespace`/`name` that this kubelet runs.
 pub fn read(
     shared: &Shared,
@@ -136,7 +201,7 @@ pub fn read(
     name: &str,
     container: &str,
     query: &[(String, String)],
-) -> Result<Vec<u8>, LogError> {
+) -> Result<Selected, LogError> {
     let options = LogOptions::parse(query)?;
     let pod = shared
         .statuses
@@ -173,9 +238,17 @@ pub fn read(
             "no {which}logs of container {container:?} in pod {namespace}/{name} yet"
         )));
     };
-    let text = std::fs::read_to_string(file)
+    let bytes = std::fs::read(file)
         .map_err(|e| LogError::NotFound(format!("read {}: {e}", file.display())))?;
-    Ok(render(&text, &options, jiff::Timestamp::now()))
+    // Whole records only: a record being written is left for the follow.
+    let whole = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let text = String::from_utf8_lossy(&bytes[..whole]);
+    Ok(Selected {
+        body: render(&text, &options, jiff::Timestamp::now()),
+        file: file.clone(),
+        offset: whole as u64,
+        options,
+    })
 }
 
 #[cfg(test)]
@@ -231,5 +304,22 @@ mod tests {
                 .unwrap()
                 .previous
         );
+        assert!(LogOptions::parse(&query("follow", "true")).unwrap().follow);
+    }
+
+    #[test]
+    fn followed_records_keep_partial_lines_together() {
+        let mut line_start = true;
+        let chunk = b"2026-01-01T00:00:10Z stderr P par\n2026-01-01T00:00:10Z stderr F tial\n2026-01-01T00:00:20Z stdout F thr";
+        let (out, used) = render_more(chunk, true, &mut line_start);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "2026-01-01T00:00:10Z partial\n"
+        );
+        assert_eq!(
+            used,
+            chunk.len() - "2026-01-01T00:00:20Z stdout F thr".len()
+        );
+        assert!(line_start);
     }
 }

@@ -284,16 +284,18 @@ impl Runtime {
             Ok(Some(path))
         };
         let stdin = fifo("stdin", streams.stdin.is_some())?;
-        let stdout = fifo("stdout", request.stdout)?;
-        let stderr = fifo("stderr", request.stderr && !request.tty)?;
+        // containerd's runc shim needs both output FIFOs of a process without a terminal; an
+        // output the client did not ask for is read and dropped.
+        let stdout = fifo("stdout", true)?;
+        let stderr = fifo("stderr", !request.tty)?;
         // Readers first: opening a FIFO blocks until the other end opens.
         let copies: Vec<tokio::task::JoinHandle<()>> = [
             (stdout.clone(), streams.stdout.clone()),
             (stderr.clone(), streams.stderr.clone()),
         ]
         .into_iter()
-        .filter_map(|(path, writer)| Some((path?, writer?)))
-        .map(|(path, writer)| tokio::task::spawn_blocking(move || pump_out(&path, &writer)))
+        .filter_map(|(path, writer)| Some((path?, writer)))
+        .map(|(path, writer)| tokio::task::spawn_blocking(move || pump_out(&path, writer.as_ref())))
         .collect();
         // The stdin writer opens before the exec: the runc shim opens its end while creating
         // the process and waits for a writer.
@@ -498,11 +500,12 @@ impl Streams {
                     let kind = header(&stream.headers, remotecommand::STREAM_TYPE)
                         .unwrap_or_default()
                         .to_owned();
+                    // A stream the request did not ask for is refused, as upstream does.
                     match kind.as_str() {
                         remotecommand::ERROR => error = Some(stream.writer()),
-                        remotecommand::STDIN => stdin = Some(stream),
-                        remotecommand::STDOUT => stdout = Some(stream.writer()),
-                        remotecommand::STDERR => stderr = Some(stream.writer()),
+                        remotecommand::STDIN if wants.stdin => stdin = Some(stream),
+                        remotecommand::STDOUT if wants.stdout => stdout = Some(stream.writer()),
+                        remotecommand::STDERR if wants.stderr => stderr = Some(stream.writer()),
                         remotecommand::RESIZE => resize = Some(stream),
                         other => {
                             tracing::debug!(stream_type = other, "unknown stream type; reset");
@@ -545,8 +548,8 @@ impl Streams {
     }
 }
 
-/// Copies a FIFO to a stream until the writer closes it.
-fn pump_out(path: &Path, writer: &StreamWriter) {
+/// Copies a FIFO to a stream (or nowhere) until the writer closes it.
+fn pump_out(path: &Path, writer: Option<&StreamWriter>) {
     let Ok(mut fifo) = std::fs::File::open(path) else {
         return;
     };
@@ -555,7 +558,9 @@ fn pump_out(path: &Path, writer: &StreamWriter) {
         match fifo.read(&mut buffer) {
             Ok(0) => break,
             Ok(n) => {
-                if writer.send(&buffer[..n]).is_err() {
+                if let Some(writer) = writer
+                    && writer.send(&buffer[..n]).is_err()
+                {
                     break;
                 }
             }
