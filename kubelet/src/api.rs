@@ -535,16 +535,7 @@ fn pod_uid(
     name: &str,
     uid: Option<&str>,
 ) -> Result<String, String> {
-    let found = shared
-        .statuses
-        .lock()
-        .expect("statuses lock")
-        .values()
-        .find(|p| {
-            p.metadata.namespace.as_deref() == Some(namespace)
-                && p.metadata.name.as_deref() == Some(name)
-        })
-        .and_then(|p| p.metadata.uid.clone());
+    let found = shared.pod(namespace, name).and_then(|p| p.metadata.uid);
     match (found, uid) {
         (Some(found), Some(uid)) if found != uid => Err(format!(
             "pod {namespace}/{name} on this node has UID {found}, not {uid}"

@@ -173,15 +173,8 @@ pub fn render_more(chunk: &[u8], timestamps: bool, line_start: &mut bool) -> (Ve
 /// Whether `container` of the pod runs now (a follow ends when it stops).
 pub fn running(shared: &Shared, namespace: &str, name: &str, container: &str) -> bool {
     shared
-        .statuses
-        .lock()
-        .expect("statuses lock")
-        .values()
-        .find(|p| {
-            p.metadata.namespace.as_deref() == Some(namespace)
-                && p.metadata.name.as_deref() == Some(name)
-        })
-        .and_then(|p| p.status.clone())
+        .pod(namespace, name)
+        .and_then(|p| p.status)
         .is_some_and(|status| {
             status
                 .container_statuses
@@ -204,15 +197,7 @@ pub fn read(
 ) -> Result<Selected, LogError> {
     let options = LogOptions::parse(query)?;
     let pod = shared
-        .statuses
-        .lock()
-        .expect("statuses lock")
-        .values()
-        .find(|p| {
-            p.metadata.namespace.as_deref() == Some(namespace)
-                && p.metadata.name.as_deref() == Some(name)
-        })
-        .cloned()
+        .pod(namespace, name)
         .ok_or_else(|| LogError::NotFound(format!("pod {namespace}/{name} is not on this node")))?;
     let known = pod.spec.as_ref().is_some_and(|s| {
         s.containers

@@ -77,6 +77,19 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
+    /// The pod `namespace`/`name` this kubelet runs, with its latest status.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<Pod> {
+        self.statuses
+            .lock()
+            .expect("statuses lock")
+            .values()
+            .find(|p| {
+                p.metadata.namespace.as_deref() == Some(namespace)
+                    && p.metadata.name.as_deref() == Some(name)
+            })
+            .cloned()
+    }
+
     /// The pod's directory.
     pub fn pod_dir(&self, uid: &str) -> PathBuf {
         self.root_dir.join("pods").join(uid)

@@ -43,7 +43,7 @@ fn drain(path: PathBuf) -> Vec<u8> {
 }
 
 /// Unblocks a reader still waiting in `open` for a writer that will never come.
-fn release(path: &Path) {
+pub(super) fn release(path: &Path) {
     let _ = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -116,16 +116,7 @@ impl Runtime {
                 (Vec::new(), Vec::new())
             }
         };
-        let mut tasks = TasksClient::new(self.inner.containerd.channel());
-        let _ = tasks
-            .delete_process(self.inner.containerd.request(
-                DeleteProcessRequest {
-                    container_id: container.id.clone(),
-                    exec_id: exec_id.clone(),
-                },
-                None,
-            ))
-            .await;
+        self.delete_exec(&container.id, &exec_id).await;
         let _ = std::fs::remove_dir_all(&dir);
         let exit_code = result?;
         Ok(ExecSyncResponse {
@@ -144,10 +135,77 @@ impl Runtime {
         stdout: &Path,
         stderr: &Path,
     ) -> Result<i32, Status> {
-        let process = spec::exec_process(container_spec, &request.cmd, false);
+        self.start_exec(
+            container_id,
+            exec_id,
+            container_spec,
+            &request.cmd,
+            ExecIo {
+                stdout: stdout.display().to_string(),
+                stderr: stderr.display().to_string(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let mut tasks = TasksClient::new(self.inner.containerd.channel());
+        let wait = tasks.wait(self.inner.containerd.request(
+            WaitRequest {
+                container_id: container_id.to_owned(),
+                exec_id: exec_id.to_owned(),
+            },
+            None,
+        ));
+        let waited = if request.timeout > 0 {
+            match tokio::time::timeout(Duration::from_secs(request.timeout as u64), wait).await {
+                Ok(waited) => waited,
+                Err(_) => {
+                    self.kill_exec(container_id, exec_id).await;
+                    let _ = TasksClient::new(self.inner.containerd.channel())
+                        .wait(self.inner.containerd.request(
+                            WaitRequest {
+                                container_id: container_id.to_owned(),
+                                exec_id: exec_id.to_owned(),
+                            },
+                            None,
+                        ))
+                        .await;
+                    return Err(Status::deadline_exceeded(format!(
+                        "command {:?} in container {container_id} timed out after {} s",
+                        request.cmd.join(" "),
+                        request.timeout
+                    )));
+                }
+            }
+        } else {
+            wait.await
+        };
+        let waited = waited.map_err(|status| {
+            Status::new(
+                status.code(),
+                format!(
+                    "wait for {:?} in container {container_id}: {}",
+                    request.cmd.join(" "),
+                    status.message()
+                ),
+            )
+        })?;
+        Ok(waited.into_inner().exit_status as i32)
+    }
+
+    /// Creates and starts `cmd` (with the container's process settings) as exec `exec_id` in
+    /// `container_id`; errors keep containerd's code and name the command and container.
+    pub(super) async fn start_exec(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        container_spec: &serde_json::Value,
+        cmd: &[String],
+        io: ExecIo,
+    ) -> Result<(), Status> {
+        let process = spec::exec_process(container_spec, cmd, io.terminal);
         let mut tasks = TasksClient::new(self.inner.containerd.channel());
         let failed = |what: &'static str| {
-            let command = request.cmd.join(" ");
+            let command = cmd.join(" ");
             move |status: Status| {
                 Status::new(
                     status.code(),
@@ -162,10 +220,10 @@ impl Runtime {
             .exec(self.inner.containerd.request(
                 ExecProcessRequest {
                     container_id: container_id.to_owned(),
-                    stdin: String::new(),
-                    stdout: stdout.display().to_string(),
-                    stderr: stderr.display().to_string(),
-                    terminal: false,
+                    stdin: io.stdin,
+                    stdout: io.stdout,
+                    stderr: io.stderr,
+                    terminal: io.terminal,
                     spec: Some(prost_types::Any {
                         type_url: PROCESS_TYPE_URL.into(),
                         value: serde_json::to_vec(&process).expect("process serialises"),
@@ -186,48 +244,43 @@ impl Runtime {
             ))
             .await
             .map_err(failed("start"))?;
-        let wait = tasks.wait(self.inner.containerd.request(
-            WaitRequest {
-                container_id: container_id.to_owned(),
-                exec_id: exec_id.to_owned(),
-            },
-            None,
-        ));
-        let waited = if request.timeout > 0 {
-            match tokio::time::timeout(Duration::from_secs(request.timeout as u64), wait).await {
-                Ok(waited) => waited,
-                Err(_) => {
-                    let mut killer = TasksClient::new(self.inner.containerd.channel());
-                    let _ = killer
-                        .kill(self.inner.containerd.request(
-                            KillRequest {
-                                container_id: container_id.to_owned(),
-                                exec_id: exec_id.to_owned(),
-                                signal: nix::sys::signal::Signal::SIGKILL as u32,
-                                all: false,
-                            },
-                            None,
-                        ))
-                        .await;
-                    let _ = killer
-                        .wait(self.inner.containerd.request(
-                            WaitRequest {
-                                container_id: container_id.to_owned(),
-                                exec_id: exec_id.to_owned(),
-                            },
-                            None,
-                        ))
-                        .await;
-                    return Err(Status::deadline_exceeded(format!(
-                        "command {:?} in container {container_id} timed out after {} s",
-                        request.cmd.join(" "),
-                        request.timeout
-                    )));
-                }
-            }
-        } else {
-            wait.await
-        };
-        Ok(waited.map_err(failed("wait for"))?.into_inner().exit_status as i32)
+        Ok(())
     }
+
+    /// SIGKILLs exec `exec_id` (best effort).
+    pub(super) async fn kill_exec(&self, container_id: &str, exec_id: &str) {
+        let _ = TasksClient::new(self.inner.containerd.channel())
+            .kill(self.inner.containerd.request(
+                KillRequest {
+                    container_id: container_id.to_owned(),
+                    exec_id: exec_id.to_owned(),
+                    signal: nix::sys::signal::Signal::SIGKILL as u32,
+                    all: false,
+                },
+                None,
+            ))
+            .await;
+    }
+
+    /// Removes exec `exec_id` from containerd (best effort).
+    pub(super) async fn delete_exec(&self, container_id: &str, exec_id: &str) {
+        let _ = TasksClient::new(self.inner.containerd.channel())
+            .delete_process(self.inner.containerd.request(
+                DeleteProcessRequest {
+                    container_id: container_id.to_owned(),
+                    exec_id: exec_id.to_owned(),
+                },
+                None,
+            ))
+            .await;
+    }
+}
+
+/// The stdio of an exec: FIFO paths (empty when absent) and whether it gets a terminal.
+#[derive(Debug, Default)]
+pub(super) struct ExecIo {
+    pub(super) stdin: String,
+    pub(super) stdout: String,
+    pub(super) stderr: String,
+    pub(super) terminal: bool,
 }

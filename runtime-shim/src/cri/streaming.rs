@@ -17,10 +17,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use containerd_client::services::v1::tasks_client::TasksClient;
-use containerd_client::services::v1::{
-    CloseIoRequest, DeleteProcessRequest, ExecProcessRequest, KillRequest, ResizePtyRequest,
-    StartRequest, WaitRequest,
-};
+use containerd_client::services::v1::{CloseIoRequest, ResizePtyRequest, WaitRequest};
 use k8s_cri::v1::{AttachRequest, ExecRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Status;
@@ -29,14 +26,13 @@ use tug_streaming::upgrade::{self, choose, read_request, refuse, switch};
 use tug_streaming::{portforward, remotecommand};
 
 use super::containers::Phase;
+use super::exec::{ExecIo, release};
 use super::runtime::Runtime;
-use crate::spec;
 
 /// How long a URL stays usable.
 const TOKEN_TTL: Duration = Duration::from_secs(60);
 /// How long the client has to open the streams it asked for.
 const STREAMS_TIMEOUT: Duration = Duration::from_secs(30);
-const PROCESS_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
 
 /// A request waiting for its client to connect.
 #[derive(Debug, Clone)]
@@ -327,76 +323,46 @@ impl Runtime {
                 .map(|p| p.display().to_string())
                 .unwrap_or_default()
         };
-        let process = spec::exec_process(&container.spec, &request.cmd, request.tty);
-        let mut tasks = TasksClient::new(self.inner.containerd.channel());
-        let containerd = &self.inner.containerd;
-        let created = tasks
-            .exec(containerd.request(
-                ExecProcessRequest {
-                    container_id: container.id.clone(),
+        let started = self
+            .start_exec(
+                &container.id,
+                &exec_id,
+                &container.spec,
+                &request.cmd,
+                ExecIo {
                     stdin: path_of(&stdin),
                     stdout: path_of(&stdout),
                     stderr: path_of(&stderr),
                     terminal: request.tty,
-                    spec: Some(prost_types::Any {
-                        type_url: PROCESS_TYPE_URL.into(),
-                        value: serde_json::to_vec(&process).expect("process serialises"),
-                    }),
-                    exec_id: exec_id.clone(),
                 },
-                None,
-            ))
+            )
             .await;
-        let outcome = match created {
-            Err(status) => Err(format!(
-                "exec {:?} in container {}: {}",
-                request.cmd.join(" "),
-                container.id,
-                status.message()
-            )),
-            Ok(_) => {
-                let started = tasks
-                    .start(containerd.request(
-                        StartRequest {
+        let outcome = match started {
+            Err(status) => Err(status.message().to_owned()),
+            Ok(()) => {
+                let resizer = streams.resize.take().map(|stream| {
+                    tokio::spawn(resize(
+                        self.clone(),
+                        container.id.clone(),
+                        exec_id.clone(),
+                        stream,
+                    ))
+                });
+                let waited = TasksClient::new(self.inner.containerd.channel())
+                    .wait(self.inner.containerd.request(
+                        WaitRequest {
                             container_id: container.id.clone(),
                             exec_id: exec_id.clone(),
                         },
                         None,
                     ))
                     .await;
-                match started {
-                    Err(status) => Err(format!(
-                        "start {:?} in container {}: {}",
-                        request.cmd.join(" "),
-                        container.id,
-                        status.message()
-                    )),
-                    Ok(_) => {
-                        let resizer = streams.resize.take().map(|stream| {
-                            tokio::spawn(resize(
-                                self.clone(),
-                                container.id.clone(),
-                                exec_id.clone(),
-                                stream,
-                            ))
-                        });
-                        let waited = tasks
-                            .wait(containerd.request(
-                                WaitRequest {
-                                    container_id: container.id.clone(),
-                                    exec_id: exec_id.clone(),
-                                },
-                                None,
-                            ))
-                            .await;
-                        if let Some(task) = resizer {
-                            task.abort();
-                        }
-                        waited
-                            .map(|w| w.into_inner().exit_status as i32)
-                            .map_err(|s| format!("wait for the exec: {}", s.message()))
-                    }
+                if let Some(task) = resizer {
+                    task.abort();
                 }
+                waited
+                    .map(|w| w.into_inner().exit_status as i32)
+                    .map_err(|s| format!("wait for the exec: {}", s.message()))
             }
         };
         if let Some(input) = input {
@@ -418,27 +384,9 @@ impl Runtime {
             }
         }
         if outcome.is_err() {
-            let _ = tasks
-                .kill(containerd.request(
-                    KillRequest {
-                        container_id: container.id.clone(),
-                        exec_id: exec_id.clone(),
-                        signal: nix::sys::signal::Signal::SIGKILL as u32,
-                        all: false,
-                    },
-                    None,
-                ))
-                .await;
+            self.kill_exec(&container.id, &exec_id).await;
         }
-        let _ = tasks
-            .delete_process(containerd.request(
-                DeleteProcessRequest {
-                    container_id: container.id.clone(),
-                    exec_id,
-                },
-                None,
-            ))
-            .await;
+        self.delete_exec(&container.id, &exec_id).await;
         let _ = std::fs::remove_dir_all(&dir);
         outcome
     }
@@ -615,14 +563,6 @@ async fn resize(runtime: Runtime, container: String, exec_id: String, mut stream
             ))
             .await;
     }
-}
-
-/// Unblocks a FIFO reader waiting for a writer that will never come.
-fn release(path: &Path) {
-    let _ = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path);
 }
 
 impl Runtime {
