@@ -7,17 +7,26 @@
 //! traffic from the node to its pods keeps the node's own source address. The host has a /32
 //! route to the pod through the host veth.
 
+use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use futures::TryStreamExt;
+use nix::errno::Errno;
+use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
-use rtnetlink::packet_route::route::RouteScope;
-use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteScope};
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
+use rtnetlink::{
+    AddressMessageBuilder, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+};
 use sha2::{Digest, Sha256};
 
+use crate::netlink::{Answer, Rtnl, is_not_found_errno};
 use crate::netns;
 use crate::spec::{CniError, GATEWAY, GATEWAY6, Interface, code};
 
@@ -69,56 +78,18 @@ pub fn is_host_veth_name(name: &str) -> bool {
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
-fn netlink_error(what: String) -> impl FnOnce(rtnetlink::Error) -> CniError {
-    move |e| CniError::new(code::IO, "netlink request failed", format!("{what}: {e}"))
+fn socket_error(e: std::io::Error) -> CniError {
+    CniError::new(code::IO, "netlink socket failed", format!("rtnetlink: {e}"))
 }
 
-use crate::netlink::is_not_found;
-
-fn connect() -> Result<Handle, CniError> {
-    let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| {
+fn refused(what: impl std::fmt::Display) -> impl FnOnce(Errno) -> CniError {
+    move |errno| {
         CniError::new(
             code::IO,
-            "netlink socket failed",
-            format!("open rtnetlink socket: {e}"),
+            "netlink request failed",
+            format!("{what}: {errno}"),
         )
-    })?;
-    tokio::spawn(connection);
-    Ok(handle)
-}
-
-async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, CniError> {
-    crate::netlink::link_by_name(handle, name)
-        .await
-        .map_err(netlink_error(format!("get link {name}")))
-}
-
-fn mac_of(link: &LinkMessage) -> String {
-    link.attributes
-        .iter()
-        .find_map(|a| match a {
-            LinkAttribute::Address(mac) => Some(
-                mac.iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect::<Vec<_>>()
-                    .join(":"),
-            ),
-            _ => None,
-        })
-        .unwrap_or_default()
-}
-
-fn mac_bytes(link: &LinkMessage) -> Vec<u8> {
-    link.attributes
-        .iter()
-        .find_map(|a| {
-            if let LinkAttribute::Address(mac) = a {
-                Some(mac.clone())
-            } else {
-                None
-            }
-        })
-        .unwrap_or_default()
+    }
 }
 
 fn netns_error(e: netns::NetnsError) -> CniError {
@@ -136,26 +107,118 @@ fn netns_error(e: netns::NetnsError) -> CniError {
     }
 }
 
-/// The real dataplane: rtnetlink in the host namespace and, on a dedicated thread, in the pod's.
-#[derive(Debug, Default)]
-pub struct Netlink;
+fn host_socket() -> Result<Rtnl, CniError> {
+    Rtnl::open().map_err(socket_error)
+}
 
-impl Netlink {
-    fn on_host<T: Send>(
-        &self,
-        work: impl AsyncFnOnce(&Handle) -> Result<T, CniError> + Send,
-    ) -> Result<T, CniError> {
-        netns::run_in(Path::new("/proc/self/ns/net"), || async {
-            let handle = connect()?;
-            work(&handle).await
-        })
+fn pod_socket(netns: &str) -> Result<Rtnl, CniError> {
+    Rtnl::open_in(Path::new(netns))
         .map_err(netns_error)?
+        .map_err(socket_error)
+}
+
+/// A link message that names `name` (and no index): GET, SET and DEL accept it.
+fn named(name: &str) -> LinkMessage {
+    LinkUnspec::new_with_name(name).build()
+}
+
+fn up(name: &str) -> RouteNetlinkMessage {
+    RouteNetlinkMessage::SetLink(LinkUnspec::new_with_name(name).up().build())
+}
+
+/// The link a GET answered with.
+fn link_of(messages: Vec<RouteNetlinkMessage>) -> Option<LinkMessage> {
+    messages.into_iter().find_map(|m| match m {
+        RouteNetlinkMessage::NewLink(link) => Some(link),
+        _ => None,
+    })
+}
+
+/// The link called `name`, or `None` when there is none.
+fn link_by_name(rtnl: &mut Rtnl, name: &str) -> Result<Option<LinkMessage>, CniError> {
+    let [answer] = answers(rtnl, vec![(RouteNetlinkMessage::GetLink(named(name)), 0)])?;
+    match answer {
+        Ok(messages) => Ok(link_of(messages)),
+        Err(errno) if is_not_found_errno(errno) => Ok(None),
+        Err(errno) => Err(refused(format!("get link {name}"))(errno)),
     }
 }
 
+/// Sends `requests` together and returns their answers as an array of the expected size.
+fn answers<const N: usize>(
+    rtnl: &mut Rtnl,
+    requests: Vec<(RouteNetlinkMessage, u16)>,
+) -> Result<[Answer; N], CniError> {
+    let answers = rtnl.request(requests).map_err(socket_error)?;
+    let count = answers.len();
+    answers.try_into().map_err(|_| {
+        CniError::new(
+            code::IO,
+            "netlink request failed",
+            format!("expected {N} answers, got {count}"),
+        )
+    })
+}
+
+/// One change to send: the message, its `NLM_F_*` flags, and what it does (for errors).
+type Change = (RouteNetlinkMessage, u16, String);
+
+/// Sends `changes` together; fails with the first one the kernel refused, named.
+fn apply(rtnl: &mut Rtnl, changes: Vec<Change>) -> Result<(), CniError> {
+    let (requests, what): (Vec<_>, Vec<_>) = changes
+        .into_iter()
+        .map(|(message, flags, what)| ((message, flags), what))
+        .unzip();
+    let answers = rtnl.request(requests).map_err(socket_error)?;
+    for (answer, what) in answers.into_iter().zip(what) {
+        answer.map_err(refused(what))?;
+    }
+    Ok(())
+}
+
+/// An answer where the object being gone already is fine (a deletion, `lo` in a namespace
+/// without one).
+fn gone_is_fine(answer: Answer, what: impl std::fmt::Display) -> Result<(), CniError> {
+    match answer {
+        Err(errno) if !is_not_found_errno(errno) => Err(refused(what)(errno)),
+        _ => Ok(()),
+    }
+}
+
+fn dump(
+    rtnl: &mut Rtnl,
+    message: RouteNetlinkMessage,
+    what: &str,
+) -> Result<Vec<RouteNetlinkMessage>, CniError> {
+    rtnl.dump(message)
+        .map_err(socket_error)?
+        .map_err(refused(format!("list {what}")))
+}
+
+fn mac(link: &LinkMessage) -> Vec<u8> {
+    link.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Address(mac) => Some(mac.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+fn mac_text(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The real dataplane: blocking rtnetlink sockets in the host namespace and in the pod's, each
+/// step's requests sent together in one datagram.
+#[derive(Debug, Default)]
+pub struct Netlink;
+
 impl Dataplane for Netlink {
     fn setup(&self, attach: &Attach<'_>) -> Result<[Interface; 2], CniError> {
-        let host_name = host_veth_name(attach.container_id, attach.ifname);
         let netns_file = std::fs::File::open(attach.netns).map_err(|e| {
             CniError::new(
                 code::UNKNOWN_CONTAINER,
@@ -163,210 +226,28 @@ impl Dataplane for Netlink {
                 format!("open netns {}: {e}", attach.netns),
             )
         })?;
-        // The pod end is created directly inside the pod's namespace: moving a device between
-        // namespaces afterwards waits for an RCU grace period (tens of milliseconds).
-        let (host_mac, host_mac_bytes) = self.on_host(async |handle| {
-            if let Some(link) = link_by_name(handle, &host_name).await? {
-                handle
-                    .link()
-                    .del(link.header.index)
-                    .execute()
-                    .await
-                    .map_err(netlink_error(format!("delete leftover link {host_name}")))?;
-            }
-            let peer = LinkMessageBuilder::<LinkUnspec>::new()
-                .name(attach.ifname.to_owned())
-                .mtu(attach.mtu)
-                .setns_by_fd(netns_file.as_raw_fd())
-                .build();
-            let veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-                .name(host_name.clone())
-                .mtu(attach.mtu)
-                .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-                .build();
-            handle
-                .link()
-                .add(veth)
-                .execute()
-                .await
-                .map_err(|e| match &e {
-                    rtnetlink::Error::NetlinkError(m) if -m.raw_code() == nix::libc::EEXIST => {
-                        CniError::new(
-                            code::IO,
-                            "interface already exists",
-                            format!("{} already exists in netns {}", attach.ifname, attach.netns),
-                        )
-                    }
-                    _ => netlink_error(format!(
-                        "create veth pair {host_name} / {} in {}",
-                        attach.ifname, attach.netns
-                    ))(e),
-                })?;
-            let host = link_by_name(handle, &host_name)
-                .await?
-                .ok_or_else(|| CniError::new(code::IO, "host veth vanished", host_name.clone()))?;
-            if attach.ip6.is_some() {
-                // The host veth's link-local address would sit in duplicate address detection
-                // for a second, holding up neighbour discovery towards the pod.
-                let dad = format!("/proc/sys/net/ipv6/conf/{host_name}/accept_dad");
-                std::fs::write(&dad, "0").map_err(|e| {
-                    CniError::new(
-                        code::IO,
-                        "cannot configure the host veth",
-                        format!("write 0 to {dad}: {e}"),
-                    )
-                })?;
-            }
-            handle
-                .link()
-                .set(LinkUnspec::new_with_index(host.header.index).up().build())
-                .execute()
-                .await
-                .map_err(netlink_error(format!("set {host_name} up")))?;
-            let route = RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(attach.ip, 32)
-                .output_interface(host.header.index)
-                .scope(RouteScope::Link)
-                .build();
-            handle
-                .route()
-                .add(route)
-                .replace()
-                .execute()
-                .await
-                .map_err(netlink_error(format!(
-                    "add route {}/32 dev {host_name}",
-                    attach.ip
-                )))?;
-            if let Some(ip6) = attach.ip6 {
-                let route = RouteMessageBuilder::<Ipv6Addr>::new()
-                    .destination_prefix(ip6, 128)
-                    .output_interface(host.header.index)
-                    .build();
-                handle
-                    .route()
-                    .add(route)
-                    .replace()
-                    .execute()
-                    .await
-                    .map_err(netlink_error(format!(
-                        "add route {ip6}/128 dev {host_name}"
-                    )))?;
-            }
-            Ok((mac_of(&host), mac_bytes(&host)))
-        })?;
-        let pod_mac = netns::run_in(Path::new(attach.netns), || async {
-            let handle = connect()?;
-            let pod = link_by_name(&handle, attach.ifname).await?.ok_or_else(|| {
-                CniError::new(
-                    code::IO,
-                    "pod interface missing",
-                    format!("{} is not in netns {}", attach.ifname, attach.netns),
-                )
-            })?;
-            let index = pod.header.index;
-            handle
-                .link()
-                .set(LinkUnspec::new_with_index(index).up().build())
-                .execute()
-                .await
-                .map_err(netlink_error(format!("set {} up", attach.ifname)))?;
-            if let Some(lo) = link_by_name(&handle, "lo").await? {
-                handle
-                    .link()
-                    .set(LinkUnspec::new_with_index(lo.header.index).up().build())
-                    .execute()
-                    .await
-                    .map_err(netlink_error("set lo up".into()))?;
-            }
-            handle
-                .address()
-                .add(index, IpAddr::V4(attach.ip), 32)
-                .execute()
-                .await
-                .map_err(netlink_error(format!(
-                    "add {}/32 to {}",
-                    attach.ip, attach.ifname
-                )))?;
-            handle
-                .neighbours()
-                .add(index, IpAddr::V4(GATEWAY))
-                .link_layer_address(&host_mac_bytes)
-                .replace()
-                .execute()
-                .await
-                .map_err(netlink_error(format!(
-                    "add neighbour {GATEWAY} lladdr {host_mac} dev {}",
-                    attach.ifname
-                )))?;
-            let default = RouteMessageBuilder::<Ipv4Addr>::new()
-                .gateway(GATEWAY)
-                .output_interface(index)
-                .onlink()
-                .build();
-            handle
-                .route()
-                .add(default)
-                .replace()
-                .execute()
-                .await
-                .map_err(netlink_error(format!(
-                    "add default route via {GATEWAY} dev {}",
-                    attach.ifname
-                )))?;
-            if let Some(ip6) = attach.ip6 {
-                // No duplicate address detection: the address is ours alone, and DAD would hold
-                // it tentative (unusable) for a second.
-                let mut add = handle.address().add(index, IpAddr::V6(ip6), 128);
-                add.message_mut()
-                    .attributes
-                    .push(AddressAttribute::Flags(AddressFlags::Nodad));
-                add.execute()
-                    .await
-                    .map_err(netlink_error(format!("add {ip6}/128 to {}", attach.ifname)))?;
-                handle
-                    .neighbours()
-                    .add(index, IpAddr::V6(GATEWAY6))
-                    .link_layer_address(&host_mac_bytes)
-                    .replace()
-                    .execute()
-                    .await
-                    .map_err(netlink_error(format!(
-                        "add neighbour {GATEWAY6} lladdr {host_mac} dev {}",
-                        attach.ifname
-                    )))?;
-                let default6 = RouteMessageBuilder::<Ipv6Addr>::new()
-                    .gateway(GATEWAY6)
-                    .output_interface(index)
-                    .build();
-                handle
-                    .route()
-                    .add(default6)
-                    .replace()
-                    .execute()
-                    .await
-                    .map_err(netlink_error(format!(
-                        "add default route via {GATEWAY6} dev {}",
-                        attach.ifname
-                    )))?;
-            }
-            Ok(mac_of(&pod))
+        std::thread::scope(|scope| {
+            // The pod's socket opens on its own thread while the host side is set up.
+            let pod = netns::spawn_in(scope, Path::new(attach.netns), Rtnl::open);
+            let (host_name, host_mac) = setup_host(attach, &netns_file)?;
+            let mut pod = netns::join(pod)
+                .map_err(netns_error)?
+                .map_err(socket_error)?;
+            let pod_mac = setup_pod(&mut pod, attach, &host_mac)?;
+            Ok([
+                Interface {
+                    name: host_name,
+                    mac: mac_text(&host_mac),
+                    sandbox: None,
+                },
+                Interface {
+                    name: attach.ifname.to_owned(),
+                    mac: mac_text(&pod_mac),
+                    sandbox: Some(attach.netns.to_owned()),
+                },
+            ])
         })
-        .map_err(netns_error)??;
-        Ok([
-            Interface {
-                name: host_name,
-                mac: host_mac,
-                sandbox: None,
-            },
-            Interface {
-                name: attach.ifname.to_owned(),
-                mac: pod_mac,
-                sandbox: Some(attach.netns.to_owned()),
-            },
-        ])
     }
-
     fn teardown(&self, container_id: &str, ifname: &str) -> Result<(), CniError> {
         self.delete_host_veth(&host_veth_name(container_id, ifname))
     }
@@ -380,85 +261,315 @@ impl Dataplane for Netlink {
             )
         };
         let host_name = host_veth_name(attach.container_id, attach.ifname);
-        let host_index = self.on_host(async |handle| {
-            Ok(link_by_name(handle, &host_name)
-                .await?
-                .map(|l| l.header.index))
-        })?;
-        let host_index =
-            host_index.ok_or_else(|| failed(format!("host veth {host_name} is missing")))?;
-        let routed = self.on_host(async |handle| {
-            let routes: Vec<_> = handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute().try_collect().await.map_err(netlink_error("list routes".into()))?;
-            Ok(routes.iter().any(|r| {
-                r.header.destination_prefix_length == 32
-                    && r.attributes.iter().any(|a| matches!(a, rtnetlink::packet_route::route::RouteAttribute::Destination(rtnetlink::packet_route::route::RouteAddress::Inet(d)) if *d == attach.ip))
-                    && r.attributes.iter().any(|a| matches!(a, rtnetlink::packet_route::route::RouteAttribute::Oif(i) if *i == host_index))
-            }))
-        })?;
+        let mut host = host_socket()?;
+        let host_index = link_by_name(&mut host, &host_name)?
+            .map(|l| l.header.index)
+            .ok_or_else(|| failed(format!("host veth {host_name} is missing")))?;
+        let routes = dump(
+            &mut host,
+            RouteNetlinkMessage::GetRoute(RouteMessageBuilder::<Ipv4Addr>::new().build()),
+            "routes",
+        )?;
+        let routed = routes.iter().any(|m| {
+            matches!(m, RouteNetlinkMessage::NewRoute(r)
+                if r.header.destination_prefix_length == 32
+                    && r.attributes.contains(&RouteAttribute::Destination(RouteAddress::Inet(attach.ip)))
+                    && r.attributes.contains(&RouteAttribute::Oif(host_index)))
+        });
         if !routed {
             return Err(failed(format!(
                 "the host has no route {}/32 dev {host_name}",
                 attach.ip
             )));
         }
-        netns::run_in(Path::new(attach.netns), || async {
-            let handle = connect()?;
-            let pod = link_by_name(&handle, attach.ifname).await?.ok_or_else(|| failed(format!("{} is missing in netns {}", attach.ifname, attach.netns)))?;
-            let addresses: Vec<_> = handle.address().get().set_link_index_filter(pod.header.index).execute().try_collect().await.map_err(netlink_error("list addresses".into()))?;
-            let has_ip = addresses.iter().any(|a| a.attributes.iter().any(|attr| matches!(attr, rtnetlink::packet_route::address::AddressAttribute::Address(IpAddr::V4(ip)) if *ip == attach.ip)));
-            if !has_ip {
-                return Err(failed(format!("{} has no address {}", attach.ifname, attach.ip)));
-            }
-            let routes: Vec<_> = handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute().try_collect().await.map_err(netlink_error("list routes".into()))?;
-            let default = routes.iter().any(|r| {
-                r.header.destination_prefix_length == 0
-                    && r.attributes.iter().any(|a| matches!(a, rtnetlink::packet_route::route::RouteAttribute::Gateway(rtnetlink::packet_route::route::RouteAddress::Inet(g)) if *g == GATEWAY))
-            });
-            if !default {
-                return Err(failed(format!("netns {} has no default route via {GATEWAY}", attach.netns)));
-            }
-            Ok(())
-        })
-        .map_err(netns_error)?
+        let mut pod = pod_socket(attach.netns)?;
+        let index = link_by_name(&mut pod, attach.ifname)?
+            .map(|l| l.header.index)
+            .ok_or_else(|| {
+                failed(format!(
+                    "{} is missing in netns {}",
+                    attach.ifname, attach.netns
+                ))
+            })?;
+        let addresses = dump(
+            &mut pod,
+            RouteNetlinkMessage::GetAddress(AddressMessageBuilder::<Ipv4Addr>::new().build()),
+            "addresses",
+        )?;
+        let has_ip = addresses.iter().any(|m| {
+            matches!(m, RouteNetlinkMessage::NewAddress(a)
+                if a.header.index == index
+                    && a.attributes.contains(&AddressAttribute::Address(IpAddr::V4(attach.ip))))
+        });
+        if !has_ip {
+            return Err(failed(format!(
+                "{} has no address {}",
+                attach.ifname, attach.ip
+            )));
+        }
+        let routes = dump(
+            &mut pod,
+            RouteNetlinkMessage::GetRoute(RouteMessageBuilder::<Ipv4Addr>::new().build()),
+            "routes",
+        )?;
+        let default = routes.iter().any(|m| {
+            matches!(m, RouteNetlinkMessage::NewRoute(r)
+                if r.header.destination_prefix_length == 0
+                    && r.attributes.contains(&RouteAttribute::Gateway(RouteAddress::Inet(GATEWAY))))
+        });
+        if !default {
+            return Err(failed(format!(
+                "netns {} has no default route via {GATEWAY}",
+                attach.netns
+            )));
+        }
+        Ok(())
     }
 
     fn host_veths(&self) -> Result<Vec<String>, CniError> {
-        self.on_host(async |handle| {
-            let links: Vec<_> = handle
-                .link()
-                .get()
-                .execute()
-                .try_collect()
-                .await
-                .map_err(netlink_error("list links".into()))?;
-            Ok(links
-                .iter()
-                .filter_map(|l| {
-                    l.attributes.iter().find_map(|a| {
-                        if let LinkAttribute::IfName(n) = a {
-                            Some(n.clone())
-                        } else {
-                            None
-                        }
-                    })
-                })
-                .filter(|n| is_host_veth_name(n))
-                .collect())
-        })
+        let links = dump(
+            &mut host_socket()?,
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            "links",
+        )?;
+        Ok(links
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => l.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfName(n) => Some(n.clone()),
+                    _ => None,
+                }),
+                _ => None,
+            })
+            .filter(|n| is_host_veth_name(n))
+            .collect())
     }
 
     fn delete_host_veth(&self, name: &str) -> Result<(), CniError> {
-        self.on_host(async |handle| {
-            let Some(link) = link_by_name(handle, name).await? else {
-                return Ok(());
-            };
-            match handle.link().del(link.header.index).execute().await {
-                Ok(()) => Ok(()),
-                Err(e) if is_not_found(&e) => Ok(()),
-                Err(e) => Err(netlink_error(format!("delete {name}"))(e)),
-            }
-        })
+        let [answer] = answers(
+            &mut host_socket()?,
+            vec![(RouteNetlinkMessage::DelLink(named(name)), 0)],
+        )?;
+        gone_is_fine(answer, format!("delete {name}"))
     }
+}
+
+/// The host end: the veth pair (the pod end created inside the pod's namespace), the host end up, and the host routes to the pod. Returns the host veth's name and MAC.
+fn setup_host(attach: &Attach<'_>, netns_file: &File) -> Result<(String, Vec<u8>), CniError> {
+    let host_name = host_veth_name(attach.container_id, attach.ifname);
+    let mut host = host_socket()?;
+    // The pod end is created directly inside the pod's namespace: moving a device between
+    // namespaces afterwards waits for an RCU grace period (tens of milliseconds).
+    // One queue each way per end: veth hands packets straight to its peer, so more queues only
+    // add sysfs entries for the kernel to create (one set per CPU by default).
+    let peer = LinkMessageBuilder::<LinkUnspec>::new()
+        .name(attach.ifname.to_owned())
+        .mtu(attach.mtu)
+        .setns_by_fd(netns_file.as_raw_fd())
+        .append_extra_attribute(LinkAttribute::NumTxQueues(1))
+        .append_extra_attribute(LinkAttribute::NumRxQueues(1))
+        .build();
+    let veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+        .name(host_name.clone())
+        .mtu(attach.mtu)
+        .append_extra_attribute(LinkAttribute::NumTxQueues(1))
+        .append_extra_attribute(LinkAttribute::NumRxQueues(1))
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+        .build();
+    let [leftover, created, host_link] = answers(
+        &mut host,
+        vec![
+            (RouteNetlinkMessage::DelLink(named(&host_name)), 0),
+            (
+                RouteNetlinkMessage::NewLink(veth),
+                NLM_F_CREATE | NLM_F_EXCL,
+            ),
+            (RouteNetlinkMessage::GetLink(named(&host_name)), 0),
+        ],
+    )?;
+    gone_is_fine(leftover, format!("delete leftover link {host_name}"))?;
+    created.map_err(|errno| match errno {
+        Errno::EEXIST => CniError::new(
+            code::IO,
+            "interface already exists",
+            format!("{} already exists in netns {}", attach.ifname, attach.netns),
+        ),
+        _ => refused(format!(
+            "create veth pair {host_name} / {} in {}",
+            attach.ifname, attach.netns
+        ))(errno),
+    })?;
+    let host_link = host_link
+        .map_err(refused(format!("get link {host_name}")))
+        .map(link_of)?
+        .ok_or_else(|| CniError::new(code::IO, "host veth vanished", host_name.clone()))?;
+    if attach.ip6.is_some() {
+        // The host veth's link-local address would sit in duplicate address detection for a
+        // second, holding up neighbour discovery towards the pod. DAD starts when the host end
+        // comes up, just below.
+        let dad = format!("/proc/sys/net/ipv6/conf/{host_name}/accept_dad");
+        std::fs::write(&dad, "0").map_err(|e| {
+            CniError::new(
+                code::IO,
+                "cannot configure the host veth",
+                format!("write 0 to {dad}: {e}"),
+            )
+        })?;
+    }
+    let host_index = host_link.header.index;
+    let mut changes = vec![
+        (up(&host_name), 0, format!("set {host_name} up")),
+        (
+            RouteNetlinkMessage::NewRoute(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(attach.ip, 32)
+                    .output_interface(host_index)
+                    .scope(RouteScope::Link)
+                    .build(),
+            ),
+            NLM_F_CREATE | NLM_F_REPLACE,
+            format!("add route {}/32 dev {host_name}", attach.ip),
+        ),
+    ];
+    if let Some(ip6) = attach.ip6 {
+        changes.push((
+            RouteNetlinkMessage::NewRoute(
+                RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(ip6, 128)
+                    .output_interface(host_index)
+                    .build(),
+            ),
+            NLM_F_CREATE | NLM_F_REPLACE,
+            format!("add route {ip6}/128 dev {host_name}"),
+        ));
+    }
+    apply(&mut host, changes)?;
+    Ok((host_name, mac(&host_link)))
+}
+
+/// The pod end, over a socket in the pod's namespace: it and `lo` up, the pod's addresses, the
+/// permanent neighbour entry for the gateway (the host veth's MAC) and the default routes.
+/// Returns the pod interface's MAC.
+fn setup_pod(pod: &mut Rtnl, attach: &Attach<'_>, host_mac: &[u8]) -> Result<Vec<u8>, CniError> {
+    // (A veth end cannot be created up: it has no peer yet at that moment.)
+    let [lo_up, pod_up, pod_link] = answers(
+        pod,
+        vec![
+            (up("lo"), 0),
+            (up(attach.ifname), 0),
+            (RouteNetlinkMessage::GetLink(named(attach.ifname)), 0),
+        ],
+    )?;
+    gone_is_fine(lo_up, "set lo up")?;
+    pod_up.map_err(refused(format!("set {} up", attach.ifname)))?;
+    let pod_link = pod_link
+        .map_err(refused(format!("get link {}", attach.ifname)))
+        .map(link_of)?
+        .ok_or_else(|| {
+            CniError::new(
+                code::IO,
+                "pod interface missing",
+                format!("{} is not in netns {}", attach.ifname, attach.netns),
+            )
+        })?;
+    let index = pod_link.header.index;
+    let host_mac_text = mac_text(host_mac);
+    let mut changes = vec![
+        (
+            RouteNetlinkMessage::NewAddress(
+                AddressMessageBuilder::<Ipv4Addr>::new()
+                    .index(index)
+                    .address(attach.ip, 32)
+                    .build(),
+            ),
+            NLM_F_CREATE | NLM_F_EXCL,
+            format!("add {}/32 to {}", attach.ip, attach.ifname),
+        ),
+        (
+            RouteNetlinkMessage::NewNeighbour(permanent_neighbour(
+                index,
+                IpAddr::V4(GATEWAY),
+                host_mac,
+            )),
+            NLM_F_CREATE | NLM_F_REPLACE,
+            format!(
+                "add neighbour {GATEWAY} lladdr {host_mac_text} dev {}",
+                attach.ifname
+            ),
+        ),
+        (
+            RouteNetlinkMessage::NewRoute(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .gateway(GATEWAY)
+                    .output_interface(index)
+                    .onlink()
+                    .build(),
+            ),
+            NLM_F_CREATE | NLM_F_REPLACE,
+            format!("add default route via {GATEWAY} dev {}", attach.ifname),
+        ),
+    ];
+    if let Some(ip6) = attach.ip6 {
+        // No duplicate address detection: the address is ours alone, and DAD would hold it
+        // tentative (unusable) for a second.
+        let mut address = AddressMessageBuilder::<Ipv6Addr>::new()
+            .index(index)
+            .address(ip6, 128)
+            .build();
+        address
+            .attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        changes.extend([
+            (
+                RouteNetlinkMessage::NewAddress(address),
+                NLM_F_CREATE | NLM_F_EXCL,
+                format!("add {ip6}/128 to {}", attach.ifname),
+            ),
+            (
+                RouteNetlinkMessage::NewNeighbour(permanent_neighbour(
+                    index,
+                    IpAddr::V6(GATEWAY6),
+                    host_mac,
+                )),
+                NLM_F_CREATE | NLM_F_REPLACE,
+                format!(
+                    "add neighbour {GATEWAY6} lladdr {host_mac_text} dev {}",
+                    attach.ifname
+                ),
+            ),
+            (
+                RouteNetlinkMessage::NewRoute(
+                    RouteMessageBuilder::<Ipv6Addr>::new()
+                        .gateway(GATEWAY6)
+                        .output_interface(index)
+                        .build(),
+                ),
+                NLM_F_CREATE | NLM_F_REPLACE,
+                format!("add default route via {GATEWAY6} dev {}", attach.ifname),
+            ),
+        ]);
+    }
+    apply(pod, changes)?;
+    Ok(mac(&pod_link))
+}
+
+/// A permanent neighbour entry: `ip` is at `mac` on link `index`.
+fn permanent_neighbour(index: u32, ip: IpAddr, mac: &[u8]) -> NeighbourMessage {
+    let mut message = NeighbourMessage::default();
+    message.header.family = match ip {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    };
+    message.header.ifindex = index;
+    message.header.state = NeighbourState::Permanent;
+    message.attributes.extend([
+        NeighbourAttribute::Destination(match ip {
+            IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+            IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+        }),
+        NeighbourAttribute::LinkLayerAddress(mac.to_vec()),
+    ]);
+    message
 }
 
 #[cfg(test)]

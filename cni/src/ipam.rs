@@ -4,18 +4,25 @@
 //! State lives in `<data_dir>/<network>/`, one file per allocated IP named after it and holding
 //! `<container id>\n<ifname>` (the layout of the reference `host-local` plugin, so operators'
 //! habits carry over). An exclusive `flock` on `lock` serialises every change, and each address
-//! is claimed by creating its file with `O_EXCL`, so the same IP is never handed out twice. A
-//! killed plugin leaves at most a claimed file (possibly empty) that names no valid attachment,
-//! which GC reclaims. Files are not fsynced: they must survive a process, not the machine (after
-//! a power loss no pod survives either, and runtimes re-add every sandbox).
+//! is claimed by creating its file with `O_EXCL`, so the same IP is never handed out twice.
+//!
+//! Beside them, `attachment-<hash>.<0|1>` is a symlink from an attachment (container ID and
+//! interface, per address family) to its IP, so ADD and DEL find an attachment's address without
+//! reading every allocation. The symlink is written *before* the address is claimed, so a plugin
+//! killed at any point leaves either nothing, a symlink to an address that is not ours (ignored
+//! and replaced), or a claimed, still empty file the symlink points at (adopted by the retried
+//! ADD, removed by DEL, and, naming no valid attachment, reclaimed by GC). Files are not fsynced:
+//! they must survive a process, not the machine (after a power loss no pod survives either, and
+//! runtimes re-add every sandbox).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
+use sha2::{Digest, Sha256};
 
 use crate::spec::{Attachment, CniError, code};
 
@@ -28,6 +35,43 @@ fn last_reserved_file(range: &ipnet::IpNet) -> &'static str {
     }
 }
 const LOCK: &str = "lock";
+const INDEX_PREFIX: &str = "attachment-";
+
+/// Records `ip` as the last address handed out. Only a hint of where to continue, written in
+/// place at a fixed width (padded with spaces, which readers trim): truncating and rewriting a
+/// file makes ext4 flush it on close, which would cost more than the whole allocation.
+fn record_last(path: &Path, ip: IpAddr) -> Result<(), CniError> {
+    // The longest IPv6 text is 39 characters.
+    let text = format!("{ip:<39}\n");
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .and_then(|file| file.write_all_at(text.as_bytes(), 0))
+        .map_err(|e| io_error("record last reserved IP", path, e))
+}
+
+/// Who an address file says holds it.
+#[derive(Debug, PartialEq, Eq)]
+enum Holder {
+    /// The attachment asked about.
+    Ours,
+    /// Nobody yet: claimed by a plugin that was killed before writing the holder.
+    Unwritten,
+    /// Another attachment, or the file is gone: the index entry is stale.
+    Stale,
+}
+
+/// The container ID and interface an address file names.
+fn holder_of(text: &str) -> (&str, &str) {
+    let mut lines = text.lines().map(|l| l.trim_end_matches('\r'));
+    (
+        lines.next().unwrap_or_default(),
+        lines.next().unwrap_or_default(),
+    )
+}
 
 /// One network's allocations.
 #[derive(Debug)]
@@ -108,13 +152,11 @@ impl Ipam {
                 continue; // the other family's range shares the directory
             }
             let text = fs::read_to_string(entry.path()).unwrap_or_default();
-            let mut lines = text.lines().map(|l| l.trim_end_matches('\r'));
-            let container_id = lines.next().unwrap_or_default().to_owned();
-            let ifname = lines.next().unwrap_or_default().to_owned();
+            let (container_id, ifname) = holder_of(&text);
             allocations.push(Allocation {
                 ip,
-                container_id,
-                ifname,
+                container_id: container_id.to_owned(),
+                ifname: ifname.to_owned(),
             });
         }
         allocations.sort_by_key(|a| a.ip);
@@ -159,16 +201,83 @@ impl Ipam {
         }
     }
 
+    /// The index entry of `container_id`/`ifname` in this range's family.
+    fn index_path(&self, container_id: &str, ifname: &str) -> PathBuf {
+        let digest = Sha256::digest(format!("{container_id}/{ifname}"));
+        let family = match self.range {
+            ipnet::IpNet::V4(_) => 0,
+            ipnet::IpNet::V6(_) => 1,
+        };
+        self.dir.join(format!(
+            "{INDEX_PREFIX}{}.{family}",
+            &hex::encode(digest)[..32]
+        ))
+    }
+
+    /// The address the index entry at `index` points at, and who its file says holds it.
+    fn indexed(&self, index: &Path, container_id: &str, ifname: &str) -> Option<(IpAddr, Holder)> {
+        let target = fs::read_link(index).ok()?;
+        let ip: IpAddr = target.to_str()?.parse().ok()?;
+        if !self.range.contains(&ip) {
+            return None;
+        }
+        let holder = match fs::read_to_string(self.dir.join(ip.to_string())) {
+            Ok(text) if text.is_empty() => Holder::Unwritten,
+            Ok(text) if holder_of(&text) == (container_id, ifname) => Holder::Ours,
+            _ => Holder::Stale,
+        };
+        Some((ip, holder))
+    }
+
+    /// Points the index entry at `index` to `ip`, replacing what it pointed at.
+    fn point(&self, index: &Path, ip: IpAddr) -> Result<(), CniError> {
+        match std::os::unix::fs::symlink(ip.to_string(), index) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                self.unindex(index)?;
+                std::os::unix::fs::symlink(ip.to_string(), index)
+            }
+            other => other,
+        }
+        .map_err(|e| io_error("write index entry", index, e))
+    }
+
+    fn unindex(&self, index: &Path) -> Result<(), CniError> {
+        match fs::remove_file(index) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_error("remove index entry", index, e)),
+        }
+    }
+
+    /// How many addresses of this range are held (names only; no file is read).
+    fn held(&self) -> Result<u128, CniError> {
+        let entries = fs::read_dir(&self.dir).map_err(|e| io_error("list", &self.dir, e))?;
+        Ok(entries
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<IpAddr>().ok())
+                    .is_some_and(|ip| self.range.contains(&ip))
+            })
+            .count() as u128)
+    }
+
     /// The IP of `container_id`/`ifname`: its existing allocation, or the next free address
     /// after the last one handed out.
     pub fn allocate(&self, container_id: &str, ifname: &str) -> Result<IpAddr, CniError> {
         let _lock = self.lock()?;
-        let allocations = self.allocations()?;
-        if let Some(existing) = allocations
-            .iter()
-            .find(|a| a.container_id == container_id && a.ifname == ifname)
-        {
-            return Ok(existing.ip);
+        let index = self.index_path(container_id, ifname);
+        let content = format!("{container_id}\n{ifname}");
+        match self.indexed(&index, container_id, ifname) {
+            Some((ip, Holder::Ours)) => return Ok(ip),
+            Some((ip, Holder::Unwritten)) => {
+                // Our own claim, cut short by a kill: finish it.
+                let path = self.dir.join(ip.to_string());
+                fs::write(&path, &content).map_err(|e| io_error("write allocation", &path, e))?;
+                return Ok(ip);
+            }
+            Some((_, Holder::Stale)) | None => {}
         }
         let (first, last) = self.usable();
         let count = last - first + 1;
@@ -178,14 +287,17 @@ impl Ipam {
             .and_then(|s| s.trim().parse().ok())
             .and_then(|ip| self.offset(ip));
         let start = previous.map_or(first, |p| if p >= last { first } else { p + 1 });
-        // Among allocated+1 consecutive candidates at least one is free, if any is.
-        let attempts = count.min(allocations.len() as u128 + 1);
-        let content = format!("{container_id}\n{ifname}");
-        for step in 0..attempts {
+        // Among held+1 consecutive candidates at least one is free, if any is; counted only
+        // once the first candidate turns out to be taken.
+        let mut attempts = None;
+        let mut step = 0;
+        while step < attempts.unwrap_or(1) {
             let ip = self.at(first + (start - first + step) % count);
             let path = self.dir.join(ip.to_string());
-            // O_EXCL claims the address. A plugin killed before writing the content leaves an
-            // empty file: it names no valid attachment, so GC reclaims it.
+            // The index entry first: whatever happens next, it never lets an address of ours
+            // go unnoticed.
+            self.point(&index, ip)?;
+            // O_EXCL claims the address.
             let claimed = OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -195,15 +307,22 @@ impl Ipam {
                 Ok(mut file) => {
                     file.write_all(content.as_bytes())
                         .map_err(|e| io_error("write allocation", &path, e))?;
-                    // Only a hint of where to continue: written in place.
-                    fs::write(&last_file, ip.to_string())
-                        .map_err(|e| io_error("record last reserved IP", &last_file, e))?;
+                    record_last(&last_file, ip)?;
                     return Ok(ip);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(io_error("claim address", &path, e)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    if attempts.is_none() {
+                        attempts = Some(count.min(self.held()? + 1));
+                    }
+                    step += 1;
+                }
+                Err(e) => {
+                    let _ = self.unindex(&index);
+                    return Err(io_error("claim address", &path, e));
+                }
             }
         }
+        self.unindex(&index)?;
         Err(CniError::new(
             code::TRY_AGAIN,
             "no free pod IP",
@@ -214,6 +333,17 @@ impl Ipam {
     /// Releases the IP of `container_id`/`ifname`; returns it, or `None` when it held none.
     pub fn release(&self, container_id: &str, ifname: &str) -> Result<Option<IpAddr>, CniError> {
         let _lock = self.lock()?;
+        let index = self.index_path(container_id, ifname);
+        if let Some((ip, Holder::Ours | Holder::Unwritten)) =
+            self.indexed(&index, container_id, ifname)
+        {
+            self.remove(ip)?;
+            self.unindex(&index)?;
+            return Ok(Some(ip));
+        }
+        self.unindex(&index)?;
+        // No entry of ours in the index (an allocation written before the index existed, or
+        // nothing at all): look through every allocation.
         let mut released = None;
         for allocation in self.allocations()? {
             if allocation.container_id == container_id && allocation.ifname == ifname {
@@ -234,7 +364,17 @@ impl Ipam {
             });
             if !in_use {
                 self.remove(allocation.ip)?;
+                self.unindex(&self.index_path(&allocation.container_id, &allocation.ifname))?;
                 released.push(allocation);
+            }
+        }
+        // Index entries whose address is gone (a kill between indexing and claiming).
+        let entries = fs::read_dir(&self.dir).map_err(|e| io_error("list", &self.dir, e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with(INDEX_PREFIX) && !fs::exists(self.dir.join(name)).unwrap_or(true) {
+                self.unindex(&entry.path())?;
             }
         }
         Ok(released)
@@ -377,6 +517,93 @@ mod tests {
             1,
             "releasing one family leaves the other"
         );
+    }
+
+    #[test]
+    fn a_kill_between_indexing_and_claiming_loses_nothing_and_takes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ipam = ipam(dir.path(), "10.244.1.0/24");
+        let other = ipam.allocate("other", "eth0").unwrap();
+        // Killed after indexing `other`'s address for c1, before its claim failed.
+        let index = ipam.index_path("c1", "eth0");
+        ipam.point(&index, other).unwrap();
+        let ip = ipam.allocate("c1", "eth0").unwrap();
+        assert_ne!(
+            ip, other,
+            "an address held by another attachment is never adopted"
+        );
+        assert_eq!(ipam.release("c1", "eth0").unwrap(), Some(ip));
+        assert_eq!(
+            ipam.allocations().unwrap().len(),
+            1,
+            "only the other attachment's address is left"
+        );
+        // Killed after indexing an address it never claimed: DEL finds nothing to take.
+        ipam.point(&index, "10.244.1.200".parse().unwrap()).unwrap();
+        assert_eq!(ipam.release("c1", "eth0").unwrap(), None);
+        assert!(!std::fs::exists(&index).unwrap() && std::fs::read_link(&index).is_err());
+    }
+
+    #[test]
+    fn a_claim_cut_short_is_adopted_by_the_retried_add_and_removed_by_del() {
+        let dir = tempfile::tempdir().unwrap();
+        let ipam = ipam(dir.path(), "10.244.1.0/24");
+        let ip: IpAddr = "10.244.1.9".parse().unwrap();
+        ipam.point(&ipam.index_path("c1", "eth0"), ip).unwrap();
+        std::fs::write(dir.path().join("tug/10.244.1.9"), "").unwrap();
+        assert_eq!(
+            ipam.allocate("c1", "eth0").unwrap(),
+            ip,
+            "adopted, not leaked"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("tug/10.244.1.9")).unwrap(),
+            "c1\neth0"
+        );
+        ipam.point(
+            &ipam.index_path("c2", "eth0"),
+            "10.244.1.10".parse().unwrap(),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("tug/10.244.1.10"), "").unwrap();
+        assert_eq!(
+            ipam.release("c2", "eth0").unwrap(),
+            Some("10.244.1.10".parse().unwrap()),
+            "DEL after a killed ADD releases its unwritten claim"
+        );
+        assert_eq!(ipam.allocations().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn allocations_from_before_the_index_are_found_and_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let ipam = ipam(dir.path(), "10.244.1.0/24");
+        std::fs::write(dir.path().join("tug/10.244.1.42"), "old\neth0").unwrap();
+        assert_eq!(
+            ipam.release("old", "eth0").unwrap(),
+            Some("10.244.1.42".parse().unwrap())
+        );
+        assert!(ipam.allocations().unwrap().is_empty());
+    }
+
+    #[test]
+    fn gc_also_drops_index_entries_of_released_and_vanished_addresses() {
+        let dir = tempfile::tempdir().unwrap();
+        let ipam = ipam(dir.path(), "10.244.1.0/24");
+        ipam.allocate("leak", "eth0").unwrap();
+        ipam.point(
+            &ipam.index_path("ghost", "eth0"),
+            "10.244.1.77".parse().unwrap(),
+        )
+        .unwrap();
+        ipam.gc(&[]).unwrap();
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("tug"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().into_string().unwrap())
+            .filter(|n| n.starts_with(INDEX_PREFIX))
+            .collect();
+        assert!(left.is_empty(), "index entries left: {left:?}");
     }
 
     #[test]

@@ -5,13 +5,14 @@
 //! pull from OCI registries, logs and streaming. See `DESIGN.md` §3 (pod start) and §4 (CRI facts).
 //!
 //! Parts: image pull ([`image`]), the CRI services ([`cri`]), OCI specs ([`spec`]), pinned pod
-//! network namespaces ([`netns`]), CNI invocation ([`network`]), the container log writer
-//! ([`logger`]) and the server ([`server`]). Streaming (Exec/Attach/PortForward) is not built yet.
+//! namespaces and shm ([`namespaces`]), CNI invocation ([`network`]), the container log writer
+//! ([`logger`]), the server ([`server`]), and the streaming server behind Exec, Attach and
+//! PortForward (in [`cri`]).
 
 pub mod cri;
 pub mod image;
 pub mod logger;
-pub mod netns;
+pub mod namespaces;
 pub mod network;
 pub mod server;
 pub mod spec;

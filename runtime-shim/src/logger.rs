@@ -1,10 +1,11 @@
 //! Container logs in the CRI format, written by a logging process containerd's runc shim starts
 //! for each container (containerd's "binary" stdio: `binary:///path/to/tug?shim-logger=<log path>`
 //! makes the shim run `tug shim-logger <log path>` with the container's stdout on fd 3, stderr
-//! on fd 4 and a readiness pipe on fd 5).
+//! on fd 4 and a readiness pipe on fd 5). Binary stdio has no stdin, so for a container with
+//! stdin tug shim starts `tug shim-logger <log path> --stdout-fifo .. --stderr-fifo ..` itself,
+//! in a session of its own, reading the FIFOs the runc shim writes.
 //!
-//! Because the runc shim, not tug shim, owns this process, logs keep flowing while tug shim
-//! restarts. Each line becomes `<RFC3339Nano> <stdout|stderr> <F|P> <text>`; lines longer than
+//! Because neither runs inside tug shim, logs keep flowing while tug shim restarts. Each line becomes `<RFC3339Nano> <stdout|stderr> <F|P> <text>`; lines longer than
 //! 16 KiB are split into partial (`P`) records as containerd does. SIGUSR1 reopens the file
 //! (ReopenContainerLog after the kubelet rotates it); SIGTERM is ignored so the tail is drained
 //! until the shim closes the pipes.
@@ -136,8 +137,45 @@ fn pump(mut input: File, stream: &'static str, sink: Arc<Mutex<Sink>>) {
     }
 }
 
+/// Where the container's output comes from.
+#[derive(Debug)]
+pub enum Inputs {
+    /// containerd's binary logging protocol: stdout on fd 3, stderr on fd 4, readiness on fd 5.
+    Fds,
+    /// FIFOs containerd's runc shim writes (its plain FIFO stdio, which a container with stdin
+    /// needs); each is opened when the shim opens its end. With a terminal there is no stderr.
+    Fifos {
+        /// The stdout FIFO.
+        stdout: PathBuf,
+        /// The stderr FIFO, without a terminal.
+        stderr: Option<PathBuf>,
+        /// The container's stdin FIFO. The runc shim reads it without holding a writer, so this
+        /// process holds one (from before the task exists, announced by closing its stdout,
+        /// until SIGUSR2): the container's stdin ends only when asked, not when tug shim
+        /// restarts.
+        stdin: Option<PathBuf>,
+    },
+}
+
+/// Opens a writer of the stdin FIFO at `path` and keeps it until SIGUSR2 (the container's
+/// `stdinOnce` session ended). SIGUSR2 is blocked in every thread and taken by one that waits
+/// for it.
+fn hold_stdin(path: &Path) -> std::io::Result<()> {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+    let mut usr2 = SigSet::empty();
+    usr2.add(Signal::SIGUSR2);
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&usr2), None)?;
+    // Read and write: opening never blocks, and nothing is ever read through it.
+    let writer = OpenOptions::new().read(true).write(true).open(path)?;
+    std::thread::spawn(move || {
+        let _ = usr2.wait();
+        drop(writer);
+    });
+    Ok(())
+}
+
 /// Runs the logging process for the log file at `path`; returns the exit status.
-pub fn run(path: &Path) -> u8 {
+pub fn run(path: &Path, inputs: Inputs) -> u8 {
     use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
     let file = match open(path) {
         Ok(file) => file,
@@ -158,26 +196,69 @@ pub fn run(path: &Path) -> u8 {
         let _ = sigaction(Signal::SIGTERM, &ignore);
         let _ = sigaction(Signal::SIGUSR1, &reopen);
     }
-    // SAFETY: containerd's shim hands this process fds 3 (stdout), 4 (stderr) and 5 (readiness)
-    // by the binary logging protocol; nothing else in the process owns or closes them.
-    let (stdout, stderr, ready) = unsafe {
-        (
-            File::from_raw_fd(3),
-            File::from_raw_fd(4),
-            File::from_raw_fd(5),
-        )
-    };
     let sink = Arc::new(Mutex::new(Sink {
         path: path.to_owned(),
         file,
     }));
-    let out_sink = sink.clone();
-    let out = std::thread::spawn(move || pump(stdout, "stdout", out_sink));
-    let err = std::thread::spawn(move || pump(stderr, "stderr", sink));
+    type Source = Box<dyn FnOnce() -> std::io::Result<File> + Send>;
+    let (sources, ready): (Vec<(Source, &'static str)>, Option<File>) = match inputs {
+        Inputs::Fds => {
+            // SAFETY: containerd's shim hands this process fds 3 (stdout), 4 (stderr) and 5
+            // (readiness) by the binary logging protocol; nothing else in the process owns or
+            // closes them.
+            let (stdout, stderr, ready) = unsafe {
+                (
+                    File::from_raw_fd(3),
+                    File::from_raw_fd(4),
+                    File::from_raw_fd(5),
+                )
+            };
+            (
+                vec![
+                    (Box::new(move || Ok(stdout)), "stdout"),
+                    (Box::new(move || Ok(stderr)), "stderr"),
+                ],
+                Some(ready),
+            )
+        }
+        Inputs::Fifos {
+            stdout,
+            stderr,
+            stdin,
+        } => {
+            if let Some(stdin) = stdin
+                && let Err(error) = hold_stdin(&stdin)
+            {
+                eprintln!("tug shim-logger: hold {}: {error}", stdin.display());
+                return 1;
+            }
+            // Ready: whoever started this process may create the task now.
+            let _ = nix::unistd::close(1);
+            // Opening a FIFO for reading waits for its writer: the runc shim, once the task
+            // exists.
+            let mut sources: Vec<(Source, &'static str)> =
+                vec![(Box::new(move || File::open(stdout)), "stdout")];
+            if let Some(stderr) = stderr {
+                sources.push((Box::new(move || File::open(stderr)), "stderr"));
+            }
+            (sources, None)
+        }
+    };
+    let pumps: Vec<_> = sources
+        .into_iter()
+        .map(|(source, stream)| {
+            let sink = sink.clone();
+            std::thread::spawn(move || match source() {
+                Ok(input) => pump(input, stream, sink),
+                Err(error) => eprintln!("tug shim-logger: open the container's {stream}: {error}"),
+            })
+        })
+        .collect();
     // Closing the readiness pipe tells the shim the container may start.
     drop(ready);
-    let _ = out.join();
-    let _ = err.join();
+    for pump in pumps {
+        let _ = pump.join();
+    }
     0
 }
 

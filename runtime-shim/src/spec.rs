@@ -131,6 +131,11 @@ pub struct SpecInput<'a> {
     pub sandbox: &'a PodSandboxConfig,
     /// The sandbox's pinned network namespace; `None` for hostNetwork pods.
     pub netns: Option<&'a Path>,
+    /// The sandbox's pinned IPC namespace and shared `/dev/shm`, which its containers join;
+    /// `None` for hostIPC pods.
+    pub ipc: Option<&'a Path>,
+    /// See `ipc`.
+    pub shm: Option<&'a Path>,
     /// The sandbox's `resolv.conf` and `hostname` files, when it has them.
     pub resolv_conf: Option<&'a Path>,
     /// See `resolv_conf`.
@@ -680,8 +685,16 @@ pub fn build(input: &SpecInput<'_>) -> Result<Value, SpecError> {
         json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
         json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": sys_options}),
         json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", if privileged { "rw" } else { "ro" }]}),
-        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
     ];
+    let host_ipc = options.ipc == NamespaceMode::Node as i32;
+    let pod_ipc = options.ipc == NamespaceMode::Pod as i32;
+    // The pod's containers share one /dev/shm, as they share the IPC namespace; a hostIPC pod
+    // uses the node's.
+    match (host_ipc, pod_ipc.then_some(input.shm).flatten()) {
+        (true, _) => mounts.push(json!({"destination": "/dev/shm", "type": "bind", "source": "/dev/shm", "options": ["rbind", "rprivate", "rw"]})),
+        (false, Some(shm)) => mounts.push(json!({"destination": "/dev/shm", "type": "bind", "source": shm, "options": ["rbind", "rprivate", "rw"]})),
+        (false, None) => mounts.push(json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]})),
+    }
     if let Some(path) = input.hostname_file {
         mounts.push(json!({"destination": "/etc/hostname", "type": "bind", "source": path, "options": ["rbind", "rprivate", "rw"]}));
     }
@@ -730,8 +743,10 @@ pub fn build(input: &SpecInput<'_>) -> Result<Value, SpecError> {
     if options.pid != NamespaceMode::Node as i32 {
         namespaces.push(json!({"type": "pid"}));
     }
-    if options.ipc != NamespaceMode::Node as i32 {
-        namespaces.push(json!({"type": "ipc"}));
+    match (host_ipc, pod_ipc.then_some(input.ipc).flatten()) {
+        (true, _) => {}
+        (false, Some(path)) => namespaces.push(json!({"type": "ipc", "path": path})),
+        (false, None) => namespaces.push(json!({"type": "ipc"})),
     }
     if !host_network {
         namespaces.push(json!({"type": "uts"}));
@@ -876,6 +891,8 @@ mod tests {
             config,
             sandbox,
             netns: Some(Path::new("/run/tug/netns/tug-1")),
+            ipc: Some(Path::new("/run/tug/shim/s1/ipc")),
+            shm: Some(Path::new("/run/tug/shim/s1/shm")),
             resolv_conf: Some(Path::new("/run/tug/shim/s1/resolv.conf")),
             hostname_file: None,
             image: &image,
@@ -1154,6 +1171,50 @@ mod tests {
     }
 
     #[test]
+    fn containers_join_the_pods_ipc_namespace_and_shm_unless_the_pod_uses_the_nodes() {
+        let config = container(Default::default());
+        let shm_of = |spec: &Value| {
+            spec["mounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["destination"] == "/dev/shm")
+                .cloned()
+                .unwrap()
+        };
+        let ipc_of = |spec: &Value| {
+            spec["linux"]["namespaces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|n| n["type"] == "ipc")
+                .cloned()
+        };
+        let spec = spec_of(&config, &sandbox()).unwrap();
+        assert_eq!(
+            ipc_of(&spec),
+            Some(json!({"type": "ipc", "path": "/run/tug/shim/s1/ipc"}))
+        );
+        assert_eq!(shm_of(&spec)["source"], "/run/tug/shim/s1/shm");
+        assert_eq!(shm_of(&spec)["type"], "bind");
+
+        let mut host_ipc = sandbox();
+        host_ipc.linux = Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    ipc: NamespaceMode::Node as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let spec = spec_of(&config, &host_ipc).unwrap();
+        assert_eq!(ipc_of(&spec), None, "the node's IPC namespace");
+        assert_eq!(shm_of(&spec)["source"], "/dev/shm", "the node's /dev/shm");
+    }
+
+    #[test]
     fn an_image_without_a_command_is_refused_by_name() {
         let config = container(Default::default());
         let error = build(&SpecInput {
@@ -1161,6 +1222,8 @@ mod tests {
             config: &config,
             sandbox: &sandbox(),
             netns: None,
+            ipc: None,
+            shm: None,
             resolv_conf: None,
             hostname_file: None,
             image: &ImageConfig::default(),

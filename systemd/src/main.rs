@@ -44,6 +44,15 @@ enum Command {
     ShimLogger {
         /// The log file.
         path: std::path::PathBuf,
+        /// Read the container's stdout from this FIFO (instead of containerd's fd 3).
+        #[arg(long)]
+        stdout_fifo: Option<std::path::PathBuf>,
+        /// Read the container's stderr from this FIFO (with --stdout-fifo; none with a TTY).
+        #[arg(long, requires = "stdout_fifo")]
+        stderr_fifo: Option<std::path::PathBuf>,
+        /// Hold the container's stdin FIFO open until SIGUSR2 (with --stdout-fifo).
+        #[arg(long, requires = "stdout_fifo")]
+        stdin_fifo: Option<std::path::PathBuf>,
     },
     /// Run kube-proxy: program Services and EndpointSlices as iptables, nftables or IPVS rules.
     Proxy(proxy::ProxyArgs),
@@ -105,8 +114,21 @@ fn main() -> ExitCode {
         Command::Kubelet(args) => return run_async(kubelet::run(args)),
         Command::Shim(args) => return run_async(shim::run(args)),
         Command::Proxy(args) => return run_async(proxy::run(args)),
-        Command::ShimLogger { path } => {
-            return ExitCode::from(tug_runtime_shim::logger::run(&path));
+        Command::ShimLogger {
+            path,
+            stdout_fifo,
+            stderr_fifo,
+            stdin_fifo,
+        } => {
+            let inputs = match stdout_fifo {
+                Some(stdout) => tug_runtime_shim::logger::Inputs::Fifos {
+                    stdout,
+                    stderr: stderr_fifo,
+                    stdin: stdin_fifo,
+                },
+                None => tug_runtime_shim::logger::Inputs::Fds,
+            };
+            return ExitCode::from(tug_runtime_shim::logger::run(&path, inputs));
         }
         _ => {}
     }
@@ -179,8 +201,23 @@ mod tests {
             "/var/log/pods/a_b_c/app/0.log",
         ]);
         assert!(
-            matches!(cli.command, Command::ShimLogger { path } if path == Path::new("/var/log/pods/a_b_c/app/0.log"))
+            matches!(cli.command, Command::ShimLogger { path, stdout_fifo: None, stderr_fifo: None, stdin_fifo: None } if path == Path::new("/var/log/pods/a_b_c/app/0.log"))
         );
+        // tug shim's own form, for containers with stdin.
+        let cli = parse(&[
+            "tug",
+            "shim-logger",
+            "/l/0.log",
+            "--stdout-fifo",
+            "/io/stdout",
+            "--stderr-fifo",
+            "/io/stderr",
+        ]);
+        assert!(matches!(
+            cli.command,
+            Command::ShimLogger { stdout_fifo: Some(o), stderr_fifo: Some(e), .. }
+                if o == Path::new("/io/stdout") && e == Path::new("/io/stderr")
+        ));
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! the same run (same containerd, image, CNI plugin). Then the kubelet's footprint: RSS and CPU
 //! over 10 idle seconds with 0 and with 20 pods. Targets: p50 ≤ 0.5 s, p99 ≤ 1.5 s; ≤ 30 MiB
 //! RSS and ≤ 0.5 % of a core idle. Needs root, the substrate and the cluster tier:
-//! `scripts/substrate up && eval "$(scripts/substrate env)" && cargo build --release -p tug &&
-//! TUG_BINARY=$PWD/target/release/tug cargo bench -p tug-tests --bench kubelet`.
+//! `scripts/substrate up && eval "$(scripts/substrate env)" && env $(scripts/build-release) cargo
+//! bench -p tug-tests --bench kubelet`.
 
 #![allow(
     clippy::print_stdout,

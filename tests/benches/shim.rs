@@ -2,8 +2,7 @@
 //! tug shim and for containerd's built-in CRI plugin in the same run, on the same containerd,
 //! image and CNI plugin (tug-cni). Prints p50/p99 and the ratio (target: tug ≤ 1.0×).
 //! Needs root and the substrate: `scripts/substrate up && eval "$(scripts/substrate env)" &&
-//! cargo build --release -p tug && TUG_BINARY=$PWD/target/release/tug cargo bench -p tug-tests
-//! --bench shim`.
+//! env $(scripts/build-release) cargo bench -p tug-tests --bench shim`.
 
 #![allow(
     clippy::print_stdout,

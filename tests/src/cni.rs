@@ -27,6 +27,29 @@ pub fn tug_binary() -> PathBuf {
     binary
 }
 
+/// The `tug-cni` plugin binary built beside [`tug_binary`] (a small binary of its own, because a
+/// runtime execs it for every pod), or the one `TUG_CNI_BINARY` names.
+pub fn tug_cni_binary() -> PathBuf {
+    let binary = std::env::var_os("TUG_CNI_BINARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| tug_binary().with_file_name("tug-cni"));
+    assert!(
+        binary.is_file(),
+        "{} is missing: build it with `cargo build -p tug-cni` (scripts/test does)",
+        binary.display()
+    );
+    binary
+}
+
+/// Installs the tug-cni plugin as `dir/tug-cni`, the way an operator puts it in the CNI bin dir.
+pub fn install_plugin(dir: &Path) -> PathBuf {
+    let link = dir.join("tug-cni");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(tug_cni_binary(), &link)
+        .unwrap_or_else(|e| panic!("install tug-cni in {}: {e}", dir.display()));
+    link
+}
+
 /// The addresses tug-cni's IPAM holds in `dir` (one file per address), sorted; none when the
 /// directory does not exist.
 pub fn ipam_allocations(dir: &Path) -> Vec<String> {
@@ -70,8 +93,7 @@ impl TugCni {
     /// A plugin configured for `pod_cidr`.
     pub fn new(pod_cidr: &str) -> TugCni {
         let bin_dir = tempfile::tempdir().expect("bin dir");
-        std::os::unix::fs::symlink(tug_binary(), bin_dir.path().join("tug-cni"))
-            .expect("link tug-cni");
+        install_plugin(bin_dir.path());
         TugCni {
             bin_dir,
             data_dir: tempfile::tempdir().expect("data dir"),

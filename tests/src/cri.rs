@@ -70,10 +70,7 @@ impl Drop for InstalledCni {
 /// Installs tug-cni for the test containerd's CRI plugin.
 pub fn install_tug_cni(substrate: &crate::substrate::Substrate, pod_cidr: &str) -> InstalledCni {
     let ipam = tempfile::tempdir().expect("IPAM dir");
-    let link = substrate.cri_cni_bin_dir().join("tug-cni");
-    let _ = std::fs::remove_file(&link);
-    std::os::unix::fs::symlink(crate::cni::tug_binary(), &link)
-        .expect("install tug-cni in the runtime's CNI bin dir");
+    let link = crate::cni::install_plugin(&substrate.cri_cni_bin_dir());
     let conflist = substrate.cri_cni_conf_dir().join("10-tug.conflist");
     let conf = serde_json::json!({"cniVersion": "1.0.0", "name": "tug", "plugins": [{"type": "tug-cni", "podCIDRs": [pod_cidr], "mtu": 1450, "dataDir": ipam.path()}]});
     std::fs::write(

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::cni::tug_binary;
+use crate::cni::{install_plugin, tug_binary};
 use crate::containerd::ContainerdNs;
 use crate::cri::Cri;
 use crate::eventually::eventually;
@@ -32,7 +32,7 @@ impl TugShim {
         let ns = ContainerdNs::connect(label).await;
         let dir = || tempfile::tempdir().expect("temp dir");
         let (conf, bin, ipam, run) = (dir(), dir(), dir(), dir());
-        std::os::unix::fs::symlink(tug_binary(), bin.path().join("tug-cni")).expect("link tug-cni");
+        install_plugin(bin.path());
         let list = serde_json::json!({"cniVersion": "1.0.0", "name": "tug", "plugins": [{"type": "tug-cni", "podCIDRs": [pod_cidr], "dataDir": ipam.path()}]});
         std::fs::write(conf.path().join("10-tug.conflist"), list.to_string())
             .expect("write conflist");

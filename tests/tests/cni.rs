@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use serde_json::json;
-use tug_tests::cni::TugCni;
+use tug_tests::cni::{TugCni, tug_binary};
 use tug_tests::netns::{Netns, tcp_round_trip};
 use tug_tests::tier::{Tier, require};
 
@@ -122,6 +122,16 @@ fn del_is_idempotent_and_releases_everything() {
         assert!(del.success, "DEL #{attempt} succeeds: {}", del.json);
     }
     assert!(cni.allocations().is_empty(), "the address is released");
+    let leftovers: Vec<_> = std::fs::read_dir(cni.ipam_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().into_string().unwrap())
+        .filter(|n| n != "lock" && !n.starts_with("last_reserved_ip"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "IPAM state left behind: {leftovers:?}"
+    );
     let host_links = String::from_utf8_lossy(&node.ip(&["-o", "link"]).stdout).into_owned();
     assert!(
         !host_links.contains(result["interfaces"][0]["name"].as_str().unwrap()),
@@ -139,6 +149,29 @@ fn del_is_idempotent_and_releases_everything() {
         "DEL with the netns already gone succeeds: {}",
         del.json
     );
+}
+
+#[test]
+#[ignore = "netns tier (root): run as root via ./scripts/test, or cargo build -p tug && cargo test -p tug-tests --test cni -- --ignored"]
+fn the_tug_binary_run_as_tug_cni_is_the_same_plugin() {
+    require(Tier::Netns);
+    // Installed as a symlink to `tug` instead of the small `tug-cni` binary.
+    let cni = TugCni::new("10.244.13.0/24");
+    std::fs::remove_file(cni.plugin()).unwrap();
+    std::os::unix::fs::symlink(tug_binary(), cni.plugin()).unwrap();
+    let node = node("an", "192.168.206.1");
+    let pod = Netns::new("ap");
+    let (pod_ip, result) = cni.add(&node, "pod-argv0", &pod);
+    assert_eq!(cni.allocations(), [pod_ip]);
+    let del = cni.run(
+        &node,
+        "DEL",
+        "pod-argv0",
+        Some(&pod.path()),
+        &cni.conf(json!({"prevResult": result})),
+    );
+    assert!(del.success, "{}", del.json);
+    assert!(cni.allocations().is_empty());
 }
 
 #[test]

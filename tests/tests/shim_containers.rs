@@ -438,6 +438,59 @@ async fn exercise_containers(mut cri: Cri, substrate: &Substrate, strict: bool) 
     );
     assert_eq!(String::from_utf8_lossy(&output.stderr), "oops\n");
     streaming(&mut cri, &sandbox, &sleeper).await;
+    // The pod's containers share one IPC namespace and one /dev/shm (not the node's).
+    let peer = create(
+        &mut cri,
+        &sandbox,
+        &sandbox_config,
+        container(substrate, "peer", &["sleep", "3600"]),
+    )
+    .await;
+    start(&mut cri, &peer).await;
+    let ipc_of = |id: String| {
+        let mut cri = cri.clone();
+        async move {
+            let output = exec(&mut cri, &id, &["readlink", "/proc/self/ns/ipc"], 10)
+                .await
+                .expect("ExecSync readlink");
+            String::from_utf8_lossy(&output.stdout).trim().to_owned()
+        }
+    };
+    let (ipc_a, ipc_b) = (ipc_of(sleeper.clone()).await, ipc_of(peer.clone()).await);
+    assert!(ipc_a.starts_with("ipc:["), "{ipc_a:?}");
+    assert_eq!(ipc_a, ipc_b, "one IPC namespace per pod");
+    assert_ne!(
+        ipc_a,
+        std::fs::read_link("/proc/self/ns/ipc")
+            .unwrap()
+            .display()
+            .to_string(),
+        "not the node's"
+    );
+    let wrote = exec(
+        &mut cri,
+        &sleeper,
+        &["sh", "-c", "echo shared > /dev/shm/probe"],
+        10,
+    )
+    .await
+    .expect("ExecSync write to /dev/shm");
+    assert_eq!(wrote.exit_code, 0, "{wrote:?}");
+    let read = exec(&mut cri, &peer, &["cat", "/dev/shm/probe"], 10)
+        .await
+        .expect("ExecSync read /dev/shm");
+    assert_eq!(String::from_utf8_lossy(&read.stdout), "shared\n");
+    assert!(
+        !Path::new("/dev/shm/probe").exists(),
+        "the pod's /dev/shm is not the node's"
+    );
+    cri.runtime
+        .stop_container(StopContainerRequest {
+            container_id: peer.clone(),
+            timeout: 0,
+        })
+        .await
+        .expect("StopContainer");
     // Attach: the output of a running container, until it exits.
     let ticker = create(
         &mut cri,
@@ -480,6 +533,67 @@ async fn exercise_containers(mut cri: Cri, substrate: &Substrate, strict: bool) 
         text.contains("tick 1\n") && text.ends_with("tick 6\n"),
         "{text:?}"
     );
+    // Attach with stdin to a container created with stdin (`kubectl attach -i`): stdin_once
+    // closes its stdin when the session's stdin ends.
+    let mut config = container(
+        substrate,
+        "reader",
+        &[
+            "sh",
+            "-c",
+            "while read line; do echo \"got $line\"; done; echo bye",
+        ],
+    );
+    config.stdin = true;
+    config.stdin_once = true;
+    let reader = create(&mut cri, &sandbox, &sandbox_config, config).await;
+    start(&mut cri, &reader).await;
+    let target = cri
+        .runtime
+        .attach(AttachRequest {
+            container_id: reader.clone(),
+            stdin: true,
+            tty: false,
+            stdout: true,
+            stderr: true,
+        })
+        .await
+        .expect("Attach with stdin")
+        .into_inner()
+        .url;
+    let attached = tokio::time::timeout(
+        Duration::from_secs(30),
+        tug_tests::streaming::exec(&target, Some(b"hello\nworld\n"), false),
+    )
+    .await
+    .expect("the attach session ends when the container exits")
+    .expect("attach with stdin over SPDY");
+    assert_eq!(
+        String::from_utf8_lossy(&attached.stdout),
+        "got hello\ngot world\nbye\n"
+    );
+    assert_eq!(
+        exited(&cri, &reader, Duration::from_secs(10))
+            .await
+            .exit_code,
+        0,
+        "the end of stdin ended the container"
+    );
+    if strict {
+        // (containerd's CRI hands out a URL and fails the session instead.)
+        let refused = cri
+            .runtime
+            .attach(AttachRequest {
+                container_id: sleeper.clone(),
+                stdin: true,
+                tty: false,
+                stdout: true,
+                stderr: true,
+            })
+            .await
+            .expect_err("stdin of a container created without it");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    }
     let began = Instant::now();
     let timed_out = exec(&mut cri, &sleeper, &["sleep", "30"], 1).await;
     assert!(
@@ -664,7 +778,12 @@ async fn exercise_containers(mut cri: Cri, substrate: &Substrate, strict: bool) 
         "earlier containers are untouched"
     );
 
-    remove_all(&mut cri, &sandbox, &[&exiter, &sleeper, &hog, &ticker]).await;
+    remove_all(
+        &mut cri,
+        &sandbox,
+        &[&exiter, &sleeper, &hog, &ticker, &peer, &reader],
+    )
+    .await;
     let gone = cri
         .runtime
         .container_status(ContainerStatusRequest {
@@ -779,8 +898,17 @@ async fn a_sigkilled_shim_restarts_with_every_sandbox_and_container() {
         ),
     )
     .await;
+    let mut listener_config = container(
+        &substrate,
+        "listener",
+        &["sh", "-c", "while read line; do echo \"heard $line\"; done"],
+    );
+    listener_config.stdin = true;
+    listener_config.stdin_once = true;
+    let listener = create(&mut cri, &sandbox, &config, listener_config).await;
     start(&mut cri, &long).await;
     start(&mut cri, &short).await;
+    start(&mut cri, &listener).await;
 
     shim.kill9();
     // The short container exits while nobody watches.
@@ -820,5 +948,32 @@ async fn a_sigkilled_shim_restarts_with_every_sandbox_and_container() {
         log.contains("stdout F after"),
         "logs kept flowing while the shim was down: {log}"
     );
-    remove_all(&mut cri, &sandbox, &[&long, &short]).await;
+    // A container's stdin stays open through the outage and can be attached to afterwards.
+    assert_eq!(
+        status(&mut cri, &listener).await.state,
+        ContainerState::ContainerRunning as i32,
+        "the shim's restart did not end the container's stdin"
+    );
+    let target = cri
+        .runtime
+        .attach(AttachRequest {
+            container_id: listener.clone(),
+            stdin: true,
+            tty: false,
+            stdout: true,
+            stderr: true,
+        })
+        .await
+        .expect("Attach after restart")
+        .into_inner()
+        .url;
+    let attached = tokio::time::timeout(
+        Duration::from_secs(30),
+        tug_tests::streaming::exec(&target, Some(b"ping\n"), false),
+    )
+    .await
+    .expect("the attach session ends when the container exits")
+    .expect("attach over SPDY");
+    assert_eq!(String::from_utf8_lossy(&attached.stdout), "heard ping\n");
+    remove_all(&mut cri, &sandbox, &[&long, &short, &listener]).await;
 }

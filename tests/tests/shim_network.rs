@@ -7,9 +7,9 @@ use std::path::Path;
 use std::process::Command;
 
 use serde_json::json;
-use tug_runtime_shim::netns;
+use tug_runtime_shim::namespaces;
 use tug_runtime_shim::network::{Attachment, Cni, result_ips};
-use tug_tests::cni::tug_binary;
+use tug_tests::cni::install_plugin;
 use tug_tests::netns::Netns;
 use tug_tests::tier::{Tier, require};
 
@@ -63,7 +63,7 @@ fn pinned_sandbox_netns_attached_with_tug_cni_and_detached() {
         tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),
     );
-    std::os::unix::fs::symlink(tug_binary(), bin.path().join("tug-cni")).unwrap();
+    install_plugin(bin.path());
     let list = json!({"cniVersion": "1.0.0", "name": "tug", "plugins": [{"type": "tug-cni", "podCIDRs": ["10.244.20.0/24"], "dataDir": state.path()}]});
     std::fs::write(conf.path().join("10-tug.conflist"), list.to_string()).unwrap();
     let cni = Cni {
@@ -71,7 +71,7 @@ fn pinned_sandbox_netns_attached_with_tug_cni_and_detached() {
         bin_dirs: vec![bin.path().to_owned()],
     };
 
-    let sandbox = netns::create(pins.path(), "sandbox-a").expect("pin a new netns");
+    let sandbox = namespaces::create(pins.path(), "sandbox-a").expect("pin a new netns");
     assert!(
         in_netns(&sandbox, &["ip", "-o", "link"]).contains("lo:"),
         "a pinned, empty namespace"
@@ -95,9 +95,9 @@ fn pinned_sandbox_netns_attached_with_tug_cni_and_detached() {
         !in_netns(&sandbox, &["ip", "-o", "link"]).contains("eth0"),
         "DEL removed the interface"
     );
-    netns::remove(&sandbox).expect("unpin");
+    namespaces::remove(&sandbox).expect("unpin");
     assert!(!sandbox.exists());
-    netns::remove(&sandbox).expect("removing again is fine");
+    namespaces::remove(&sandbox).expect("removing again is fine");
 }
 
 #[test]
@@ -125,7 +125,7 @@ fn reference_plugin_chain_with_portmap_gets_the_port_mapping_capability() {
         bin_dirs: vec![reference.to_owned()],
     };
     let network = cni.load().unwrap();
-    let sandbox = netns::create(pins.path(), "sandbox-ref").unwrap();
+    let sandbox = namespaces::create(pins.path(), "sandbox-ref").unwrap();
     let ports = BTreeMap::from([(
         "portMappings".to_owned(),
         json!([{"hostPort": 30181, "containerPort": 8080, "protocol": "tcp"}]),
@@ -154,5 +154,5 @@ fn reference_plugin_chain_with_portmap_gets_the_port_mapping_capability() {
         !nat.contains("30181"),
         "portmap removed the hostPort: {nat}"
     );
-    netns::remove(&sandbox).unwrap();
+    namespaces::remove(&sandbox).unwrap();
 }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::AsyncReadExt;
 
 use containerd_client::events::{TaskExit, TaskOom};
 use containerd_client::services::v1::container::Runtime as CdRuntime;
@@ -33,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tonic::Status;
 
+use super::exec::{ExecIo, make_fifo, release};
 use super::records::{self, ignore_not_found};
 use super::runtime::{Runtime, now_nanos};
 use crate::image::pull::SNAPSHOTTER;
@@ -88,6 +90,14 @@ pub(super) struct Container {
 }
 
 impl Container {
+    /// Where its log writer writes: its CRI log, or nowhere when it has none.
+    fn log_target(&self) -> PathBuf {
+        self.state
+            .log_path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/dev/null"))
+    }
+
     pub(super) fn name(&self) -> String {
         self.config
             .metadata
@@ -109,6 +119,13 @@ use k8s_cri::v1::ContainerState as ContainerState_;
 
 fn containerd_error(what: String) -> impl FnOnce(Status) -> Status {
     move |status| Status::new(status.code(), format!("{what}: {}", status.message()))
+}
+
+/// A container task's stdio: FIFO paths or `binary://` URIs, and the output FIFOs a logger
+/// waits on (released if the task is never created).
+struct TaskIo {
+    stdio: ExecIo,
+    fifos: Vec<PathBuf>,
 }
 
 /// `binary://` stdio for containerd's runc shim: it runs `<logger> shim-logger <path>`.
@@ -511,6 +528,8 @@ impl Runtime {
             config: &config,
             sandbox: &sandbox.config,
             netns: sandbox.state.netns.as_deref(),
+            ipc: sandbox.state.ipc.as_deref(),
+            shm: sandbox.state.shm.as_deref(),
             resolv_conf: resolv.exists().then_some(resolv.as_path()),
             hostname_file: hostname.exists().then_some(hostname.as_path()),
             image: &image.config,
@@ -624,6 +643,126 @@ impl Runtime {
         }
     }
 
+    /// The FIFOs of a container with `stdin: true`.
+    fn io_dir(&self, id: &str) -> PathBuf {
+        self.inner.state_dir.join("io").join(id)
+    }
+
+    /// The FIFO a container with `stdin: true` reads its stdin from.
+    pub(super) fn stdin_path(&self, id: &str) -> PathBuf {
+        self.io_dir(id).join("stdin")
+    }
+
+    /// Plain FIFO stdio for a container with stdin, which containerd's binary stdio cannot give.
+    /// The runc shim writes the output FIFOs and reads the stdin FIFO; a `tug shim-logger`
+    /// started here, in a process group of its own, turns the output into the CRI log and holds
+    /// the stdin FIFO open, so the container's stdin outlives tug shim's restarts.
+    async fn fifo_io(&self, container: &Container) -> Result<TaskIo, Status> {
+        let dir = self.io_dir(&container.id);
+        let failed = |what: &str, e: std::io::Error| {
+            Status::internal(format!(
+                "{what} for container {} ({}) in {}: {e}",
+                container.id,
+                container.name(),
+                dir.display()
+            ))
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| failed("create the FIFO directory", e))?;
+        let make = |name: &str| -> Result<PathBuf, Status> {
+            let path = dir.join(name);
+            make_fifo(&path).map_err(|e| failed(&format!("create the {name} FIFO"), e))?;
+            Ok(path)
+        };
+        let stdin = make("stdin")?;
+        let stdout = make("stdout")?;
+        let stderr = (!container.config.tty)
+            .then(|| make("stderr"))
+            .transpose()?;
+        let log_path = container.log_target();
+        let mut logger = tokio::process::Command::new(&self.inner.logger);
+        logger
+            .arg("shim-logger")
+            .arg(&log_path)
+            .arg("--stdout-fifo")
+            .arg(&stdout)
+            .arg("--stdin-fifo")
+            .arg(&stdin)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .process_group(0);
+        if let Some(stderr) = &stderr {
+            logger.arg("--stderr-fifo").arg(stderr);
+        }
+        let start = format!("start {} shim-logger", self.inner.logger.display());
+        let mut child = logger.spawn().map_err(|e| failed(&start, e))?;
+        let not_ready = || {
+            failed(
+                &start,
+                std::io::Error::other("it exited before it was ready"),
+            )
+        };
+        // It closes its stdout once it holds the stdin FIFO.
+        let mut ready = child.stdout.take().ok_or_else(not_ready)?;
+        let mut rest = Vec::new();
+        let waited =
+            tokio::time::timeout(Duration::from_secs(10), ready.read_to_end(&mut rest)).await;
+        // Reaped here while tug shim runs; after a restart it belongs to init.
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        let path = |p: &Path| p.display().to_string();
+        let io = TaskIo {
+            stdio: ExecIo {
+                stdin: path(&stdin),
+                stdout: path(&stdout),
+                stderr: stderr.as_deref().map(path).unwrap_or_default(),
+                terminal: container.config.tty,
+            },
+            fifos: [Some(stdout), stderr].into_iter().flatten().collect(),
+        };
+        if !matches!(waited, Ok(Ok(_))) {
+            for fifo in &io.fifos {
+                release(fifo);
+            }
+            return Err(not_ready());
+        }
+        Ok(io)
+    }
+
+    /// Sends `signal` to the log writer of the container whose log is `log_path`; whether one
+    /// was found.
+    fn signal_logger(log_path: &Path, signal: nix::sys::signal::Signal) -> Result<bool, Status> {
+        let wanted = format!("shim-logger\0{}\0", log_path.display());
+        let mut signalled = false;
+        for entry in std::fs::read_dir("/proc")
+            .map_err(|e| Status::internal(format!("read /proc: {e}")))?
+            .flatten()
+        {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            if String::from_utf8_lossy(&cmdline).contains(&wanted) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+                signalled = true;
+            }
+        }
+        Ok(signalled)
+    }
+
+    /// Ends the stdin of a container created with stdin (its `stdinOnce` session ended): the
+    /// log writer lets go of the FIFO; so does the runc shim, told through CloseIO.
+    pub(super) async fn end_stdin(&self, id: &str) {
+        if let Ok(Some(container)) = self.load_container(id).await {
+            let log_path = container.log_target();
+            let _ = Self::signal_logger(&log_path, nix::sys::signal::Signal::SIGUSR2);
+        }
+    }
+
     async fn create_and_start_task(&self, container: &Container) -> Result<(), Status> {
         let mut snapshots = SnapshotsClient::new(self.inner.containerd.channel());
         let rootfs = snapshots
@@ -641,16 +780,31 @@ impl Runtime {
             )))?
             .into_inner()
             .mounts;
-        let (stdout, stderr) = match &container.state.log_path {
-            Some(path) => {
-                let uri = logger_uri(&self.inner.logger, path);
-                if container.config.tty {
-                    (uri, String::new())
-                } else {
-                    (uri.clone(), uri)
+        tracing::debug!(container = %container.id, stdin = container.config.stdin, "task stdio");
+        let io = if container.config.stdin {
+            self.fifo_io(container).await?
+        } else {
+            // containerd's binary stdio: the runc shim runs `tug shim-logger` itself.
+            let (stdout, stderr) = match &container.state.log_path {
+                Some(path) => {
+                    let uri = logger_uri(&self.inner.logger, path);
+                    if container.config.tty {
+                        (uri, String::new())
+                    } else {
+                        (uri.clone(), uri)
+                    }
                 }
+                None => (String::new(), String::new()),
+            };
+            TaskIo {
+                stdio: ExecIo {
+                    stdin: String::new(),
+                    stdout,
+                    stderr,
+                    terminal: container.config.tty,
+                },
+                fifos: Vec::new(),
             }
-            None => (String::new(), String::new()),
         };
         let mut tasks = TasksClient::new(self.inner.containerd.channel());
         tasks
@@ -658,19 +812,26 @@ impl Runtime {
                 CreateTaskRequest {
                     container_id: container.id.clone(),
                     rootfs,
-                    stdout,
-                    stderr,
-                    terminal: container.config.tty,
+                    stdin: io.stdio.stdin,
+                    stdout: io.stdio.stdout,
+                    stderr: io.stdio.stderr,
+                    terminal: io.stdio.terminal,
                     ..Default::default()
                 },
                 None,
             ))
             .await
-            .map_err(containerd_error(format!(
-                "create the task of container {} ({})",
-                container.id,
-                container.name()
-            )))?;
+            .map_err(|status| {
+                // A logger waiting for output FIFOs nobody will write: let it go.
+                for fifo in &io.fifos {
+                    release(fifo);
+                }
+                containerd_error(format!(
+                    "create the task of container {} ({})",
+                    container.id,
+                    container.name()
+                ))(status)
+            })?;
         tasks
             .start(self.inner.containerd.request(
                 StartRequest {
@@ -854,6 +1015,7 @@ impl Runtime {
             "remove the rootfs of container {}",
             container.id
         )))?;
+        let _ = std::fs::remove_dir_all(self.io_dir(&container.id));
         self.inner
             .locks
             .lock()
@@ -971,26 +1133,7 @@ impl Runtime {
         let Some(log_path) = &container.state.log_path else {
             return Ok(());
         };
-        let wanted = format!("shim-logger\0{}\0", log_path.display());
-        let mut signalled = false;
-        for entry in std::fs::read_dir("/proc")
-            .map_err(|e| Status::internal(format!("read /proc: {e}")))?
-            .flatten()
-        {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-                continue;
-            };
-            if String::from_utf8_lossy(&cmdline).ends_with(&wanted) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGUSR1,
-                );
-                signalled = true;
-            }
-        }
+        let signalled = Self::signal_logger(log_path, nix::sys::signal::Signal::SIGUSR1)?;
         if signalled {
             Ok(())
         } else {

@@ -42,6 +42,12 @@ fn drain(path: PathBuf) -> Vec<u8> {
     kept
 }
 
+/// Creates a FIFO at `path` that only tug (root) can open.
+pub(super) fn make_fifo(path: &Path) -> std::io::Result<()> {
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+        .map_err(std::io::Error::from)
+}
+
 /// Unblocks a reader still waiting in `open` for a writer that will never come.
 pub(super) fn release(path: &Path) {
     let _ = std::fs::OpenOptions::new()
@@ -74,8 +80,7 @@ impl Runtime {
         };
         std::fs::create_dir_all(&dir).map_err(|e| io("create exec directory", &e))?;
         for fifo in [&stdout, &stderr] {
-            nix::unistd::mkfifo(fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
-                .map_err(|e| io("create FIFO in", &e))?;
+            make_fifo(fifo).map_err(|e| io("create FIFO in", &e))?;
         }
         let readers = (
             tokio::task::spawn_blocking({
@@ -276,7 +281,8 @@ impl Runtime {
     }
 }
 
-/// The stdio of an exec: FIFO paths (empty when absent) and whether it gets a terminal.
+/// The stdio of a process (an exec, or a container's task): FIFO paths or URIs (empty when
+/// absent) and whether it gets a terminal.
 #[derive(Debug, Default)]
 pub(super) struct ExecIo {
     pub(super) stdin: String,

@@ -22,7 +22,7 @@ use super::containers::{EventStream, cri_status};
 use super::images::Images;
 use super::records;
 use crate::image::pull::Containerd;
-use crate::netns;
+use crate::namespaces;
 use crate::network::{Attachment, Cni, NetworkError, result_ips};
 use crate::spec::SPEC_TYPE_URL;
 
@@ -76,6 +76,12 @@ pub(super) struct SandboxState {
     pub(super) ready: bool,
     created_at: i64,
     pub(super) netns: Option<PathBuf>,
+    /// The pod's pinned IPC namespace, unless it uses the node's.
+    #[serde(default)]
+    pub(super) ipc: Option<PathBuf>,
+    /// The pod's shared `/dev/shm` (a tmpfs), unless it uses the node's.
+    #[serde(default)]
+    pub(super) shm: Option<PathBuf>,
     cni_result: Option<serde_json::Value>,
     ips: Vec<String>,
 }
@@ -97,13 +103,24 @@ fn network_status(error: &NetworkError) -> Status {
     }
 }
 
-fn host_network(config: &PodSandboxConfig) -> bool {
+/// The size of a pod's `/dev/shm`, as containerd's CRI makes it (64 MiB).
+const SHM_SIZE_KIB: u64 = 64 * 1024;
+
+fn namespace_options(config: &PodSandboxConfig) -> Option<&NamespaceOption> {
     config
         .linux
         .as_ref()
         .and_then(|l| l.security_context.as_ref())
         .and_then(|s| s.namespace_options.as_ref())
-        .is_some_and(|o| o.network == NamespaceMode::Node as i32)
+}
+
+/// Whether the pod uses the node's IPC namespace (`hostIPC`).
+fn host_ipc(config: &PodSandboxConfig) -> bool {
+    namespace_options(config).is_some_and(|n| n.ipc == NamespaceMode::Node as i32)
+}
+
+fn host_network(config: &PodSandboxConfig) -> bool {
+    namespace_options(config).is_some_and(|n| n.network == NamespaceMode::Node as i32)
 }
 
 pub(super) fn now_nanos() -> i64 {
@@ -187,6 +204,33 @@ impl Runtime {
         };
         std::fs::write(dir.join("hostname"), format!("{hostname}\n"))
             .map_err(|e| io("write hostname in", e))?;
+        Ok(())
+    }
+
+    /// Gives the pod an IPC namespace and a `/dev/shm` of its own for its containers to share,
+    /// unless it uses the node's IPC namespace (then containers get the node's `/dev/shm`).
+    fn share_ipc(&self, sandbox: &mut Sandbox) -> Result<(), Status> {
+        if host_ipc(&sandbox.config) {
+            return Ok(());
+        }
+        let dir = self.sandbox_dir(&sandbox.id);
+        let ipc =
+            namespaces::create_ipc(&dir, "ipc").map_err(|e| Status::internal(e.to_string()))?;
+        sandbox.state.ipc = Some(ipc);
+        let shm = dir.join("shm");
+        namespaces::mount_shm(&shm, SHM_SIZE_KIB).map_err(|e| Status::internal(e.to_string()))?;
+        sandbox.state.shm = Some(shm);
+        Ok(())
+    }
+
+    /// Undoes [`Self::share_ipc`]. Already gone is fine.
+    fn release_ipc(&self, sandbox: &Sandbox) -> Result<(), Status> {
+        if let Some(shm) = &sandbox.state.shm {
+            namespaces::unmount_shm(shm).map_err(|e| Status::internal(e.to_string()))?;
+        }
+        if let Some(ipc) = &sandbox.state.ipc {
+            namespaces::remove(ipc).map_err(|e| Status::internal(e.to_string()))?;
+        }
         Ok(())
     }
 
@@ -425,13 +469,15 @@ impl RuntimeService for Runtime {
                 ready: true,
                 created_at: now_nanos(),
                 netns: None,
+                ipc: None,
+                shm: None,
                 cni_result: None,
                 ips: Vec::new(),
             },
         };
         if !host_network(&sandbox.config) {
             let list = self.inner.cni.load().map_err(|e| network_status(&e))?;
-            let netns = netns::create(&self.inner.netns_dir, &format!("tug-{}", &id[..16]))
+            let netns = namespaces::create(&self.inner.netns_dir, &format!("tug-{}", &id[..16]))
                 .map_err(|e| Status::internal(e.to_string()))?;
             match self
                 .inner
@@ -445,20 +491,24 @@ impl RuntimeService for Runtime {
                     sandbox.state.netns = Some(netns);
                 }
                 Err(error) => {
-                    let _ = netns::remove(&netns);
+                    let _ = namespaces::remove(&netns);
                     return Err(network_status(&error));
                 }
             }
         }
-        let created = match self.write_sandbox_files(&sandbox) {
+        let created = match self
+            .write_sandbox_files(&sandbox)
+            .and_then(|()| self.share_ipc(&mut sandbox))
+        {
             Ok(()) => records::create(&self.inner.containerd, self.record(&sandbox)).await,
             Err(status) => Err(status),
         };
         if let Err(status) = created {
+            let _ = self.release_ipc(&sandbox);
             let _ = std::fs::remove_dir_all(self.sandbox_dir(&id));
             let _ = self.release_network(&mut sandbox).await;
             if let Some(netns) = &sandbox.state.netns {
-                let _ = netns::remove(netns);
+                let _ = namespaces::remove(netns);
             }
             return Err(status);
         }
@@ -498,6 +548,7 @@ impl RuntimeService for Runtime {
             self.remove(&container).await?;
         }
         self.release_network(&mut sandbox).await?;
+        self.release_ipc(&sandbox)?;
         match std::fs::remove_dir_all(self.sandbox_dir(&id)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -509,7 +560,7 @@ impl RuntimeService for Runtime {
             }
         }
         if let Some(netns) = &sandbox.state.netns {
-            netns::remove(netns).map_err(|e| Status::internal(e.to_string()))?;
+            namespaces::remove(netns).map_err(|e| Status::internal(e.to_string()))?;
         }
         records::delete(&self.inner.containerd, &id).await?;
         Ok(Response::new(RemovePodSandboxResponse {}))
@@ -525,12 +576,7 @@ impl RuntimeService for Runtime {
             ip: ips.next().cloned().unwrap_or_default(),
             additional_ips: ips.map(|ip| PodIp { ip: ip.clone() }).collect(),
         };
-        let options = sandbox
-            .config
-            .linux
-            .as_ref()
-            .and_then(|l| l.security_context.as_ref())
-            .and_then(|s| s.namespace_options.clone());
+        let options = namespace_options(&sandbox.config).cloned();
         let base = cri_sandbox(&sandbox);
         let status = PodSandboxStatus {
             id: base.id,

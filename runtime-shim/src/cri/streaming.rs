@@ -5,9 +5,10 @@
 //!
 //! Exec runs the command through containerd with FIFOs (a terminal when asked), copies stdin,
 //! stdout and stderr, applies resizes to the terminal and ends with a v4 `Status` carrying the
-//! exit code. Attach follows the container's output from its CRI log (stdin cannot be attached:
-//! the container's stdio belongs to its log writer). Port-forward connects to the port inside the
-//! pod's network namespace, once per stream pair.
+//! exit code. Attach follows the container's output from its CRI log (the runc shim writes it
+//! through `tug shim-logger`), and writes the client's stdin into the container's stdin FIFO when
+//! the container was created with stdin. Port-forward connects to the port inside the pod's
+//! network namespace, once per stream pair.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -26,7 +27,7 @@ use tug_streaming::upgrade::{self, choose, read_request, refuse, switch};
 use tug_streaming::{portforward, remotecommand};
 
 use super::containers::Phase;
-use super::exec::{ExecIo, release};
+use super::exec::{ExecIo, make_fifo, release};
 use super::runtime::Runtime;
 
 /// How long a URL stays usable.
@@ -41,6 +42,10 @@ pub(super) enum Pending {
     Attach {
         request: AttachRequest,
         log_path: PathBuf,
+        /// The container's stdin FIFO, when the client sends stdin.
+        stdin: Option<PathBuf>,
+        /// Whether the first attach session's end closes the container's stdin.
+        stdin_once: bool,
     },
     PortForward {
         sandbox: String,
@@ -118,16 +123,27 @@ impl Runtime {
         Ok(self.inner.streaming.register(Pending::Exec(request)))
     }
 
-    /// CRI Attach: output only (see the module documentation).
+    /// CRI Attach: checks the container runs (and, for stdin, that it was created with stdin)
+    /// and returns the URL of the session.
     pub(super) async fn attach_url(&self, request: AttachRequest) -> Result<String, Status> {
-        if request.stdin {
+        let container = self.require_container(&request.container_id).await?;
+        if request.stdin && !container.config.stdin {
             return Err(Status::invalid_argument(format!(
-                "attaching stdin to container {} is not supported by tug shim: its stdio belongs \
-                 to the log writer; attach without stdin, or exec a shell",
-                request.container_id
+                "container {} ({}) was created without stdin, so there is none to attach to \
+                 (set stdin: true in its spec)",
+                container.id,
+                container.name()
             )));
         }
-        let container = self.require_container(&request.container_id).await?;
+        if request.tty != container.config.tty {
+            return Err(Status::invalid_argument(format!(
+                "attach asks for tty={} but container {} ({}) has tty={}",
+                request.tty,
+                container.id,
+                container.name(),
+                container.config.tty
+            )));
+        }
         if container.state.phase != Phase::Running {
             return Err(Status::failed_precondition(format!(
                 "container {} is not running",
@@ -140,10 +156,13 @@ impl Runtime {
                 container.id
             )));
         };
-        Ok(self
-            .inner
-            .streaming
-            .register(Pending::Attach { request, log_path }))
+        let stdin = request.stdin.then(|| self.stdin_path(&container.id));
+        Ok(self.inner.streaming.register(Pending::Attach {
+            request,
+            log_path,
+            stdin,
+            stdin_once: container.config.stdin_once,
+        }))
     }
 
     /// CRI PortForward: checks the sandbox is ready and returns the URL of the session.
@@ -233,8 +252,14 @@ impl Runtime {
         let session = Session::new(io, Role::Server);
         match pending {
             Pending::Exec(exec) => self.serve_exec(&session, exec).await,
-            Pending::Attach { request, log_path } => {
-                self.serve_attach(&session, request, log_path).await
+            Pending::Attach {
+                request,
+                log_path,
+                stdin,
+                stdin_once,
+            } => {
+                self.serve_attach(&session, request, log_path, stdin, stdin_once)
+                    .await
             }
             Pending::PortForward { sandbox, netns } => {
                 serve_port_forward(&session, &sandbox, netns).await
@@ -275,8 +300,7 @@ impl Runtime {
                 return Ok(None);
             }
             let path = dir.join(name);
-            nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600))
-                .map_err(|e| format!("create FIFO {}: {e}", path.display()))?;
+            make_fifo(&path).map_err(|e| format!("create FIFO {}: {e}", path.display()))?;
             Ok(Some(path))
         };
         let stdin = fifo("stdin", streams.stdin.is_some())?;
@@ -295,25 +319,14 @@ impl Runtime {
         .collect();
         // The stdin writer opens before the exec: the runc shim opens its end while creating
         // the process and waits for a writer.
-        // At the end of the client's stdin the runc shim is told to close the process's stdin
-        // (it holds a writer of the FIFO itself, so closing ours is not an end of file).
+        // At the end of the client's stdin the runc shim is told to close the process's stdin.
         let input = match (stdin.clone(), streams.stdin.take()) {
             (Some(path), Some(stream)) => {
                 let runtime = self.clone();
                 let (container_id, exec_id) = (container.id.clone(), exec_id.clone());
                 Some(tokio::spawn(async move {
                     pump_in(path, stream).await;
-                    let mut tasks = TasksClient::new(runtime.inner.containerd.channel());
-                    let _ = tasks
-                        .close_io(runtime.inner.containerd.request(
-                            CloseIoRequest {
-                                container_id,
-                                exec_id,
-                                stdin: true,
-                            },
-                            None,
-                        ))
-                        .await;
+                    runtime.close_stdin(container_id, exec_id).await;
                 }))
             }
             _ => None,
@@ -567,18 +580,28 @@ async fn resize(runtime: Runtime, container: String, exec_id: String, mut stream
 
 impl Runtime {
     /// Attach: the container's output from now on, read from its CRI log, until the container
-    /// exits or the client goes.
-    async fn serve_attach(&self, session: &Session, request: AttachRequest, log_path: PathBuf) {
+    /// exits or the client goes; the client's stdin into the container's stdin FIFO (closing
+    /// the container's stdin at its end when the container is `stdin_once`); terminal resizes
+    /// to the container's terminal.
+    async fn serve_attach(
+        &self,
+        session: &Session,
+        request: AttachRequest,
+        log_path: PathBuf,
+        stdin: Option<PathBuf>,
+        stdin_once: bool,
+    ) {
         let wants = Wants {
-            stdin: false,
+            stdin: stdin.is_some(),
             stdout: request.stdout,
             stderr: request.stderr && !request.tty,
-            tty: false,
+            tty: request.tty,
         };
-        let Some(streams) = Streams::accept(session, &wants).await else {
+        let Some(mut streams) = Streams::accept(session, &wants).await else {
             return;
         };
-        let mut file = match tokio::fs::File::open(&log_path).await {
+        // Output from now on: the log's end is found before any input can cause output.
+        let mut log = match tokio::fs::File::open(&log_path).await {
             Ok(file) => file,
             Err(error) => {
                 streams.finish(&remotecommand::error_status(&format!(
@@ -588,7 +611,60 @@ impl Runtime {
                 return;
             }
         };
-        let _ = file.seek_end().await;
+        let _ = log.seek_end().await;
+        let input = match (stdin, streams.stdin.take()) {
+            (Some(path), Some(stream)) => {
+                let runtime = self.clone();
+                let container_id = request.container_id.clone();
+                Some(tokio::spawn(async move {
+                    pump_in(path, stream).await;
+                    if stdin_once {
+                        runtime.end_stdin(&container_id).await;
+                        runtime.close_stdin(container_id, String::new()).await;
+                    }
+                }))
+            }
+            _ => None,
+        };
+        let resizer = streams.resize.take().map(|stream| {
+            tokio::spawn(resize(
+                self.clone(),
+                request.container_id.clone(),
+                String::new(),
+                stream,
+            ))
+        });
+        self.follow_log(session, &request, log, &streams).await;
+        for task in [input, resizer].into_iter().flatten() {
+            task.abort();
+        }
+    }
+
+    /// Tells containerd's runc shim to close the stdin of a container (empty `exec_id`) or an
+    /// exec: it holds a writer of the FIFO itself, so closing ours is no end of file.
+    async fn close_stdin(&self, container_id: String, exec_id: String) {
+        let mut tasks = TasksClient::new(self.inner.containerd.channel());
+        let _ = tasks
+            .close_io(self.inner.containerd.request(
+                CloseIoRequest {
+                    container_id,
+                    exec_id,
+                    stdin: true,
+                },
+                None,
+            ))
+            .await;
+    }
+
+    /// Sends the container's output recorded in its CRI log past where `file` stands to the
+    /// session's streams, until the container stops running or the client goes.
+    async fn follow_log(
+        &self,
+        session: &Session,
+        request: &AttachRequest,
+        mut file: tokio::fs::File,
+        streams: &Streams,
+    ) {
         let mut pending = Vec::new();
         let mut buffer = vec![0u8; 32 * 1024];
         let mut quiet = Instant::now();
