@@ -5,7 +5,7 @@
 //! pull from OCI registries, logs and streaming. See `DESIGN.md` §3 (pod start) and §4 (CRI facts).
 //!
 //! Parts: image pull ([`image`]), the CRI services ([`cri`]), OCI specs ([`spec`]), pinned pod
-//! namespaces and shm ([`namespaces`]), CNI invocation ([`network`]), the container log writer
+//! namespaces and shm ([`namespaces`]), the init of a shared PID namespace ([`pod_init`]), CNI invocation ([`network`]), the container log writer
 //! ([`logger`]), the server ([`server`]), and the streaming server behind Exec, Attach and
 //! PortForward (in [`cri`]).
 
@@ -14,5 +14,6 @@ pub mod image;
 pub mod logger;
 pub mod namespaces;
 pub mod network;
+pub mod pod_init;
 pub mod server;
 pub mod spec;

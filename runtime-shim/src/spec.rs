@@ -136,6 +136,9 @@ pub struct SpecInput<'a> {
     pub ipc: Option<&'a Path>,
     /// See `ipc`.
     pub shm: Option<&'a Path>,
+    /// The PID namespace to join for PID mode POD (the pod's shared one) or TARGET (the target
+    /// container's); `None` for the other modes.
+    pub pid: Option<&'a Path>,
     /// The sandbox's `resolv.conf` and `hostname` files, when it has them.
     pub resolv_conf: Option<&'a Path>,
     /// See `resolv_conf`.
@@ -146,6 +149,26 @@ pub struct SpecInput<'a> {
     pub user: ProcessUser,
     /// The cgroup path (cgroupfs style).
     pub cgroups_path: &'a str,
+}
+
+/// The namespace modes of a container: its own security context's, else its sandbox's.
+pub fn namespace_options(
+    config: &ContainerConfig,
+    sandbox: &PodSandboxConfig,
+) -> k8s_cri::v1::NamespaceOption {
+    let own = config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.clone());
+    own.or_else(|| {
+        sandbox
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .and_then(|s| s.namespace_options.clone())
+    })
+    .unwrap_or_default()
 }
 
 /// The user a process runs as.
@@ -628,10 +651,7 @@ pub fn build(input: &SpecInput<'_>) -> Result<Value, SpecError> {
             "no command: the image has no entrypoint or cmd and the config gives none".into(),
         ));
     }
-    let options = security
-        .and_then(|s| s.namespace_options.clone())
-        .or_else(|| sandbox_security.and_then(|s| s.namespace_options.clone()))
-        .unwrap_or_default();
+    let options = namespace_options(config, input.sandbox);
     let host_network = options.network == NamespaceMode::Node as i32;
     let hostname = if host_network {
         nix::unistd::gethostname()
@@ -740,8 +760,18 @@ pub fn build(input: &SpecInput<'_>) -> Result<Value, SpecError> {
     }
 
     let mut namespaces = vec![json!({"type": "mount"})];
-    if options.pid != NamespaceMode::Node as i32 {
-        namespaces.push(json!({"type": "pid"}));
+    match NamespaceMode::try_from(options.pid) {
+        Ok(NamespaceMode::Node) => {}
+        Ok(mode @ (NamespaceMode::Pod | NamespaceMode::Target)) => match input.pid {
+            Some(path) => namespaces.push(json!({"type": "pid", "path": path})),
+            None => {
+                return Err(error(format!(
+                    "PID namespace mode {} but there is no such namespace to join",
+                    mode.as_str_name()
+                )));
+            }
+        },
+        _ => namespaces.push(json!({"type": "pid"})),
     }
     match (host_ipc, pod_ipc.then_some(input.ipc).flatten()) {
         (true, _) => {}
@@ -893,6 +923,7 @@ mod tests {
             netns: Some(Path::new("/run/tug/netns/tug-1")),
             ipc: Some(Path::new("/run/tug/shim/s1/ipc")),
             shm: Some(Path::new("/run/tug/shim/s1/shm")),
+            pid: Some(Path::new("/run/tug/shim/s1/pid")),
             resolv_conf: Some(Path::new("/run/tug/shim/s1/resolv.conf")),
             hostname_file: None,
             image: &image,
@@ -1215,6 +1246,61 @@ mod tests {
     }
 
     #[test]
+    fn pid_namespace_modes() {
+        let pid_of = |spec: &Value| {
+            spec["linux"]["namespaces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|n| n["type"] == "pid")
+                .cloned()
+        };
+        let with_mode = |mode: NamespaceMode| {
+            let mut sandbox = sandbox();
+            sandbox.linux = Some(LinuxPodSandboxConfig {
+                security_context: Some(LinuxSandboxSecurityContext {
+                    namespace_options: Some(NamespaceOption {
+                        pid: mode as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            sandbox
+        };
+        let config = container(Default::default());
+        let image = image();
+        let build_with = |sandbox: &PodSandboxConfig, pid: Option<&Path>| {
+            build(&SpecInput {
+                id: "c1",
+                config: &config,
+                sandbox,
+                netns: None,
+                ipc: None,
+                shm: None,
+                pid,
+                resolv_conf: None,
+                hostname_file: None,
+                image: &image,
+                user: ProcessUser::default(),
+                cgroups_path: "/x",
+            })
+        };
+        // CONTAINER: a namespace of its own.
+        let own = build_with(&with_mode(NamespaceMode::Container), None).unwrap();
+        assert_eq!(pid_of(&own), Some(json!({"type": "pid"})));
+        // POD and TARGET join the namespace they are given.
+        let shared = Path::new("/run/tug/shim/sandboxes/s1/pid");
+        for mode in [NamespaceMode::Pod, NamespaceMode::Target] {
+            let spec = build_with(&with_mode(mode), Some(shared)).unwrap();
+            assert_eq!(pid_of(&spec), Some(json!({"type": "pid", "path": shared})));
+            let error = build_with(&with_mode(mode), None).unwrap_err().to_string();
+            assert!(error.contains(mode.as_str_name()), "{error}");
+        }
+    }
+
+    #[test]
     fn an_image_without_a_command_is_refused_by_name() {
         let config = container(Default::default());
         let error = build(&SpecInput {
@@ -1224,6 +1310,7 @@ mod tests {
             netns: None,
             ipc: None,
             shm: None,
+            pid: None,
             resolv_conf: None,
             hostname_file: None,
             image: &ImageConfig::default(),

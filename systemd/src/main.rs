@@ -54,6 +54,9 @@ enum Command {
         #[arg(long, requires = "stdout_fifo")]
         stdin_fifo: Option<std::path::PathBuf>,
     },
+    /// PID 1 of a pod's shared PID namespace (started by tug shim, not by hand).
+    #[command(hide = true)]
+    PodInit,
     /// Run kube-proxy: program Services and EndpointSlices as iptables, nftables or IPVS rules.
     Proxy(proxy::ProxyArgs),
     /// Run the node network agent: CNI config for this node's pod CIDR, routes to other nodes.
@@ -71,7 +74,7 @@ impl Command {
     fn tracking_issue(&self) -> u32 {
         match self {
             Command::Kubelet(_) => 7,
-            Command::Shim(_) | Command::ShimLogger { .. } => 5,
+            Command::Shim(_) | Command::ShimLogger { .. } | Command::PodInit => 5,
             Command::Proxy(_) => 6,
             Command::Netd(_) | Command::Cni => 4,
             Command::Join | Command::Reset => 9,
@@ -83,6 +86,7 @@ impl Command {
             Command::Kubelet(_) => "kubelet",
             Command::Shim(_) => "shim",
             Command::ShimLogger { .. } => "shim-logger",
+            Command::PodInit => "pod-init",
             Command::Proxy(_) => "proxy",
             Command::Netd(_) => "netd",
             Command::Cni => "cni",
@@ -114,6 +118,7 @@ fn main() -> ExitCode {
         Command::Kubelet(args) => return run_async(kubelet::run(args)),
         Command::Shim(args) => return run_async(shim::run(args)),
         Command::Proxy(args) => return run_async(proxy::run(args)),
+        Command::PodInit => return ExitCode::from(tug_runtime_shim::pod_init::run()),
         Command::ShimLogger {
             path,
             stdout_fifo,

@@ -320,6 +320,148 @@ async fn remove_all(cri: &mut Cri, sandbox: &str, containers: &[&str]) {
         .expect("RemovePodSandbox");
 }
 
+/// Lists the processes a container sees: `(pid, state and parent, command line)` from its own
+/// `/proc`.
+async fn processes_seen_by(cri: &mut Cri, id: &str) -> Vec<(u32, String, String)> {
+    let script = "for d in /proc/[0-9]*; do echo \"${d#/proc/} $(cut -d' ' -f3,4 $d/stat 2>/dev/null | tr ' ' /) $(tr '\\0' ' ' < $d/cmdline 2>/dev/null)\"; done";
+    let output = exec(cri, id, &["sh", "-c", script], 10)
+        .await
+        .expect("ExecSync: list /proc");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.splitn(3, ' ');
+            let pid = parts.next()?.parse().ok()?;
+            let state = parts.next()?.to_owned();
+            Some((pid, state, parts.next().unwrap_or("").trim().to_owned()))
+        })
+        .collect()
+}
+
+/// The host PID of PID 1 in the PID namespace `ns` (`pid:[inode]`).
+fn host_pid_of_init(ns: &str) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let link = std::fs::read_link(entry.path().join("ns/pid")).ok()?;
+            let status = std::fs::read_to_string(entry.path().join("status")).ok()?;
+            let nspid = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+            (link.display().to_string() == ns && nspid.split_whitespace().last() == Some("1"))
+                .then_some(pid)
+        })
+}
+
+/// A pod with `shareProcessNamespace: true`: its containers see each other's processes, PID 1 is
+/// the pod's (neither container's) and reaps orphans, and stopping the sandbox ends them all.
+/// `strict`: the sandbox turns NotReady when that PID 1 dies (tug shim's pod-init; containerd's
+/// pause is not found from here).
+async fn shared_process_namespace(cri: &mut Cri, substrate: &Substrate, strict: bool) {
+    let logs = tempfile::tempdir().unwrap();
+    let mut config = sandbox_config(&unique_name("pidns"), logs.path());
+    let shared = NamespaceOption {
+        pid: NamespaceMode::Pod as i32,
+        ..Default::default()
+    };
+    config.linux.as_mut().unwrap().security_context = Some(LinuxSandboxSecurityContext {
+        namespace_options: Some(shared.clone()),
+        ..Default::default()
+    });
+    let sandbox = run_sandbox(cri, &config).await;
+    let in_pod = |name: &str, command: &[&str]| {
+        let mut c = container(substrate, name, command);
+        let security = c.linux.as_mut().unwrap().security_context.as_mut().unwrap();
+        security.namespace_options = Some(shared.clone());
+        c
+    };
+    let first = create(cri, &sandbox, &config, in_pod("first", &["sleep", "3601"])).await;
+    let second = create(cri, &sandbox, &config, in_pod("second", &["sleep", "3602"])).await;
+    start(cri, &first).await;
+    start(cri, &second).await;
+    let seen = processes_seen_by(cri, &second).await;
+    let commands: Vec<&str> = seen.iter().map(|(_, _, c)| c.as_str()).collect();
+    assert!(
+        commands.contains(&"sleep 3601"),
+        "second sees first: {seen:?}"
+    );
+    assert!(commands.contains(&"sleep 3602"), "{seen:?}");
+    let init = seen.iter().find(|(pid, _, _)| *pid == 1).expect("a PID 1");
+    assert!(!init.2.starts_with("sleep"), "PID 1 is the pod's: {seen:?}");
+    let seen_by_first = processes_seen_by(cri, &first).await;
+    assert!(
+        seen_by_first.iter().any(|(_, _, c)| c == "sleep 3602"),
+        "first sees second: {seen_by_first:?}"
+    );
+    if strict {
+        // An orphan is re-parented to PID 1, which reaps it: no zombie of PID 1 is left. (The
+        // test substrate's pause image for containerd is `sleep`, which reaps nothing.)
+        let orphan = exec(cri, &first, &["sh", "-c", "sleep 0.2 & exit 0"], 10)
+            .await
+            .expect("ExecSync leaving an orphan");
+        assert_eq!(orphan.exit_code, 0);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after = processes_seen_by(cri, &first).await;
+        assert!(
+            after.iter().all(|(_, state, _)| state != "Z/1"),
+            "orphans are reaped: {after:?}"
+        );
+
+        let ns = exec(cri, &first, &["readlink", "/proc/self/ns/pid"], 10)
+            .await
+            .expect("ExecSync readlink");
+        let ns = String::from_utf8_lossy(&ns.stdout).trim().to_owned();
+        let init = host_pid_of_init(&ns).expect("the pod's PID 1 on the host");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(init as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill the pod's PID 1");
+        let _ = exited(cri, &first, Duration::from_secs(20)).await;
+        let status = cri
+            .runtime
+            .pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: sandbox.clone(),
+                verbose: false,
+            })
+            .await
+            .expect("PodSandboxStatus")
+            .into_inner()
+            .status
+            .expect("a status");
+        assert_eq!(
+            status.state,
+            PodSandboxState::SandboxNotready as i32,
+            "a sandbox whose PID 1 died is not ready"
+        );
+        let refused = cri
+            .runtime
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: sandbox.clone(),
+                config: Some(in_pod("late", &["true"])),
+                sandbox_config: Some(config.clone()),
+            })
+            .await
+            .expect_err("a container for a dead PID namespace");
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
+    } else {
+        cri.runtime
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: sandbox.clone(),
+            })
+            .await
+            .expect("StopPodSandbox");
+    }
+    for id in [&first, &second] {
+        let status = exited(cri, id, Duration::from_secs(20)).await;
+        assert_eq!(
+            status.exit_code, 137,
+            "killed with the namespace: {status:?}"
+        );
+    }
+    remove_all(cri, &sandbox, &[&first, &second]).await;
+}
+
 /// The container behaviour the kubelet relies on. `strict` adds the error codes and fields tug
 /// shim promises beyond what containerd 1.6 answers.
 async fn exercise_containers(mut cri: Cri, substrate: &Substrate, strict: bool) {
@@ -793,6 +935,7 @@ async fn exercise_containers(mut cri: Cri, substrate: &Substrate, strict: bool) 
         .await
         .expect_err("a removed container has no status");
     assert_eq!(gone.code(), tonic::Code::NotFound);
+    Box::pin(shared_process_namespace(&mut cri, substrate, strict)).await;
 }
 
 #[tokio::test]

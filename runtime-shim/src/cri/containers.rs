@@ -36,8 +36,9 @@ use tonic::Status;
 
 use super::exec::{ExecIo, make_fifo, release};
 use super::records::{self, ignore_not_found};
-use super::runtime::{Runtime, now_nanos};
+use super::runtime::{Runtime, Sandbox, now_nanos};
 use crate::image::pull::SNAPSHOTTER;
+use crate::namespaces;
 use crate::spec::{self, ProcessUser, SPEC_TYPE_URL, SpecInput};
 
 const KIND_LABEL: &str = "tug.io/kind";
@@ -518,6 +519,7 @@ impl Runtime {
         } else {
             format!("{}/{id}", parent.trim_end_matches('/'))
         };
+        let pid_namespace = self.pid_namespace_for(&name, &config, &sandbox).await?;
         let sandbox_dir = self.sandbox_dir(&sandbox.id);
         let (resolv, hostname) = (
             sandbox_dir.join("resolv.conf"),
@@ -530,6 +532,7 @@ impl Runtime {
             netns: sandbox.state.netns.as_deref(),
             ipc: sandbox.state.ipc.as_deref(),
             shm: sandbox.state.shm.as_deref(),
+            pid: pid_namespace.as_deref(),
             resolv_conf: resolv.exists().then_some(resolv.as_path()),
             hostname_file: hostname.exists().then_some(hostname.as_path()),
             image: &image.config,
@@ -1227,6 +1230,50 @@ impl Runtime {
     }
 
     /// The init process of container `id`'s task; `None` when it has no task.
+    /// The PID namespace a new container joins: the pod's shared one (mode POD) or its target
+    /// container's (mode TARGET, for ephemeral containers); `None` for its own or the node's.
+    async fn pid_namespace_for(
+        &self,
+        name: &str,
+        config: &ContainerConfig,
+        sandbox: &Sandbox,
+    ) -> Result<Option<PathBuf>, Status> {
+        let options = spec::namespace_options(config, &sandbox.config);
+        match NamespaceMode::try_from(options.pid) {
+            Ok(NamespaceMode::Pod) => sandbox
+                .state
+                .pid
+                .as_ref()
+                .filter(|ns| namespaces::pid_alive(ns))
+                .map(|ns| Some(ns.path.clone()))
+                .ok_or_else(|| {
+                    Status::failed_precondition(format!(
+                        "container {name:?} shares the pod's PID namespace, but sandbox {} has none running (it was not created with PID mode POD, or its pod-init has exited); recreate the sandbox",
+                        sandbox.id
+                    ))
+                }),
+            Ok(NamespaceMode::Target) => {
+                let target = self.require_container(&options.target_id).await?;
+                if target.state.sandbox_id != sandbox.id {
+                    return Err(Status::invalid_argument(format!(
+                        "container {name:?}: PID namespace target {} is in another sandbox",
+                        options.target_id
+                    )));
+                }
+                match self.task(&target.id).await? {
+                    Some(task) if task.pid > 0 && target.state.phase == Phase::Running => {
+                        Ok(Some(PathBuf::from(format!("/proc/{}/ns/pid", task.pid))))
+                    }
+                    _ => Err(Status::failed_precondition(format!(
+                        "container {name:?}: PID namespace target {} is not running",
+                        options.target_id
+                    ))),
+                }
+            }
+            _ => Ok(None),
+        }
+    }
+
     pub(super) async fn task(&self, id: &str) -> Result<Option<Process>, Status> {
         let mut tasks = TasksClient::new(self.inner.containerd.channel());
         match tasks

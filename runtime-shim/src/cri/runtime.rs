@@ -82,6 +82,9 @@ pub(super) struct SandboxState {
     /// The pod's shared `/dev/shm` (a tmpfs), unless it uses the node's.
     #[serde(default)]
     pub(super) shm: Option<PathBuf>,
+    /// The pod's shared PID namespace and its init, for `shareProcessNamespace` pods.
+    #[serde(default)]
+    pub(super) pid: Option<namespaces::PidNamespace>,
     cni_result: Option<serde_json::Value>,
     ips: Vec<String>,
 }
@@ -117,6 +120,12 @@ fn namespace_options(config: &PodSandboxConfig) -> Option<&NamespaceOption> {
 /// Whether the pod uses the node's IPC namespace (`hostIPC`).
 fn host_ipc(config: &PodSandboxConfig) -> bool {
     namespace_options(config).is_some_and(|n| n.ipc == NamespaceMode::Node as i32)
+}
+
+/// Whether the pod's containers may share a PID namespace: mode POD, which is also the CRI's
+/// default when the sandbox gives no namespace options (the kubelet always gives them).
+fn pod_pid(config: &PodSandboxConfig) -> bool {
+    namespace_options(config).is_none_or(|n| n.pid == NamespaceMode::Pod as i32)
 }
 
 fn host_network(config: &PodSandboxConfig) -> bool {
@@ -223,8 +232,37 @@ impl Runtime {
         Ok(())
     }
 
-    /// Undoes [`Self::share_ipc`]. Already gone is fine.
-    fn release_ipc(&self, sandbox: &Sandbox) -> Result<(), Status> {
+    /// Gives a `shareProcessNamespace` pod a PID namespace of its own, held by `tug pod-init`
+    /// (the pause container's part in such a pod).
+    fn share_pid(&self, sandbox: &mut Sandbox) -> Result<(), Status> {
+        if !pod_pid(&sandbox.config) {
+            return Ok(());
+        }
+        let dir = self.sandbox_dir(&sandbox.id);
+        let pid = namespaces::create_pid(&dir, "pid", &self.inner.logger, &["pod-init"])
+            .map_err(|e| Status::internal(e.to_string()))?;
+        sandbox.state.pid = Some(pid);
+        Ok(())
+    }
+
+    /// Ends the pod's shared PID namespace (and whatever still runs in it), as stopping the
+    /// pause container does. Already gone is fine.
+    async fn stop_pid(sandbox: &Sandbox) -> Result<(), Status> {
+        let Some(pid) = sandbox.state.pid.clone() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || namespaces::stop_pid(&pid))
+            .await
+            .map_err(|e| Status::internal(format!("stop the pod's PID namespace: {e}")))?
+            .map_err(|e| Status::internal(e.to_string()))
+    }
+
+    /// Undoes [`Self::share_ipc`] and [`Self::share_pid`] (after [`Self::stop_pid`]). Already
+    /// gone is fine.
+    fn release_namespaces(&self, sandbox: &Sandbox) -> Result<(), Status> {
+        if let Some(pid) = &sandbox.state.pid {
+            namespaces::remove(&pid.path).map_err(|e| Status::internal(e.to_string()))?;
+        }
         if let Some(shm) = &sandbox.state.shm {
             namespaces::unmount_shm(shm).map_err(|e| Status::internal(e.to_string()))?;
         }
@@ -384,7 +422,11 @@ fn cri_sandbox(sandbox: &Sandbox) -> PodSandbox {
     PodSandbox {
         id: sandbox.id.clone(),
         metadata: sandbox.config.metadata.clone(),
-        state: if sandbox.state.ready {
+        // A shared PID namespace whose init is gone cannot take containers any more: the
+        // sandbox is NotReady and the kubelet recreates it, as when a pause container dies.
+        state: if sandbox.state.ready
+            && sandbox.state.pid.as_ref().is_none_or(namespaces::pid_alive)
+        {
             PodSandboxState::SandboxReady
         } else {
             PodSandboxState::SandboxNotready
@@ -471,6 +513,7 @@ impl RuntimeService for Runtime {
                 netns: None,
                 ipc: None,
                 shm: None,
+                pid: None,
                 cni_result: None,
                 ips: Vec::new(),
             },
@@ -499,12 +542,14 @@ impl RuntimeService for Runtime {
         let created = match self
             .write_sandbox_files(&sandbox)
             .and_then(|()| self.share_ipc(&mut sandbox))
+            .and_then(|()| self.share_pid(&mut sandbox))
         {
             Ok(()) => records::create(&self.inner.containerd, self.record(&sandbox)).await,
             Err(status) => Err(status),
         };
         if let Err(status) = created {
-            let _ = self.release_ipc(&sandbox);
+            let _ = Self::stop_pid(&sandbox).await;
+            let _ = self.release_namespaces(&sandbox);
             let _ = std::fs::remove_dir_all(self.sandbox_dir(&id));
             let _ = self.release_network(&mut sandbox).await;
             if let Some(netns) = &sandbox.state.netns {
@@ -530,6 +575,7 @@ impl RuntimeService for Runtime {
         for container in self.containers_of(&id).await? {
             self.stop(&container, 0).await?;
         }
+        Self::stop_pid(&sandbox).await?;
         self.release_network(&mut sandbox).await?;
         sandbox.state.ready = false;
         self.save(&sandbox).await?;
@@ -548,7 +594,8 @@ impl RuntimeService for Runtime {
             self.remove(&container).await?;
         }
         self.release_network(&mut sandbox).await?;
-        self.release_ipc(&sandbox)?;
+        Self::stop_pid(&sandbox).await?;
+        self.release_namespaces(&sandbox)?;
         match std::fs::remove_dir_all(self.sandbox_dir(&id)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
