@@ -183,22 +183,6 @@ pub fn encode_delete(flow: &Flow, seq: u32) -> Vec<u8> {
     )
 }
 
-/// The attributes in `buf`: (type without flags, payload).
-fn attrs(mut buf: &[u8]) -> Vec<(u16, &[u8])> {
-    let mut out = Vec::new();
-    while buf.len() >= 4 {
-        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
-        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & 0x3fff;
-        if len < 4 || len > buf.len() {
-            break;
-        }
-        out.push((kind, &buf[4..len]));
-        let padded = len.div_ceil(4) * 4;
-        buf = &buf[padded.min(buf.len())..];
-    }
-    out
-}
-
 fn ip_of(payload: &[u8]) -> Option<IpAddr> {
     match payload.len() {
         4 => Some(IpAddr::from(<[u8; 4]>::try_from(payload).ok()?)),
@@ -210,10 +194,10 @@ fn ip_of(payload: &[u8]) -> Option<IpAddr> {
 /// (src, dst, proto, sport, dport) of a tuple attribute's payload.
 fn tuple(payload: &[u8]) -> Option<(IpAddr, IpAddr, u8, u16, u16)> {
     let (mut src, mut dst, mut proto, mut sport, mut dport) = (None, None, None, 0, 0);
-    for (kind, inner) in attrs(payload) {
+    for (kind, inner) in crate::nfnetlink::attributes(payload) {
         match kind {
             CTA_TUPLE_IP => {
-                for (k, v) in attrs(inner) {
+                for (k, v) in crate::nfnetlink::attributes(inner) {
                     match k {
                         CTA_IP_V4_SRC | CTA_IP_V6_SRC => src = ip_of(v),
                         CTA_IP_V4_DST | CTA_IP_V6_DST => dst = ip_of(v),
@@ -222,7 +206,7 @@ fn tuple(payload: &[u8]) -> Option<(IpAddr, IpAddr, u8, u16, u16)> {
                 }
             }
             CTA_TUPLE_PROTO => {
-                for (k, v) in attrs(inner) {
+                for (k, v) in crate::nfnetlink::attributes(inner) {
                     match (k, v.len()) {
                         (CTA_PROTO_NUM, 1) => proto = Some(v[0]),
                         (CTA_PROTO_SRC_PORT, 2) => sport = u16::from_be_bytes([v[0], v[1]]),
@@ -241,7 +225,7 @@ fn tuple(payload: &[u8]) -> Option<(IpAddr, IpAddr, u8, u16, u16)> {
 pub fn parse_flow(payload: &[u8]) -> Option<Flow> {
     let body = payload.get(4..)?;
     let (mut orig, mut reply) = (None, None);
-    for (kind, inner) in attrs(body) {
+    for (kind, inner) in crate::nfnetlink::attributes(body) {
         match kind {
             CTA_TUPLE_ORIG => orig = tuple(inner),
             CTA_TUPLE_REPLY => reply = tuple(inner),
@@ -421,7 +405,7 @@ mod tests {
         );
         // The request carries only the original tuple; parse it back as a tuple.
         let body = &parsed[0].payload[4..];
-        let (kind, orig) = attrs(body)[0];
+        let (kind, orig) = crate::nfnetlink::attributes(body)[0];
         assert_eq!(kind, CTA_TUPLE_ORIG);
         assert_eq!(
             tuple(orig),

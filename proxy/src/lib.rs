@@ -14,6 +14,7 @@ pub mod config;
 pub mod conntrack;
 pub mod healthcheck;
 pub mod iptables;
+pub mod ipvs;
 pub mod model;
 pub mod nfnetlink;
 pub mod nftables;

@@ -1,6 +1,7 @@
-//! The netfilter netlink socket both kernel interfaces of the proxy speak (nf_tables in
-//! [`crate::nftables::netlink`], ctnetlink in [`crate::conntrack`]): opening it, writing
-//! attributes, and splitting what the kernel sends back into messages.
+//! The netlink plumbing the proxy's kernel interfaces share (nf_tables in
+//! [`crate::nftables::netlink`], ctnetlink in [`crate::conntrack`], IPVS over generic netlink and
+//! the VIP device over rtnetlink in [`crate::ipvs`]): opening a socket, writing attributes, and
+//! splitting what the kernel sends back into messages and attributes.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
@@ -19,13 +20,21 @@ pub const NLM_F_ACK: u16 = 0x4;
 /// `NLA_F_NESTED`.
 pub const NLA_F_NESTED: u16 = 0x8000;
 
+/// `NLM_F_DUMP`.
+pub const NLM_F_DUMP: u16 = 0x300;
+
 /// A `NETLINK_NETFILTER` socket in the calling thread's network namespace.
 pub fn socket() -> nix::Result<OwnedFd> {
+    socket_for(SockProtocol::NetlinkNetFilter)
+}
+
+/// A netlink socket of `protocol` in the calling thread's network namespace.
+pub fn socket_for(protocol: SockProtocol) -> nix::Result<OwnedFd> {
     let fd = open(
         AddressFamily::Netlink,
         SockType::Raw,
         SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkNetFilter,
+        protocol,
     )?;
     bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
     Ok(fd)
@@ -39,6 +48,35 @@ pub fn attr(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
     while !out.len().is_multiple_of(4) {
         out.push(0);
     }
+}
+
+/// Appends a netlink message: header (`kind`, `flags`, `seq`) and `body`.
+pub fn message(out: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, body: &[u8]) {
+    out.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(&flags.to_ne_bytes());
+    out.extend_from_slice(&seq.to_ne_bytes());
+    out.extend_from_slice(&0u32.to_ne_bytes());
+    out.extend_from_slice(body);
+    while !out.len().is_multiple_of(4) {
+        out.push(0);
+    }
+}
+
+/// The attributes in `buf`: (type without the nested/byte-order flags, payload).
+pub fn attributes(mut buf: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while buf.len() >= 4 {
+        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
+        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & 0x3fff;
+        if len < 4 || len > buf.len() {
+            break;
+        }
+        out.push((kind, &buf[4..len]));
+        let padded = len.div_ceil(4) * 4;
+        buf = &buf[padded.min(buf.len())..];
+    }
+    out
 }
 
 /// One netlink message as received.
