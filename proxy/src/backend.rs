@@ -2,6 +2,7 @@
 //! one family's rules, applying only what differs where it can), and remove everything.
 
 use crate::iptables::{Iptables, IptablesError, SyncReport};
+use crate::ipvs::{IpvsBackend, IpvsBackendError};
 use crate::model::ServicePort;
 use crate::nftables::Nftables;
 use crate::nftables::netlink::NftError;
@@ -15,6 +16,9 @@ pub enum BackendError {
     /// nftables.
     #[error(transparent)]
     Nftables(#[from] NftError),
+    /// IPVS.
+    #[error(transparent)]
+    Ipvs(#[from] IpvsBackendError),
 }
 
 /// A rule backend.
@@ -46,5 +50,14 @@ impl RuleBackend for Nftables {
     }
     fn cleanup(&mut self) -> Result<(), BackendError> {
         Ok(Nftables::cleanup(self)?)
+    }
+}
+
+impl RuleBackend for IpvsBackend {
+    fn sync(&mut self, ports: &[ServicePort], full: bool) -> Result<SyncReport, BackendError> {
+        Ok(IpvsBackend::sync(self, ports, full)?)
+    }
+    fn cleanup(&mut self) -> Result<(), BackendError> {
+        Ok(IpvsBackend::cleanup(self)?)
     }
 }

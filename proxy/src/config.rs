@@ -41,6 +41,9 @@ pub struct KubeProxyConfiguration {
     /// `iptables`.
     #[serde(deserialize_with = "nullable")]
     pub iptables: IptablesSection,
+    /// `ipvs`.
+    #[serde(deserialize_with = "nullable")]
+    pub ipvs: IpvsSection,
     /// `syncPeriod` (newer top-level form).
     #[serde(deserialize_with = "nullable")]
     pub sync_period: String,
@@ -71,6 +74,15 @@ pub struct IptablesSection {
     /// `minSyncPeriod`.
     #[serde(deserialize_with = "nullable")]
     pub min_sync_period: String,
+}
+
+/// `ipvs`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct IpvsSection {
+    /// `scheduler` (empty: `rr`).
+    #[serde(deserialize_with = "nullable")]
+    pub scheduler: String,
 }
 
 /// Reads `null` as the default (YAML written by Go marshals unset fields as null).

@@ -6,7 +6,8 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::sys::socket::{
-    AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, socket as open,
+    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, send,
+    setsockopt, socket as open, sockopt,
 };
 
 /// `NLMSG_ERROR`: an error, or an acknowledgement when its code is 0.
@@ -47,6 +48,125 @@ pub fn attr(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
     out.extend_from_slice(payload);
     while !out.len().is_multiple_of(4) {
         out.push(0);
+    }
+}
+
+/// Why a request on a [`Connection`] failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// A socket operation failed.
+    #[error("{what}: {errno}")]
+    Socket {
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        errno: nix::Error,
+    },
+    /// The kernel answered with an error.
+    #[error("{0}")]
+    Refused(nix::Error),
+}
+
+fn socket_error(what: &'static str) -> impl FnOnce(nix::Error) -> RequestError {
+    move |errno| RequestError::Socket { what, errno }
+}
+
+/// Requests per datagram in [`Connection::batch`]: their acknowledgements must fit the receive
+/// buffer.
+const BATCH_CHUNK: usize = 2000;
+
+/// A netlink socket that sends requests and waits for their answers.
+#[derive(Debug)]
+pub struct Connection {
+    fd: OwnedFd,
+    seq: u32,
+}
+
+impl Connection {
+    /// Opens a socket of `protocol` with buffers large enough for big batches and dumps.
+    pub fn open(protocol: SockProtocol) -> Result<Connection, RequestError> {
+        let fd = socket_for(protocol).map_err(socket_error("open socket"))?;
+        setsockopt(&fd, sockopt::RcvBufForce, &(4 << 20))
+            .map_err(socket_error("size the receive buffer"))?;
+        setsockopt(&fd, sockopt::SndBufForce, &(4 << 20))
+            .map_err(socket_error("size the send buffer"))?;
+        Ok(Connection { fd, seq: 0 })
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    /// Sends one request (acknowledged) and returns the bodies of its answers: a dump's
+    /// messages, or none, up to the acknowledgement or the end of the dump.
+    pub fn request(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        body: &[u8],
+    ) -> Result<Vec<Vec<u8>>, RequestError> {
+        let seq = self.next_seq();
+        let mut out = Vec::new();
+        message(&mut out, kind, flags | NLM_F_REQUEST | NLM_F_ACK, seq, body);
+        send(self.fd.as_raw_fd(), &out, MsgFlags::empty()).map_err(socket_error("send"))?;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut answers = Vec::new();
+        loop {
+            let n = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty())
+                .map_err(socket_error("receive"))?;
+            for message in messages(&buf[..n]) {
+                if message.seq != seq {
+                    continue;
+                }
+                match message.kind {
+                    NLMSG_ERROR => {
+                        let code = message.error_code();
+                        return if code == 0 {
+                            Ok(answers)
+                        } else {
+                            Err(RequestError::Refused(nix::Error::from_raw(-code)))
+                        };
+                    }
+                    NLMSG_DONE => return Ok(answers),
+                    _ => answers.push(message.payload.to_vec()),
+                }
+            }
+        }
+    }
+
+    /// Sends `requests` (kind, flags, body), many to a datagram, each acknowledged; returns each
+    /// one's outcome (0 or a negative errno) in order. Every request is attempted.
+    pub fn batch(&mut self, requests: &[(u16, u16, Vec<u8>)]) -> Result<Vec<i32>, RequestError> {
+        let mut codes = Vec::with_capacity(requests.len());
+        let mut buf = vec![0u8; 1 << 16];
+        for chunk in requests.chunks(BATCH_CHUNK) {
+            let first_seq = self.seq.wrapping_add(1);
+            let mut out = Vec::new();
+            for (kind, flags, body) in chunk {
+                let seq = self.next_seq();
+                message(&mut out, *kind, flags | NLM_F_REQUEST | NLM_F_ACK, seq, body);
+            }
+            send(self.fd.as_raw_fd(), &out, MsgFlags::empty()).map_err(socket_error("send"))?;
+            let mut outcome: Vec<Option<i32>> = vec![None; chunk.len()];
+            let mut acknowledged = 0;
+            while acknowledged < chunk.len() {
+                let n = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty())
+                    .map_err(socket_error("receive"))?;
+                for message in messages(&buf[..n]) {
+                    if message.kind != NLMSG_ERROR {
+                        continue;
+                    }
+                    let index = message.seq.wrapping_sub(first_seq) as usize;
+                    if let Some(slot) = outcome.get_mut(index).filter(|s| s.is_none()) {
+                        *slot = Some(message.error_code());
+                        acknowledged += 1;
+                    }
+                }
+            }
+            codes.extend(outcome.into_iter().map(|c| c.unwrap_or(0)));
+        }
+        Ok(codes)
     }
 }
 

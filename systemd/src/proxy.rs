@@ -26,9 +26,12 @@ pub struct ProxyArgs {
     /// This node's name (default: the host name).
     #[arg(long)]
     hostname_override: Option<String>,
-    /// Proxy mode: iptables (default) or nftables (ipvs is not built yet).
+    /// Proxy mode: iptables (default), nftables or ipvs.
     #[arg(long)]
     proxy_mode: Option<String>,
+    /// The IPVS scheduler in ipvs mode (rr, wrr, lc, sh, ...; default rr).
+    #[arg(long)]
+    ipvs_scheduler: Option<String>,
     /// The cluster's pod CIDR: ClusterIP traffic from outside it is masqueraded.
     #[arg(long)]
     cluster_cidr: Option<String>,
@@ -141,6 +144,21 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             node_port_ips: None,
         })) as Box<dyn RuleBackend>
     };
+    let ipvs_config = tug_proxy::ipvs::IpvsConfig {
+        scheduler: args
+            .ipvs_scheduler
+            .clone()
+            .or_else(|| (!file.ipvs.scheduler.is_empty()).then(|| file.ipvs.scheduler.clone()))
+            .unwrap_or_else(|| "rr".into()),
+        cluster_cidrs: ipv4_cidr_for_nft
+            .iter()
+            .chain(&ipv6_cidr_for_nft)
+            .cloned()
+            .collect(),
+        masquerade_all,
+        node_port_cidrs: node_port_cidrs.clone(),
+        node_port_range: (30000, 32767),
+    };
     let ipt = |program: &str, config: IptablesConfig| {
         Box::new(Iptables::new(program, config)) as Box<dyn RuleBackend>
     };
@@ -151,6 +169,10 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             nft(None, false),
             nft(None, true),
         ];
+        // IPVS's virtual services and VIP device, where the kernel has IPVS.
+        if std::path::Path::new("/proc/net/ip_vs").exists() {
+            all.push(Box::new(tug_proxy::ipvs::IpvsBackend::new(ipvs_config.clone())));
+        }
         if let Some(v6) = ip6tables.clone() {
             all.push(ipt(&v6_program, v6));
         }
@@ -175,7 +197,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             nft(ipv4_cidr_for_nft.clone(), false),
             nft(ipv6_cidr_for_nft.clone(), true),
         ],
-        "ipvs" => bail!("proxy mode ipvs is not built yet (issue #6); use iptables or nftables"),
+        "ipvs" => vec![Box::new(tug_proxy::ipvs::IpvsBackend::new(ipvs_config)) as Box<dyn RuleBackend>],
         other => bail!("unknown proxy mode {other:?}: expected iptables, nftables or ipvs"),
     };
     let kubeconfig = args

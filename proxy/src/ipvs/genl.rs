@@ -4,15 +4,11 @@
 //! costs a handful of system calls.
 
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
 
-use nix::sys::socket::{MsgFlags, SockProtocol, recv, send, setsockopt, sockopt};
+use nix::sys::socket::SockProtocol;
 
 use crate::model::Protocol;
-use crate::nfnetlink::{
-    self, NLA_F_NESTED, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, attr,
-    attributes,
-};
+use crate::nfnetlink::{Connection, NLA_F_NESTED, NLM_F_DUMP, RequestError, attr, attributes};
 
 const GENL_ID_CTRL: u16 = 0x10;
 const CTRL_CMD_GETFAMILY: u8 = 3;
@@ -146,12 +142,12 @@ pub enum IpvsError {
     )]
     Unavailable,
     /// A socket operation failed.
-    #[error("IPVS netlink: {what}: {errno}")]
+    #[error("IPVS netlink: {what}: {error}")]
     Socket {
         /// What was being done.
         what: &'static str,
         /// The error.
-        errno: nix::Error,
+        error: RequestError,
     },
     /// The kernel refused a request.
     #[error("IPVS refused to {op}: {errno}")]
@@ -163,8 +159,8 @@ pub enum IpvsError {
     },
 }
 
-fn fail(what: &'static str) -> impl FnOnce(nix::Error) -> IpvsError {
-    move |errno| IpvsError::Socket { what, errno }
+fn socket(what: &'static str) -> impl FnOnce(RequestError) -> IpvsError {
+    move |error| IpvsError::Socket { what, error }
 }
 
 fn af(ip: &IpAddr) -> u16 {
@@ -362,40 +358,23 @@ pub fn parse_dest(body: &[u8], family: u16) -> Option<Destination> {
 /// An IPVS generic netlink socket in the calling thread's network namespace.
 #[derive(Debug)]
 pub struct Ipvs {
-    fd: OwnedFd,
+    connection: Connection,
     family: u16,
-    seq: u32,
 }
-
-/// Requests per datagram: their acknowledgements must fit the receive buffer.
-const CHUNK: usize = 2000;
 
 impl Ipvs {
     /// Opens the socket and resolves the IPVS family.
     pub fn open() -> Result<Ipvs, IpvsError> {
-        let fd =
-            nfnetlink::socket_for(SockProtocol::NetlinkGeneric).map_err(fail("open socket"))?;
-        setsockopt(&fd, sockopt::RcvBufForce, &(4 << 20))
-            .map_err(fail("size the receive buffer"))?;
-        setsockopt(&fd, sockopt::SndBufForce, &(4 << 20)).map_err(fail("size the send buffer"))?;
-        let mut ipvs = Ipvs {
-            fd,
-            family: GENL_ID_CTRL,
-            seq: 0,
-        };
+        let mut connection =
+            Connection::open(SockProtocol::NetlinkGeneric).map_err(socket("open"))?;
         let mut body = vec![CTRL_CMD_GETFAMILY, 1, 0, 0];
         attr(&mut body, CTRL_ATTR_FAMILY_NAME, b"IPVS\0");
-        let answers = match ipvs.request(GENL_ID_CTRL, NLM_F_REQUEST, &body) {
+        let answers = match connection.request(GENL_ID_CTRL, 0, &body) {
             Ok(answers) => answers,
-            Err(IpvsError::Refused {
-                errno: nix::Error::ENOENT,
-                ..
-            }) => {
-                return Err(IpvsError::Unavailable);
-            }
-            Err(error) => return Err(error),
+            Err(RequestError::Refused(nix::Error::ENOENT)) => return Err(IpvsError::Unavailable),
+            Err(error) => return Err(socket("resolve the IPVS family")(error)),
         };
-        ipvs.family = answers
+        let family = answers
             .iter()
             .find_map(|a| {
                 attributes(a.get(4..)?)
@@ -404,53 +383,16 @@ impl Ipvs {
                     .and_then(|(_, v)| Some(u16::from_ne_bytes([*v.first()?, *v.get(1)?])))
             })
             .ok_or(IpvsError::Unavailable)?;
-        Ok(ipvs)
-    }
-
-    fn next_seq(&mut self) -> u32 {
-        self.seq = self.seq.wrapping_add(1);
-        self.seq
-    }
-
-    /// Sends one request and collects the bodies of its answers (a dump's, or none) until its
-    /// acknowledgement or the end of the dump.
-    fn request(&mut self, kind: u16, flags: u16, body: &[u8]) -> Result<Vec<Vec<u8>>, IpvsError> {
-        let seq = self.next_seq();
-        let mut out = Vec::new();
-        nfnetlink::message(&mut out, kind, flags | NLM_F_ACK, seq, body);
-        send(self.fd.as_raw_fd(), &out, MsgFlags::empty()).map_err(fail("send"))?;
-        let mut buf = vec![0u8; 1 << 16];
-        let mut answers = Vec::new();
-        loop {
-            let n =
-                recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(fail("receive"))?;
-            for message in nfnetlink::messages(&buf[..n]) {
-                if message.seq != seq {
-                    continue;
-                }
-                match message.kind {
-                    NLMSG_ERROR => {
-                        let code = message.error_code();
-                        return if code == 0 {
-                            Ok(answers)
-                        } else {
-                            Err(IpvsError::Refused {
-                                op: "answer a request".into(),
-                                errno: nix::Error::from_raw(-code),
-                            })
-                        };
-                    }
-                    NLMSG_DONE => return Ok(answers),
-                    _ => answers.push(message.payload.to_vec()),
-                }
-            }
-        }
+        Ok(Ipvs { connection, family })
     }
 
     /// Every virtual service (by address and port) with its scheduling.
     pub fn services(&mut self) -> Result<Vec<(VirtualServer, Scheduling)>, IpvsError> {
         let body = [CMD_GET_SERVICE, IPVS_GENL_VERSION, 0, 0];
-        let answers = self.request(self.family, NLM_F_REQUEST | NLM_F_DUMP, &body)?;
+        let answers = self
+            .connection
+            .request(self.family, NLM_F_DUMP, &body)
+            .map_err(socket("list virtual services"))?;
         Ok(answers.iter().filter_map(|a| parse_service(a)).collect())
     }
 
@@ -458,7 +400,10 @@ impl Ipvs {
     pub fn destinations(&mut self, vs: &VirtualServer) -> Result<Vec<Destination>, IpvsError> {
         let mut body = vec![CMD_GET_DEST, IPVS_GENL_VERSION, 0, 0];
         service_attr(&mut body, vs, None);
-        let answers = self.request(self.family, NLM_F_REQUEST | NLM_F_DUMP, &body)?;
+        let answers = self
+            .connection
+            .request(self.family, NLM_F_DUMP, &body)
+            .map_err(socket("list destinations"))?;
         Ok(answers
             .iter()
             .filter_map(|a| parse_dest(a, af(&vs.address)))
@@ -468,46 +413,19 @@ impl Ipvs {
     /// Applies `ops` in order, many to a datagram. Every op is attempted; the first refusal is
     /// returned (naming its op) after the rest were applied.
     pub fn apply(&mut self, ops: &[Op]) -> Result<(), IpvsError> {
-        let mut first_error = None;
-        for chunk in ops.chunks(CHUNK) {
-            let first_seq = self.seq.wrapping_add(1);
-            let mut out = Vec::new();
-            for op in chunk {
-                let seq = self.next_seq();
-                nfnetlink::message(
-                    &mut out,
-                    self.family,
-                    NLM_F_REQUEST | NLM_F_ACK,
-                    seq,
-                    &encode(op),
-                );
-            }
-            send(self.fd.as_raw_fd(), &out, MsgFlags::empty()).map_err(fail("send"))?;
-            let mut acknowledged = 0;
-            let mut buf = vec![0u8; 1 << 16];
-            while acknowledged < chunk.len() {
-                let n = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty())
-                    .map_err(fail("receive"))?;
-                for message in nfnetlink::messages(&buf[..n]) {
-                    if message.kind != NLMSG_ERROR {
-                        continue;
-                    }
-                    let index = message.seq.wrapping_sub(first_seq) as usize;
-                    let Some(op) = chunk.get(index) else {
-                        continue;
-                    };
-                    acknowledged += 1;
-                    let code = message.error_code();
-                    if code != 0 && first_error.is_none() {
-                        first_error = Some(IpvsError::Refused {
-                            op: op.to_string(),
-                            errno: nix::Error::from_raw(-code),
-                        });
-                    }
-                }
-            }
+        let requests: Vec<(u16, u16, Vec<u8>)> =
+            ops.iter().map(|op| (self.family, 0, encode(op))).collect();
+        let codes = self
+            .connection
+            .batch(&requests)
+            .map_err(socket("apply changes"))?;
+        match ops.iter().zip(codes).find(|(_, code)| *code != 0) {
+            Some((op, code)) => Err(IpvsError::Refused {
+                op: op.to_string(),
+                errno: nix::Error::from_raw(-code),
+            }),
+            None => Ok(()),
         }
-        first_error.map_or(Ok(()), Err)
     }
 }
 

@@ -23,13 +23,13 @@ use crate::model::{Endpoint, Protocol, ServicePort};
 /// tug's table name in both families.
 pub const TABLE: &str = "tug-proxy";
 const MASQ_MARK: u32 = 0x4000;
-const TYPE_IPV4: u32 = 7;
-const TYPE_IPV6: u32 = 8;
-const TYPE_PROTO: u32 = 12;
-const TYPE_SERVICE: u32 = 13;
+pub(crate) const TYPE_IPV4: u32 = 7;
+pub(crate) const TYPE_IPV6: u32 = 8;
+pub(crate) const TYPE_PROTO: u32 = 12;
+pub(crate) const TYPE_SERVICE: u32 = 13;
 const META_MARK: u32 = 3;
-const META_L4PROTO: u32 = 16;
-const RTN_LOCAL: u32 = 2;
+pub(crate) const META_L4PROTO: u32 = 16;
+pub(crate) const RTN_LOCAL: u32 = 2;
 
 /// How rules are rendered.
 #[derive(Debug, Clone, Default)]
@@ -70,7 +70,7 @@ pub struct Ruleset {
     pub sets: Vec<SetSpec>,
 }
 
-fn proto_number(protocol: Protocol) -> u8 {
+pub(crate) fn proto_number(protocol: Protocol) -> u8 {
     match protocol {
         Protocol::Tcp => 6,
         Protocol::Udp => 17,
@@ -78,7 +78,7 @@ fn proto_number(protocol: Protocol) -> u8 {
     }
 }
 
-fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
+pub(crate) fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
     match ip {
         IpAddr::V4(v4) => v4.octets().to_vec(),
         IpAddr::V6(v6) => v6.octets().to_vec(),
@@ -86,7 +86,7 @@ fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
 }
 
 /// Key of `daddr . l4proto . dport`: each field padded to 4 bytes, as registers hold them.
-fn addr_key(ip: &IpAddr, protocol: Protocol, port: u16) -> Vec<u8> {
+pub(crate) fn addr_key(ip: &IpAddr, protocol: Protocol, port: u16) -> Vec<u8> {
     let mut key = ip_bytes(ip);
     key.extend_from_slice(&[proto_number(protocol), 0, 0, 0]);
     key.extend_from_slice(&port.to_be_bytes());
@@ -94,22 +94,22 @@ fn addr_key(ip: &IpAddr, protocol: Protocol, port: u16) -> Vec<u8> {
     key
 }
 
-fn port_key(protocol: Protocol, port: u16) -> Vec<u8> {
+pub(crate) fn port_key(protocol: Protocol, port: u16) -> Vec<u8> {
     let mut key = vec![proto_number(protocol), 0, 0, 0];
     key.extend_from_slice(&port.to_be_bytes());
     key.extend_from_slice(&[0, 0]);
     key
 }
 
-struct Family {
-    ipv6: bool,
+pub(crate) struct Family {
+    pub(crate) ipv6: bool,
 }
 
 impl Family {
-    fn addr_len(&self) -> u32 {
+    pub(crate) fn addr_len(&self) -> u32 {
         if self.ipv6 { 16 } else { 4 }
     }
-    fn saddr(&self, dreg: u32) -> Expr {
+    pub(crate) fn saddr(&self, dreg: u32) -> Expr {
         Expr::Payload {
             base: 1,
             offset: if self.ipv6 { 8 } else { 12 },
@@ -117,7 +117,7 @@ impl Family {
             dreg,
         }
     }
-    fn daddr(&self, dreg: u32) -> Expr {
+    pub(crate) fn daddr(&self, dreg: u32) -> Expr {
         Expr::Payload {
             base: 1,
             offset: if self.ipv6 { 24 } else { 16 },
@@ -126,19 +126,19 @@ impl Family {
         }
     }
     /// Registers for the three fields of `daddr . l4proto . dport`.
-    fn key_regs(&self) -> (u32, u32, u32) {
+    pub(crate) fn key_regs(&self) -> (u32, u32, u32) {
         let words = self.addr_len() / 4;
         (REG32, REG32 + words, REG32 + words + 1)
     }
-    fn addr_type(&self) -> u32 {
+    pub(crate) fn addr_type(&self) -> u32 {
         if self.ipv6 { TYPE_IPV6 } else { TYPE_IPV4 }
     }
-    fn nfproto(&self) -> u8 {
+    pub(crate) fn nfproto(&self) -> u8 {
         if self.ipv6 { FAMILY_IPV6 } else { FAMILY_IPV4 }
     }
 }
 
-fn verdict(v: Verdict) -> Expr {
+pub(crate) fn verdict(v: Verdict) -> Expr {
     Expr::Immediate {
         dreg: REG_VERDICT,
         value: Vec::new(),
@@ -146,7 +146,7 @@ fn verdict(v: Verdict) -> Expr {
     }
 }
 
-fn jump(chain: &str) -> Verdict {
+pub(crate) fn jump(chain: &str) -> Verdict {
     Verdict::Jump(chain.to_owned())
 }
 
@@ -154,7 +154,7 @@ fn goto(chain: &str) -> Verdict {
     Verdict::Goto(chain.to_owned())
 }
 
-fn mark_rules() -> (Vec<Vec<Expr>>, Vec<Vec<Expr>>) {
+pub(crate) fn mark_rules() -> (Vec<Vec<Expr>>, Vec<Vec<Expr>>) {
     let load = Expr::Meta {
         key: META_MARK,
         dreg: REG32,
@@ -205,7 +205,7 @@ fn mark_rules() -> (Vec<Vec<Expr>>, Vec<Vec<Expr>>) {
 }
 
 /// Rules matching a source outside `cidr` (address/prefix).
-fn outside(family: &Family, cidr: &str) -> Option<Vec<Expr>> {
+pub(crate) fn outside(family: &Family, cidr: &str) -> Option<Vec<Expr>> {
     let (network, prefix) = cidr.split_once('/')?;
     let network: IpAddr = network.parse().ok()?;
     if network.is_ipv6() != family.ipv6 {
