@@ -145,7 +145,13 @@ impl Connection {
             let mut out = Vec::new();
             for (kind, flags, body) in chunk {
                 let seq = self.next_seq();
-                message(&mut out, *kind, flags | NLM_F_REQUEST | NLM_F_ACK, seq, body);
+                message(
+                    &mut out,
+                    *kind,
+                    flags | NLM_F_REQUEST | NLM_F_ACK,
+                    seq,
+                    body,
+                );
             }
             send(self.fd.as_raw_fd(), &out, MsgFlags::empty()).map_err(socket_error("send"))?;
             let mut outcome: Vec<Option<i32>> = vec![None; chunk.len()];

@@ -171,7 +171,9 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         ];
         // IPVS's virtual services and VIP device, where the kernel has IPVS.
         if std::path::Path::new("/proc/net/ip_vs").exists() {
-            all.push(Box::new(tug_proxy::ipvs::IpvsBackend::new(ipvs_config.clone())));
+            all.push(Box::new(tug_proxy::ipvs::IpvsBackend::new(
+                ipvs_config.clone(),
+            )));
         }
         if let Some(v6) = ip6tables.clone() {
             all.push(ipt(&v6_program, v6));
@@ -197,7 +199,9 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             nft(ipv4_cidr_for_nft.clone(), false),
             nft(ipv6_cidr_for_nft.clone(), true),
         ],
-        "ipvs" => vec![Box::new(tug_proxy::ipvs::IpvsBackend::new(ipvs_config)) as Box<dyn RuleBackend>],
+        "ipvs" => {
+            vec![Box::new(tug_proxy::ipvs::IpvsBackend::new(ipvs_config)) as Box<dyn RuleBackend>]
+        }
         other => bail!("unknown proxy mode {other:?}: expected iptables, nftables or ipvs"),
     };
     let kubeconfig = args

@@ -27,6 +27,11 @@ pub struct GuestSpec {
     pub memory_mib: u32,
     /// How long the whole boot may take before the guest is killed.
     pub timeout: Duration,
+    /// Files to put in the guest: (host path, guest path). An executable comes with the shared
+    /// libraries it links (at their host paths) and without its debug symbols.
+    pub files: Vec<(PathBuf, String)>,
+    /// Text files to write in the guest: (guest path, content).
+    pub texts: Vec<(String, String)>,
 }
 
 impl GuestSpec {
@@ -37,6 +42,8 @@ impl GuestSpec {
             script: script.to_owned(),
             memory_mib: 256,
             timeout: Duration::from_secs(180),
+            files: Vec::new(),
+            texts: Vec::new(),
         }
     }
 }
@@ -156,6 +163,15 @@ fn build_initramfs(work: &Path, modules_root: &Path, spec: &GuestSpec) -> PathBu
     }
     fs::copy("/bin/busybox", root.join("bin/busybox")).expect("copy /bin/busybox (busybox-static)");
 
+    for (host, guest) in &spec.files {
+        add_file(&root, host, guest);
+    }
+    for (guest, text) in &spec.texts {
+        let path = root.join(guest.trim_start_matches('/'));
+        fs::create_dir_all(path.parent().expect("a parent")).expect("create text file dir");
+        fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+
     let modules = module_load_order(modules_root, &spec.modules);
     let mut inserts = String::new();
     for (i, module) in modules.iter().enumerate() {
@@ -219,6 +235,42 @@ fn build_initramfs(work: &Path, modules_root: &Path, spec: &GuestSpec) -> PathBu
         "cpio failed to build the initramfs"
     );
     image
+}
+
+/// Copies `host` to `guest` under `root`; an executable is stripped of debug symbols and brings
+/// the shared libraries `ldd` names.
+fn add_file(root: &Path, host: &Path, guest: &str) {
+    let target = root.join(guest.trim_start_matches('/'));
+    fs::create_dir_all(target.parent().expect("a parent")).expect("create guest dir");
+    fs::copy(host, &target).unwrap_or_else(|e| panic!("copy {}: {e}", host.display()));
+    let executable = std::os::unix::fs::PermissionsExt::mode(
+        &fs::metadata(host).expect("stat guest file").permissions(),
+    ) & 0o111
+        != 0;
+    if !executable {
+        return;
+    }
+    let _ = Command::new("strip")
+        .arg("--strip-debug")
+        .arg(&target)
+        .status();
+    let Ok(ldd) = Command::new("ldd").arg(host).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux... (0x...)"
+        let library = line
+            .split("=>")
+            .last()
+            .and_then(|rest| rest.split_whitespace().next())
+            .filter(|path| path.starts_with('/'));
+        if let Some(library) = library {
+            let into = root.join(library.trim_start_matches('/'));
+            fs::create_dir_all(into.parent().expect("a parent")).expect("create lib dir");
+            // Through symlinks: the guest gets the file itself.
+            fs::copy(library, &into).unwrap_or_else(|e| panic!("copy {library}: {e}"));
+        }
+    }
 }
 
 /// Resolves module names to their files, dependencies first: hard dependencies from `modules.dep`,

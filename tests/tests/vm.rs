@@ -43,3 +43,161 @@ fn debian_kernel_boots_in_a_guest_and_provides_ipvs() {
     );
     eprintln!("guest booted and ran in {:?}", run.elapsed);
 }
+
+/// The Service, in the standalone proxy's manifest directory.
+const WEB_SERVICE: &str = "apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}]
+";
+
+/// The kubelet's `/pods` with the web pods at `ips`, all Ready.
+fn pods(ips: &[&str]) -> String {
+    let items: Vec<serde_json::Value> = ips
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| {
+            serde_json::json!({
+                "metadata": {"name": format!("web-{i}"), "namespace": "default", "uid": format!("u{i}"), "labels": {"app": "web"}},
+                "spec": {"nodeName": "guest", "containers": [{"name": "web", "image": "web", "ports": [{"containerPort": 8080}]}]},
+                "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                           "conditions": [{"type": "Ready", "status": "True"}]}
+            })
+        })
+        .collect();
+    serde_json::json!({"kind": "PodList", "apiVersion": "v1", "items": items}).to_string()
+}
+
+/// IPVS mode in a guest whose kernel has IPVS: tug proxy (standalone: the Service from a
+/// manifest, endpoints from a kubelet `/pods` served by busybox httpd) programs virtual services
+/// over generic netlink and the VIP on kube-ipvs0. Real HTTP through the ClusterIP from the node
+/// and from a pod reaches both endpoints; a NodePort from an outside namespace works; a port of
+/// the VIP that is no Service's is refused; an endpoint that goes away stops getting traffic;
+/// `--cleanup` removes the virtual services and the device.
+#[test]
+#[ignore = "vm tier (root, qemu): run as root via ./scripts/test, or scripts/vm-assets then cargo test -p tug-tests --test vm -- --ignored"]
+fn ipvs_mode_balances_a_cluster_ip_and_a_node_port_in_a_guest() {
+    require(Tier::Vm);
+    let script = r#"
+ip link set lo up
+# Namespaces, each routed through the node on a link of its own: two endpoint pods and a client
+# pod inside the cluster CIDR, and one client outside it.
+netns() {
+  unshare -n sleep 100000 &
+  p=$!
+  eval "pid_$1=$p"
+  # The namespace exists once the process has left the node's.
+  until [ -e /proc/$p/ns/net ] && [ "$(readlink /proc/$p/ns/net)" != "$(readlink /proc/self/ns/net)" ]; do sleep 0.1; done
+}
+in_ns() { n=$1; shift; eval "nsenter -t \$pid_$n -n $*"; }
+attach() { # name subnet-prefix (x.y.z): the node is x.y.z.1, the namespace x.y.z.2
+  netns $1
+  eval "p=\$pid_$1"
+  # busybox ip names the peer itself (veth0, free again after each rename).
+  ip link add v-$1 type veth
+  ip link set veth0 name e-$1
+  ip link set e-$1 netns $p
+  ip addr add $2.1/24 dev v-$1
+  ip link set v-$1 up
+  nsenter -t $p -n sh -c "ip link set lo up; ip link set e-$1 name eth0; ip addr add $2.2/24 dev eth0; ip link set eth0 up; ip route add default via $2.1"
+}
+attach ep1 10.244.2
+attach ep2 10.244.3
+attach client 10.244.4
+attach out 192.168.77
+for n in ep1 ep2; do
+  mkdir -p /www/$n && echo $n > /www/$n/index.html
+  in_ns $n httpd -p 8080 -h /www/$n
+done
+mkdir -p /kubelet && cp /pods-both /kubelet/pods
+httpd -p 127.0.0.1:10255 -h /kubelet
+/tug proxy --proxy-mode ipvs --standalone-services /services --standalone-kubelet 127.0.0.1:10255 \
+  --hostname-override guest --cluster-cidr 10.244.0.0/16 \
+  --healthz-bind-address 127.0.0.1:10256 --metrics-bind-address 127.0.0.1:10249 > /tmp/proxy.log 2>&1 &
+i=0
+until [ -n "$(sh /get.sh 10.96.0.10 80)" ]; do
+  i=$((i+1)); if [ $i -gt 60 ]; then echo "never served"; cat /tmp/proxy.log; exit 1; fi; sleep 1
+done
+echo "device=$(ip -o addr show dev kube-ipvs0 | grep -o '10.96.0.10/32')"
+echo "vs=$(grep -c '0A60000A:0050' /proc/net/ip_vs)"
+seen() { sort | uniq | tr '\n' ' '; }
+echo "from-node=$(for i in $(seq 1 30); do sh /get.sh 10.96.0.10 80; done | seen)"
+echo "from-pod=$(for i in $(seq 1 30); do in_ns client sh /get.sh 10.96.0.10 80; done | seen)"
+echo "nodeport=$(for i in $(seq 1 20); do in_ns out sh /get.sh 192.168.77.1 30080; done | seen)"
+if [ -n "$(in_ns client sh /get.sh 10.96.0.10 8080)" ]; then echo "other-port=open"; else echo "other-port=refused"; fi
+cp /pods-one /kubelet/pods
+i=0
+until [ "$(for i in $(seq 1 10); do sh /get.sh 10.96.0.10 80; done | seen)" = "ep1 " ]; do
+  i=$((i+1)); if [ $i -gt 30 ]; then break; fi; sleep 1
+done
+echo "after-removal=$(for i in $(seq 1 20); do sh /get.sh 10.96.0.10 80; done | seen)"
+kill %1 2>/dev/null || true
+kill $(pidof tug) 2>/dev/null || true
+sleep 1
+/tug proxy --cleanup --hostname-override guest > /tmp/cleanup.log 2>&1 || cat /tmp/cleanup.log
+echo "cleaned-vs=$(grep -c 0050 /proc/net/ip_vs || true)"
+if ip link show kube-ipvs0 >/dev/null 2>&1; then echo "cleaned-device=no"; else echo "cleaned-device=yes"; fi
+"#;
+    let mut spec = GuestSpec::new(script);
+    spec.memory_mib = 1024;
+    spec.timeout = std::time::Duration::from_secs(400);
+    spec.modules = [
+        "ip_vs",
+        "ip_vs_rr",
+        "dummy",
+        "veth",
+        "bridge",
+        "nf_tables",
+        "nft_chain_nat",
+        "nft_masq",
+        "nft_fib_ipv4",
+        "nft_reject_ipv4",
+        "nft_ct",
+        "nf_conntrack",
+        "nf_nat",
+    ]
+    .map(String::from)
+    .to_vec();
+    spec.files = vec![(tug_tests::cni::tug_binary(), "/tug".into())];
+    spec.texts = vec![
+        ("/services/web.yaml".into(), WEB_SERVICE.into()),
+        ("/pods-both".into(), pods(&["10.244.2.2", "10.244.3.2"])),
+        ("/pods-one".into(), pods(&["10.244.2.2"])),
+        // busybox's wget crashes in the guest (static glibc's NSS); nc with numbers does not.
+        (
+            "/get.sh".into(),
+            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 \"$1\" \"$2\" 2>/dev/null | tail -n 1\n"
+                .into(),
+        ),
+    ];
+    let run = boot(&spec);
+    let value = |key: &str| run.value(key).unwrap_or("").trim().to_owned();
+    let console = &run.console;
+    assert_eq!(value("guest-script-status"), "0", "console:\n{console}");
+    assert_eq!(
+        value("device"),
+        "10.96.0.10/32",
+        "the VIP on kube-ipvs0; console:\n{console}"
+    );
+    assert_eq!(
+        value("vs"),
+        "1",
+        "one virtual service for the ClusterIP; console:\n{console}"
+    );
+    for key in ["from-node", "from-pod", "nodeport"] {
+        assert_eq!(
+            value(key),
+            "ep1 ep2",
+            "{key}: both endpoints answer; console:\n{console}"
+        );
+    }
+    assert_eq!(value("other-port"), "refused", "console:\n{console}");
+    assert_eq!(value("after-removal"), "ep1", "console:\n{console}");
+    assert_eq!(value("cleaned-vs"), "0", "console:\n{console}");
+    assert_eq!(value("cleaned-device"), "yes", "console:\n{console}");
+    eprintln!("IPVS guest ran in {:?}", run.elapsed);
+}

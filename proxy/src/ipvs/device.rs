@@ -141,7 +141,10 @@ impl VipDevice {
             .connection
             .batch(&requests)
             .map_err(failed("change addresses"))?;
-        let everything = add.iter().map(|ip| ("add", ip)).chain(remove.iter().map(|ip| ("remove", ip)));
+        let everything = add
+            .iter()
+            .map(|ip| ("add", ip))
+            .chain(remove.iter().map(|ip| ("remove", ip)));
         for ((verb, ip), code) in everything.zip(codes) {
             let errno = nix::Error::from_raw(-code);
             // Removing what is already gone is fine.

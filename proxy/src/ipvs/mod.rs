@@ -138,16 +138,15 @@ pub fn desired(ports: &[ServicePort], node_ips: &[IpAddr], scheduler: &str) -> D
             }
         }
         let keyed = |ip: &IpAddr| (*ip, port.protocol, port.port);
-        out.inputs.cluster.extend(port.cluster_ips.iter().map(keyed));
+        out.inputs
+            .cluster
+            .extend(port.cluster_ips.iter().map(keyed));
         if !port.external_policy_local {
             out.inputs.external.extend(external.iter().map(keyed));
         }
-        out.inputs.services.extend(
-            port.cluster_ips
-                .iter()
-                .chain(&external)
-                .map(keyed),
-        );
+        out.inputs
+            .services
+            .extend(port.cluster_ips.iter().chain(&external).map(keyed));
         out.inputs.endpoints.extend(
             port.cluster_endpoints
                 .iter()
@@ -175,7 +174,9 @@ pub fn diff(current: &Table, wanted: &Table) -> Vec<Op> {
                     ops.push(Op::EditService(*vs, scheduling.clone()));
                 }
                 let by_addr = |set: &BTreeSet<Destination>| -> BTreeMap<(IpAddr, u16), u32> {
-                    set.iter().map(|d| ((d.address, d.port), d.weight)).collect()
+                    set.iter()
+                        .map(|d| ((d.address, d.port), d.weight))
+                        .collect()
                 };
                 let (old, new) = (by_addr(old_dests), by_addr(dests));
                 for d in dests {
@@ -261,6 +262,8 @@ pub struct IpvsBackend {
     /// What the last successful sync programmed; `None` forces a full sync that reads the
     /// kernel's state.
     programmed: Option<Desired>,
+    /// The nftables families whose table tug has written.
+    tables: BTreeSet<u8>,
 }
 
 impl IpvsBackend {
@@ -269,6 +272,7 @@ impl IpvsBackend {
         IpvsBackend {
             config,
             programmed: None,
+            tables: BTreeSet::new(),
         }
     }
 
@@ -322,6 +326,18 @@ impl IpvsBackend {
         let mut rules_changed = 0;
         if current_inputs.as_ref() != Some(&wanted.inputs) {
             for (ipv6, family) in [(false, FAMILY_IPV4), (true, FAMILY_IPV6)] {
+                // A family gets its table once it has a Service address or a cluster CIDR
+                // (a node without IPv6 netfilter modules needs no IPv6 table).
+                let needed = wanted.vips.iter().any(|ip| ip.is_ipv6() == ipv6)
+                    || self
+                        .config
+                        .cluster_cidrs
+                        .iter()
+                        .any(|c| c.contains(':') == ipv6);
+                if !needed && !self.tables.contains(&family) {
+                    continue;
+                }
+                self.tables.insert(family);
                 let config = RuleConfig {
                     ipv6,
                     cluster_cidr: self
@@ -365,11 +381,15 @@ impl IpvsBackend {
             Err(error) => return Err(error.into()),
         }
         VipDevice::remove()?;
+        self.tables.clear();
         for family in [FAMILY_IPV4, FAMILY_IPV6] {
             let mut batch = nft::Batch::new(family);
             batch.add_table(crate::nftables::TABLE);
             batch.del_table(crate::nftables::TABLE);
-            nft::apply(batch)?;
+            // A kernel without that family's nf_tables has no table to remove.
+            if let Err(error) = nft::apply(batch) {
+                tracing::debug!(%error, family, "no nftables table to remove");
+            }
         }
         Ok(())
     }
@@ -409,8 +429,11 @@ mod tests {
     fn a_port_becomes_virtual_services_on_every_address_with_its_endpoints() {
         let node: IpAddr = "192.168.1.10".parse().unwrap();
         let wanted = desired(&[web()], &[node], "rr");
-        let addresses: Vec<(IpAddr, u16)> =
-            wanted.table.keys().map(|vs| (vs.address, vs.port)).collect();
+        let addresses: Vec<(IpAddr, u16)> = wanted
+            .table
+            .keys()
+            .map(|vs| (vs.address, vs.port))
+            .collect();
         assert_eq!(
             addresses,
             [
@@ -424,7 +447,11 @@ mod tests {
             assert_eq!(dests.len(), 2);
         }
         assert_eq!(
-            wanted.vips.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            wanted
+                .vips
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
             ["10.96.0.20", "192.0.2.50"],
             "NodePorts use node addresses, not VIPs"
         );
@@ -439,14 +466,20 @@ mod tests {
         let wanted = desired(&[port], &[], "rr");
         assert!(wanted.inputs.node_ports.is_empty());
         assert!(wanted.inputs.external.is_empty());
-        assert!(wanted.table.values().all(|(s, _)| s.persistence == Some(600)));
+        assert!(
+            wanted
+                .table
+                .values()
+                .all(|(s, _)| s.persistence == Some(600))
+        );
     }
 
     #[test]
     fn a_diff_adds_removes_and_changes_only_what_differs() {
         let before = desired(&[web()], &[], "rr").table;
         let mut changed = web();
-        changed.cluster_endpoints = vec![endpoint("10.244.1.5", true), endpoint("10.244.3.9", false)];
+        changed.cluster_endpoints =
+            vec![endpoint("10.244.1.5", true), endpoint("10.244.3.9", false)];
         changed.external_ips.clear();
         let after = desired(&[changed], &[], "rr").table;
         let ops = diff(&before, &after);

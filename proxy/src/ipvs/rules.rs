@@ -3,7 +3,7 @@
 //! cannot: it marks for masquerade the traffic that needs it (ClusterIP traffic from outside the
 //! cluster CIDR, NodePort and external traffic unless `externalTrafficPolicy: Local`), it
 //! masquerades marked and hairpin traffic (a pod reaching itself through its Service), and it
-//! refuses traffic to a Service address on a port that is no Service's (upstream's
+//! refuses new connections to a Service address on a port that is no Service's (upstream's
 //! `KUBE-IPVS-FILTER`), so the VIPs on the dummy device do not expose the node's own listeners.
 
 use std::net::IpAddr;
@@ -14,6 +14,10 @@ use crate::nftables::{
     Chain, Family, META_L4PROTO, RTN_LOCAL, Ruleset, TYPE_PROTO, TYPE_SERVICE, addr_key, ip_bytes,
     jump, mark_rules, outside, port_key, verdict,
 };
+
+/// `ct state`, and its `new` bit.
+const CT_STATE: u32 = 0;
+const CT_STATE_NEW: u32 = 1 << 3;
 
 /// What the rules are built from, for one family.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -103,7 +107,10 @@ pub fn render(config: &RuleConfig, inputs: &Inputs) -> Ruleset {
     if let Some(rule) = cluster_rule {
         mark.push(then(rule, jump("mark-for-masquerade")));
     }
-    mark.push(then(addr_lookup("external-ips"), jump("mark-for-masquerade")));
+    mark.push(then(
+        addr_lookup("external-ips"),
+        jump("mark-for-masquerade"),
+    ));
     mark.push(vec![
         Expr::FibDaddrType { dreg: REG32 },
         Expr::Cmp {
@@ -134,7 +141,27 @@ pub fn render(config: &RuleConfig, inputs: &Inputs) -> Ruleset {
     hairpin.insert(3, family.saddr(k4));
     hairpin.push(Expr::Masquerade);
     let icmp = if config.ipv6 { 58u8 } else { 1 };
+    // Only new connections: replies to the node's own connections from a VIP pass.
+    let not_new = vec![
+        Expr::Ct {
+            key: CT_STATE,
+            dreg: REG32,
+        },
+        Expr::Bitwise {
+            sreg: REG32,
+            dreg: REG32,
+            mask: CT_STATE_NEW.to_ne_bytes().to_vec(),
+            xor: 0u32.to_ne_bytes().to_vec(),
+        },
+        Expr::Cmp {
+            sreg: REG32,
+            eq: true,
+            data: 0u32.to_ne_bytes().to_vec(),
+        },
+        verdict(Verdict::Return),
+    ];
     let vip_filter = vec![
+        not_new,
         vec![
             Expr::Meta {
                 key: META_L4PROTO,
@@ -162,8 +189,7 @@ pub fn render(config: &RuleConfig, inputs: &Inputs) -> Ruleset {
         hook: None,
         rules,
     };
-    let mut ruleset = Ruleset::default();
-    ruleset.chains = vec![
+    let chains = vec![
         base(
             "nat-prerouting",
             0,
@@ -215,7 +241,7 @@ pub fn render(config: &RuleConfig, inputs: &Inputs) -> Ruleset {
     let mut loop_back = addr_set("loop-back", &family);
     loop_back.key_type = (loop_back.key_type << 6) | family.addr_type();
     loop_back.key_len += family.addr_len();
-    ruleset.maps = vec![
+    let maps = vec![
         (addr_set("cluster-ips", &family), keyed(&inputs.cluster)),
         (addr_set("external-ips", &family), keyed(&inputs.external)),
         (addr_set("services", &family), keyed(&inputs.services)),
@@ -236,17 +262,13 @@ pub fn render(config: &RuleConfig, inputs: &Inputs) -> Ruleset {
         ),
         (
             loop_back,
-            elements(
-                inputs
-                    .endpoints
-                    .iter()
-                    .filter(|(ip, _, _)| ours(ip))
-                    .map(|(ip, protocol, port)| {
-                        let mut key = addr_key(ip, *protocol, *port);
-                        key.extend(ip_bytes(ip));
-                        key
-                    }),
-            ),
+            elements(inputs.endpoints.iter().filter(|(ip, _, _)| ours(ip)).map(
+                |(ip, protocol, port)| {
+                    let mut key = addr_key(ip, *protocol, *port);
+                    key.extend(ip_bytes(ip));
+                    key
+                },
+            )),
         ),
         (
             SetSpec {
@@ -259,7 +281,11 @@ pub fn render(config: &RuleConfig, inputs: &Inputs) -> Ruleset {
             elements(inputs.vips.iter().filter(|ip| ours(ip)).map(ip_bytes)),
         ),
     ];
-    ruleset
+    Ruleset {
+        chains,
+        maps,
+        sets: Vec::new(),
+    }
 }
 
 #[cfg(test)]

@@ -91,6 +91,13 @@ pub enum Expr {
         /// Destination register.
         dreg: u32,
     },
+    /// Load conntrack `key` (0 state) into `dreg`.
+    Ct {
+        /// Conntrack key.
+        key: u32,
+        /// Destination register.
+        dreg: u32,
+    },
     /// Set meta `key` from `sreg`.
     MetaSet {
         /// Meta key.
@@ -221,6 +228,13 @@ impl Expr {
                 ),
                 Expr::Meta { key, dreg } => (
                     "meta",
+                    Box::new(move |d| {
+                        attr_u32(d, 2, *key);
+                        attr_u32(d, 1, *dreg);
+                    }),
+                ),
+                Expr::Ct { key, dreg } => (
+                    "ct",
                     Box::new(move |d| {
                         attr_u32(d, 2, *key);
                         attr_u32(d, 1, *dreg);
