@@ -498,8 +498,12 @@ async fn exercise_containers(mut cri: Cri, substrate: &Substrate, strict: bool) 
     let done = exited(&cri, &exiter, Duration::from_secs(30)).await;
     assert_eq!(done.exit_code, 3, "the exit code is recorded");
     assert_eq!(done.reason, "Error");
+    // containerd's CRI stamps started_at after its start call returns, so for a container
+    // that exits at once its finished_at can come out earlier by a fraction of a millisecond;
+    // tug shim takes both from the task and keeps them in order.
+    let slack = if strict { 0 } else { 10_000_000 };
     assert!(
-        done.started_at > 0 && done.finished_at >= done.started_at,
+        done.started_at > 0 && done.finished_at + slack >= done.started_at,
         "{done:?}"
     );
     assert!(
