@@ -123,6 +123,23 @@ async fn suite(kubelet: &mut TugKubelet, cidr_prefix: &str, runtime_name: &str) 
     };
     let host_dir = tempfile::tempdir().expect("host dir");
 
+    // A Service the pods get link variables for.
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(admin.clone(), namespace.name());
+    let links_db = services
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "links-db"},
+                "spec": {"ports": [{"name": "sql", "port": 5432, "targetPort": 5432}]}}))
+            .unwrap(),
+        )
+        .await
+        .expect("create Service links-db");
+    let links_db_ip = links_db
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("a cluster IP for links-db");
+
     // Content volumes: a ConfigMap the test changes later, a Secret with a restrictive mode.
     let maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
         Api::namespaced(admin.clone(), namespace.name());
@@ -192,7 +209,7 @@ async fn suite(kubelet: &mut TugKubelet, cidr_prefix: &str, runtime_name: &str) 
             {"name": "first", "image": image("busybox"), "command": ["sh", "-c", "printf 1 >> /work/order"], "volumeMounts": [{"name": "work", "mountPath": "/work"}]},
             {"name": "second", "image": image("busybox"), "command": ["sh", "-c", "printf 2 >> /work/order"], "volumeMounts": [{"name": "work", "mountPath": "/work"}]}],
         "containers": [{"name": "app", "image": image("busybox"),
-            "command": ["sh", "-c", "cat /work/order > /dev/termination-log; echo \"$MY_POD_IP\" >> /dev/termination-log; cat /var/run/secrets/kubernetes.io/serviceaccount/namespace >> /dev/termination-log; test -s /var/run/secrets/kubernetes.io/serviceaccount/token && echo token >> /dev/termination-log"],
+            "command": ["sh", "-c", "cat /work/order > /dev/termination-log; echo \"$MY_POD_IP\" >> /dev/termination-log; cat /var/run/secrets/kubernetes.io/serviceaccount/namespace >> /dev/termination-log; test -s /var/run/secrets/kubernetes.io/serviceaccount/token && echo token >> /dev/termination-log; echo \"$LINKS_DB_SERVICE_HOST:$LINKS_DB_SERVICE_PORT_SQL $LINKS_DB_PORT\" >> /dev/termination-log"],
             "env": [{"name": "MY_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
             "volumeMounts": [{"name": "work", "mountPath": "/work"}]}]}))).await;
     create(pod("job-fails", &node, json!({"restartPolicy": "Never", "containers": [{"name": "job", "image": image("exit"), "args": ["3"]}]}))).await;
@@ -389,11 +406,14 @@ async fn suite(kubelet: &mut TugKubelet, cidr_prefix: &str, runtime_name: &str) 
         .pod_ip
         .clone()
         .unwrap_or_default();
-    // Init order, the downward env, and the projected service-account volume (namespace file
-    // and a TokenRequest token).
+    // Init order, the downward env, the projected service-account volume (namespace file
+    // and a TokenRequest token), and the Service's link variables.
     assert_eq!(
         message.trim(),
-        format!("12{init_ip}\n{}token", namespace.name()),
+        format!(
+            "12{init_ip}\n{}token\n{links_db_ip}:5432 tcp://{links_db_ip}:5432",
+            namespace.name()
+        ),
         "termination message"
     );
     assert_eq!(done.reason.as_deref(), Some("Completed"));

@@ -2,11 +2,15 @@
 //! order — literal values with `$(VAR)` expansion over what is defined before, and `valueFrom`
 //! (configMapKeyRef, secretKeyRef, fieldRef, resourceFieldRef). A missing non-optional
 //! reference fails the container with `CreateContainerConfigError` and a message that names it.
-//! Pure: the ConfigMaps and Secrets are fetched beforehand ([`referenced`]).
+//! Service links come first, as upstream: for each Service of the pod's namespace (unless
+//! `enableServiceLinks: false`) and for `kubernetes` in `default` (always), the
+//! `<NAME>_SERVICE_HOST`/`_PORT` and Docker-link variables ([`service_variables`]); `$(VAR)` can
+//! refer to them and the container's own variables override them.
+//! Pure: the ConfigMaps, Secrets and Services are fetched beforehand ([`referenced`]).
 
 use std::collections::{BTreeMap, HashMap};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret, Service};
 
 use super::quantity;
 use super::translate::expand;
@@ -18,6 +22,94 @@ pub struct Sources {
     pub config_maps: HashMap<String, Option<ConfigMap>>,
     /// Secrets.
     pub secrets: HashMap<String, Option<Secret>>,
+    /// The Services whose links the pod gets (see [`linked_services`]).
+    pub services: Vec<Service>,
+}
+
+/// The Services a pod gets variables for, from `namespace_services` (the Services of its
+/// namespace) and `master` (`kubernetes` in `default`): the master Service always, the others
+/// when `enableServiceLinks` is not false; a same-named Service of the namespace wins. Only
+/// Services with a cluster IP count.
+pub fn linked_services(
+    pod: &Pod,
+    namespace_services: Vec<Service>,
+    master: Option<Service>,
+) -> Vec<Service> {
+    let links = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.enable_service_links)
+        .unwrap_or(true);
+    let mut by_name: BTreeMap<String, Service> = BTreeMap::new();
+    if links {
+        for service in namespace_services {
+            by_name.insert(service.metadata.name.clone().unwrap_or_default(), service);
+        }
+    }
+    if let Some(master) = master {
+        by_name
+            .entry(master.metadata.name.clone().unwrap_or_default())
+            .or_insert(master);
+    }
+    by_name
+        .into_values()
+        .filter(|s| {
+            s.spec
+                .as_ref()
+                .and_then(|spec| spec.cluster_ip.as_deref())
+                .is_some_and(|ip| !ip.is_empty() && ip != "None")
+        })
+        .collect()
+}
+
+fn variable_name(text: &str) -> String {
+    text.replace('-', "_").to_uppercase()
+}
+
+/// The variables of `services`, as upstream's kubelet makes them: `<NAME>_SERVICE_HOST`,
+/// `<NAME>_SERVICE_PORT` (first port), `<NAME>_SERVICE_PORT_<PORT NAME>`, and the Docker-link
+/// ones (`<NAME>_PORT`, `<NAME>_PORT_<port>_<PROTO>` with `_PROTO`, `_PORT`, `_ADDR`).
+pub fn service_variables(services: &[Service]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for service in services {
+        let Some(spec) = &service.spec else { continue };
+        let (Some(ip), Some(ports)) = (&spec.cluster_ip, &spec.ports) else {
+            continue;
+        };
+        let Some(first) = ports.first() else { continue };
+        let prefix = variable_name(service.metadata.name.as_deref().unwrap_or_default());
+        out.push((format!("{prefix}_SERVICE_HOST"), ip.clone()));
+        out.push((format!("{prefix}_SERVICE_PORT"), first.port.to_string()));
+        for port in ports {
+            if let Some(name) = port.name.as_deref().filter(|n| !n.is_empty()) {
+                out.push((
+                    format!("{prefix}_SERVICE_PORT_{}", variable_name(name)),
+                    port.port.to_string(),
+                ));
+            }
+        }
+        let host = |port: i32| {
+            if ip.contains(':') {
+                format!("[{ip}]:{port}")
+            } else {
+                format!("{ip}:{port}")
+            }
+        };
+        for (i, port) in ports.iter().enumerate() {
+            let protocol = port.protocol.clone().unwrap_or_else(|| "TCP".into());
+            let lower = protocol.to_lowercase();
+            let url = format!("{lower}://{}", host(port.port));
+            if i == 0 {
+                out.push((format!("{prefix}_PORT"), url.clone()));
+            }
+            let port_prefix = format!("{prefix}_PORT_{}_{}", port.port, protocol.to_uppercase());
+            out.push((port_prefix.clone(), url));
+            out.push((format!("{port_prefix}_PROTO"), lower));
+            out.push((format!("{port_prefix}_PORT"), port.port.to_string()));
+            out.push((format!("{port_prefix}_ADDR"), ip.clone()));
+        }
+    }
+    out
 }
 
 /// What the node knows that the pod spec does not.
@@ -213,12 +305,14 @@ pub fn resolve(
             }
         }
     }
+    let links = service_variables(&sources.services);
+    let linked: HashMap<String, String> = links.iter().cloned().collect();
     for var in container.env.iter().flatten() {
         let value = match &var.value_from {
             None => {
                 let defined: HashMap<String, String> = env.iter().cloned().collect();
                 expand(var.value.as_deref().unwrap_or_default(), &|name| {
-                    defined.get(name).cloned()
+                    defined.get(name).or_else(|| linked.get(name)).cloned()
                 })
             }
             Some(from) => {
@@ -263,6 +357,12 @@ pub fn resolve(
         };
         set(&mut env, var.name.clone(), value);
     }
+    // Service links the container does not define itself.
+    for (key, value) in links {
+        if !env.iter().any(|(k, _)| *k == key) {
+            env.push((key, value));
+        }
+    }
     Ok(env)
 }
 
@@ -270,6 +370,82 @@ pub fn resolve(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn service(namespace: &str, name: &str, ip: &str, ports: serde_json::Value) -> Service {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"clusterIP": ip, "ports": ports}}))
+        .unwrap()
+    }
+
+    #[test]
+    fn service_links_follow_upstreams_names_and_precedence() {
+        let pod = |links: Option<bool>| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"name": "p", "namespace": "shop"},
+                "spec": {"enableServiceLinks": links, "containers": [{"name": "c",
+                    "env": [{"name": "URL", "value": "http://$(REDIS_MASTER_SERVICE_HOST):$(REDIS_MASTER_SERVICE_PORT)"},
+                            {"name": "KUBERNETES_SERVICE_PORT", "value": "override"}]}]}}))
+            .unwrap()
+        };
+        let namespace = vec![
+            service(
+                "shop",
+                "redis-master",
+                "10.96.0.20",
+                json!([
+                {"name": "redis", "port": 6379},
+                {"name": "metrics", "port": 9121, "protocol": "UDP"}]),
+            ),
+            service("shop", "headless", "None", json!([{"port": 80}])),
+        ];
+        let master = service(
+            "default",
+            "kubernetes",
+            "10.96.0.1",
+            json!([{"name": "https", "port": 443}]),
+        );
+        let linked = linked_services(&pod(None), namespace.clone(), Some(master.clone()));
+        assert_eq!(linked.len(), 2, "a headless Service has no links");
+        let p = pod(None);
+        let sources = Sources {
+            services: linked,
+            ..Default::default()
+        };
+        let env: HashMap<String, String> = resolve(
+            &p,
+            &p.spec.as_ref().unwrap().containers[0],
+            &sources,
+            &Facts::default(),
+        )
+        .unwrap()
+        .into_iter()
+        .collect();
+        for (key, value) in [
+            ("REDIS_MASTER_SERVICE_HOST", "10.96.0.20"),
+            ("REDIS_MASTER_SERVICE_PORT", "6379"),
+            ("REDIS_MASTER_SERVICE_PORT_REDIS", "6379"),
+            ("REDIS_MASTER_SERVICE_PORT_METRICS", "9121"),
+            ("REDIS_MASTER_PORT", "tcp://10.96.0.20:6379"),
+            ("REDIS_MASTER_PORT_6379_TCP", "tcp://10.96.0.20:6379"),
+            ("REDIS_MASTER_PORT_6379_TCP_PROTO", "tcp"),
+            ("REDIS_MASTER_PORT_6379_TCP_PORT", "6379"),
+            ("REDIS_MASTER_PORT_6379_TCP_ADDR", "10.96.0.20"),
+            ("REDIS_MASTER_PORT_9121_UDP", "udp://10.96.0.20:9121"),
+            ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+            ("KUBERNETES_SERVICE_PORT", "override"),
+            ("URL", "http://10.96.0.20:6379"),
+        ] {
+            assert_eq!(env.get(key).map(String::as_str), Some(value), "{key}");
+        }
+        // enableServiceLinks: false keeps only the master Service's variables.
+        let off = linked_services(&pod(Some(false)), namespace, Some(master));
+        assert_eq!(off.len(), 1);
+        assert_eq!(off[0].metadata.name.as_deref(), Some("kubernetes"));
+        let v6 = service("shop", "v6", "fd00::10", json!([{"port": 80}]));
+        let vars: HashMap<String, String> = service_variables(&[v6]).into_iter().collect();
+        assert_eq!(vars["V6_PORT"], "tcp://[fd00::10]:80");
+    }
 
     #[test]
     fn env_from_sources_fields_resources_and_expansion() {

@@ -15,7 +15,9 @@ use k8s_cri::v1::{
     RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
     StopContainerRequest, StopPodSandboxRequest,
 };
-use k8s_openapi::api::core::v1::{ConfigMap, Container, ObjectReference, Pod, PodStatus, Secret};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, ObjectReference, Pod, PodStatus, Secret, Service,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
@@ -833,6 +835,7 @@ impl Worker {
             let found = volumes::fetch::<Secret>(&self.shared, &namespace, &name).await?;
             sources.secrets.insert(name, found);
         }
+        sources.services = self.linked_services(pod, &namespace).await?;
         let facts = Facts {
             pod_ips: if pod
                 .spec
@@ -849,6 +852,31 @@ impl Worker {
             allocatable_memory: self.shared.allocatable.1,
         };
         env::resolve(pod, container, &sources, &facts)
+    }
+
+    /// The Services whose variables the pod's containers get (none in standalone mode).
+    async fn linked_services(&self, pod: &Pod, namespace: &str) -> Result<Vec<Service>, String> {
+        let Some(client) = &self.shared.client else {
+            return Ok(Vec::new());
+        };
+        let links = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.enable_service_links)
+            .unwrap_or(true);
+        let in_namespace = if links {
+            kube::Api::<Service>::namespaced(client.clone(), namespace)
+                .list(&Default::default())
+                .await
+                .map_err(|e| {
+                    format!("list the Services of namespace {namespace} for service links: {e}")
+                })?
+                .items
+        } else {
+            Vec::new()
+        };
+        let master = volumes::fetch::<Service>(&self.shared, "default", "kubernetes").await?;
+        Ok(env::linked_services(pod, in_namespace, master))
     }
 
     /// A container that could not start: a Warning event and the waiting reason it shows.
