@@ -121,15 +121,16 @@ pub fn stale_udp(before: &[ServicePort], after: &[ServicePort]) -> Vec<Stale> {
 }
 
 fn message(kind: u16, flags: u16, seq: u32, family: u8, attrs: &[u8]) -> Vec<u8> {
-    let len = 16 + 4 + attrs.len();
-    let mut out = Vec::with_capacity(len);
-    out.extend_from_slice(&(len as u32).to_ne_bytes());
-    out.extend_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | kind).to_ne_bytes());
-    out.extend_from_slice(&flags.to_ne_bytes());
-    out.extend_from_slice(&seq.to_ne_bytes());
-    out.extend_from_slice(&0u32.to_ne_bytes());
-    out.extend_from_slice(&[family, 0, 0, 0]);
-    out.extend_from_slice(attrs);
+    let mut body = vec![family, 0, 0, 0];
+    body.extend_from_slice(attrs);
+    let mut out = Vec::with_capacity(16 + body.len());
+    nfnetlink::message(
+        &mut out,
+        (NFNL_SUBSYS_CTNETLINK << 8) | kind,
+        flags,
+        seq,
+        &body,
+    );
     out
 }
 

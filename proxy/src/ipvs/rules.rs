@@ -11,8 +11,8 @@ use std::net::IpAddr;
 use crate::model::Protocol;
 use crate::nftables::netlink::{Element, Expr, REG32, SetSpec, Verdict};
 use crate::nftables::{
-    Chain, Family, META_L4PROTO, RTN_LOCAL, Ruleset, TYPE_PROTO, TYPE_SERVICE, addr_key, ip_bytes,
-    jump, mark_rules, outside, port_key, verdict,
+    Chain, Family, META_L4PROTO, Ruleset, TYPE_PROTO, TYPE_SERVICE, addr_key, ip_bytes, jump,
+    local_destination, mark_rules, outside, port_key, port_lookup, verdict,
 };
 
 /// `ct state`, and its `new` bit.
@@ -70,27 +70,7 @@ fn elements(keys: impl Iterator<Item = Vec<u8>>) -> Vec<Element> {
 pub fn render(config: &RuleConfig, inputs: &Inputs) -> Ruleset {
     let family = Family { ipv6: config.ipv6 };
     let ours = |ip: &IpAddr| ip.is_ipv6() == config.ipv6;
-    let (k1, k2, k3) = family.key_regs();
-    let addr_lookup = |set: &str| {
-        vec![
-            family.daddr(k1),
-            Expr::Meta {
-                key: META_L4PROTO,
-                dreg: k2,
-            },
-            Expr::Payload {
-                base: 2,
-                offset: 2,
-                len: 2,
-                dreg: k3,
-            },
-            Expr::Lookup {
-                set: set.to_owned(),
-                sreg: k1,
-                dreg: None,
-            },
-        ]
-    };
+    let addr_lookup = |set: &str| family.service_lookup(set, None);
     let then = |mut rule: Vec<Expr>, v: Verdict| {
         rule.push(verdict(v));
         rule
@@ -111,34 +91,14 @@ pub fn render(config: &RuleConfig, inputs: &Inputs) -> Ruleset {
         addr_lookup("external-ips"),
         jump("mark-for-masquerade"),
     ));
-    mark.push(vec![
-        Expr::FibDaddrType { dreg: REG32 },
-        Expr::Cmp {
-            sreg: REG32,
-            eq: true,
-            data: RTN_LOCAL.to_ne_bytes().to_vec(),
-        },
-        Expr::Meta {
-            key: META_L4PROTO,
-            dreg: REG32,
-        },
-        Expr::Payload {
-            base: 2,
-            offset: 2,
-            len: 2,
-            dreg: REG32 + 1,
-        },
-        Expr::Lookup {
-            set: "node-ports".into(),
-            sreg: REG32,
-            dreg: None,
-        },
-        verdict(jump("mark-for-masquerade")),
-    ]);
-    // Hairpin: the endpoint is the source (daddr . l4proto . dport . saddr).
+    let mut node_ports = local_destination();
+    node_ports.extend(port_lookup("node-ports", None));
+    mark.push(then(node_ports, jump("mark-for-masquerade")));
+    // Hairpin: the endpoint is the source (daddr . l4proto . dport . saddr), its register
+    // after the three of the service key.
     let mut hairpin = addr_lookup("loop-back");
-    let k4 = k3 + 1;
-    hairpin.insert(3, family.saddr(k4));
+    let (_, _, k3) = family.key_regs();
+    hairpin.insert(3, family.saddr(k3 + 1));
     hairpin.push(Expr::Masquerade);
     let icmp = if config.ipv6 { 58u8 } else { 1 };
     // Only new connections: replies to the node's own connections from a VIP pass.

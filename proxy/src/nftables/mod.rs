@@ -136,6 +136,61 @@ impl Family {
     pub(crate) fn nfproto(&self) -> u8 {
         if self.ipv6 { FAMILY_IPV6 } else { FAMILY_IPV4 }
     }
+    /// `daddr . l4proto . dport` looked up in `set` (a map's value into `dreg`).
+    pub(crate) fn service_lookup(&self, set: &str, dreg: Option<u32>) -> Vec<Expr> {
+        let (k1, k2, k3) = self.key_regs();
+        vec![
+            self.daddr(k1),
+            Expr::Meta {
+                key: META_L4PROTO,
+                dreg: k2,
+            },
+            Expr::Payload {
+                base: 2,
+                offset: 2,
+                len: 2,
+                dreg: k3,
+            },
+            Expr::Lookup {
+                set: set.to_owned(),
+                sreg: k1,
+                dreg,
+            },
+        ]
+    }
+}
+
+/// `fib daddr type local`.
+pub(crate) fn local_destination() -> Vec<Expr> {
+    vec![
+        Expr::FibDaddrType { dreg: REG32 },
+        Expr::Cmp {
+            sreg: REG32,
+            eq: true,
+            data: RTN_LOCAL.to_ne_bytes().to_vec(),
+        },
+    ]
+}
+
+/// `l4proto . dport` looked up in `set` (a map's value into `dreg`).
+pub(crate) fn port_lookup(set: &str, dreg: Option<u32>) -> Vec<Expr> {
+    vec![
+        Expr::Meta {
+            key: META_L4PROTO,
+            dreg: REG32,
+        },
+        Expr::Payload {
+            base: 2,
+            offset: 2,
+            len: 2,
+            dreg: REG32 + 1,
+        },
+        Expr::Lookup {
+            set: set.to_owned(),
+            sreg: REG32,
+            dreg,
+        },
+    ]
 }
 
 pub(crate) fn verdict(v: Verdict) -> Expr {
@@ -278,7 +333,6 @@ fn chain_suffix(chain: &str) -> &str {
 /// The fixed part of the table: base chains, helper chains and the (empty) maps.
 pub fn base(config: &NftConfig) -> Ruleset {
     let family = Family { ipv6: config.ipv6 };
-    let (k1, k2, k3) = family.key_regs();
     let addr_key_type = (((family.addr_type() << 6) | TYPE_PROTO) << 6) | TYPE_SERVICE;
     let addr_key_len = family.addr_len() + 8;
     let map = |name: &str, by_addr: bool| SetSpec {
@@ -292,56 +346,11 @@ pub fn base(config: &NftConfig) -> Ruleset {
         verdict_map: true,
         timeout_ms: None,
     };
-    let addr_lookup = |set: &str| {
-        vec![
-            family.daddr(k1),
-            Expr::Meta {
-                key: META_L4PROTO,
-                dreg: k2,
-            },
-            Expr::Payload {
-                base: 2,
-                offset: 2,
-                len: 2,
-                dreg: k3,
-            },
-            Expr::Lookup {
-                set: set.to_owned(),
-                sreg: k1,
-                dreg: Some(REG_VERDICT),
-            },
-        ]
-    };
-    let local = vec![
-        Expr::FibDaddrType { dreg: REG32 },
-        Expr::Cmp {
-            sreg: REG32,
-            eq: true,
-            data: RTN_LOCAL.to_ne_bytes().to_vec(),
-        },
-    ];
+    let addr_lookup = |set: &str| family.service_lookup(set, Some(REG_VERDICT));
     // protocol . destination port → verdict, from map `set`.
-    let l4_lookup = |set: &str| {
-        [
-            Expr::Meta {
-                key: META_L4PROTO,
-                dreg: REG32,
-            },
-            Expr::Payload {
-                base: 2,
-                offset: 2,
-                len: 2,
-                dreg: REG32 + 1,
-            },
-            Expr::Lookup {
-                set: set.to_owned(),
-                sreg: REG32,
-                dreg: Some(REG_VERDICT),
-            },
-        ]
-    };
-    let port_lookup = |set: &str| {
-        let mut rule = local.clone();
+    let l4_lookup = |set: &str| port_lookup(set, Some(REG_VERDICT));
+    let local_port_lookup = |set: &str| {
+        let mut rule = local_destination();
         rule.extend(l4_lookup(set));
         rule
     };
@@ -349,7 +358,7 @@ pub fn base(config: &NftConfig) -> Ruleset {
     let mut ruleset = Ruleset::default();
     // NodePorts: on every local address, or on the `nodePortAddresses` ones (set `nodeport-ips`).
     let nodeport_rule = match &config.node_port_ips {
-        None => port_lookup("service-nodeports"),
+        None => local_port_lookup("service-nodeports"),
         Some(_) => {
             let mut rule = vec![
                 family.daddr(REG32),
@@ -396,7 +405,7 @@ pub fn base(config: &NftConfig) -> Ruleset {
             1,
             -10,
             "filter",
-            vec![port_lookup("no-endpoint-nodeports")],
+            vec![local_port_lookup("no-endpoint-nodeports")],
         ),
         base(
             "filter-forward",
