@@ -382,13 +382,14 @@ impl IpvsBackend {
         }
         VipDevice::remove()?;
         self.tables.clear();
-        for family in [FAMILY_IPV4, FAMILY_IPV6] {
-            let mut batch = nft::Batch::new(family);
-            batch.add_table(crate::nftables::TABLE);
-            batch.del_table(crate::nftables::TABLE);
+        for ipv6 in [false, true] {
+            let mut table = crate::nftables::Nftables::new(crate::nftables::NftConfig {
+                ipv6,
+                ..Default::default()
+            });
             // A kernel without that family's nf_tables has no table to remove.
-            if let Err(error) = nft::apply(batch) {
-                tracing::debug!(%error, family, "no nftables table to remove");
+            if let Err(error) = table.cleanup() {
+                tracing::debug!(%error, ipv6, "no nftables table to remove");
             }
         }
         Ok(())
