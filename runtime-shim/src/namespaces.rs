@@ -54,28 +54,39 @@ pub fn create_ipc(dir: &Path, name: &str) -> Result<PathBuf, NamespaceError> {
     pin_new(dir, name, CloneFlags::CLONE_NEWIPC, "ipc")
 }
 
+/// Creates the empty file `dir/name` a namespace is pinned on.
+fn mount_point(dir: &Path, name: &str) -> Result<PathBuf, NamespaceError> {
+    let path = dir.join(name);
+    std::fs::create_dir_all(dir).map_err(io("create namespace directory", dir))?;
+    std::fs::File::create(&path).map_err(io("create namespace mount point", &path))?;
+    Ok(path)
+}
+
+/// Pins the namespace file `source` (under `/proc`) at `target`.
+fn bind(source: &str, target: &Path) -> nix::Result<()> {
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+}
+
 fn pin_new(
     dir: &Path,
     name: &str,
     kind: CloneFlags,
     proc_name: &str,
 ) -> Result<PathBuf, NamespaceError> {
-    let path = dir.join(name);
-    std::fs::create_dir_all(dir).map_err(io("create namespace directory", dir))?;
-    std::fs::File::create(&path).map_err(io("create namespace mount point", &path))?;
+    let path = mount_point(dir, name)?;
     let target = path.clone();
     let source = format!("/proc/thread-self/ns/{proc_name}");
     // A thread of its own enters the new namespace and dies with it pinned; the shim's other
     // threads never change namespace.
     let pinned = std::thread::spawn(move || -> Result<(), std::io::Error> {
         unshare(kind)?;
-        mount(
-            Some(source.as_str()),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )?;
+        bind(&source, &target)?;
         Ok(())
     })
     .join()
@@ -156,9 +167,7 @@ pub fn create_pid(
     init_program: &Path,
     init_args: &[&str],
 ) -> Result<PidNamespace, NamespaceError> {
-    let path = dir.join(name);
-    std::fs::create_dir_all(dir).map_err(io("create namespace directory", dir))?;
-    std::fs::File::create(&path).map_err(io("create namespace mount point", &path))?;
+    let path = mount_point(dir, name)?;
     let mut command = Command::new(init_program);
     command
         .args(init_args)
@@ -194,13 +203,7 @@ pub fn create_pid(
     drop(child);
     spawned_inits().insert(namespace.init);
     let source = format!("/proc/{}/ns/pid", namespace.init);
-    if let Err(errno) = mount(
-        Some(source.as_str()),
-        &path,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    ) {
+    if let Err(errno) = bind(&source, &path) {
         let _ = stop_pid(&namespace);
         let _ = std::fs::remove_file(&path);
         return Err(NamespaceError::Io {
