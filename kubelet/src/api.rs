@@ -5,7 +5,8 @@
 //! `nodes/stats`, `nodes/metrics`, `nodes/spec`, with `nodes/healthz` and `nodes/pods` tried
 //! first and `nodes/proxy` as the fallback).
 //!
-//! Routes: `/healthz`, `/pods`, `/containerLogs/{namespace}/{pod}/{container}`, and the
+//! Routes: `/healthz`, `/pods`, `/spec`, `/stats/summary`, `/metrics`, `/metrics/probes`,
+//! `/metrics/resource`, `/containerLogs/{namespace}/{pod}/{container}`, and the
 //! streaming routes `/exec/{namespace}/{pod}/{container}`, `/attach/…` and
 //! `/portForward/{namespace}/{pod}`, which ask the CRI runtime for a streaming URL and proxy
 //! the client's upgraded connection to it.
@@ -24,6 +25,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tug_streaming::upgrade::{Request, read_request};
 
 use crate::pods::worker::Shared;
+
+/// The Prometheus text format's content type.
+const PROMETHEUS: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// How requests are authorized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -422,6 +426,42 @@ async fn handle<T: AsyncRead + AsyncWrite + Unpin>(
         "/pods" | "/pods/" => {
             let body = crate::run::pod_list(shared);
             respond(&mut io, "200 OK", "application/json", body.as_bytes()).await
+        }
+        "/spec" | "/spec/" => {
+            let body = crate::stats::machine_info(shared).to_string();
+            respond(&mut io, "200 OK", "application/json", body.as_bytes()).await
+        }
+        "/metrics" => {
+            let body = crate::metrics::kubelet_text(shared);
+            respond(&mut io, "200 OK", PROMETHEUS, body.as_bytes()).await
+        }
+        "/metrics/probes" => {
+            let body = shared
+                .cri
+                .metrics()
+                .render(crate::metrics::Endpoint::Probes);
+            respond(&mut io, "200 OK", PROMETHEUS, body.as_bytes()).await
+        }
+        "/stats/summary" | "/stats/summary/" | "/metrics/resource" => {
+            match crate::stats::summary(shared).await {
+                Ok(summary) if path == "/metrics/resource" => {
+                    let body = crate::stats::resource_metrics(&summary);
+                    respond(&mut io, "200 OK", PROMETHEUS, body.as_bytes()).await
+                }
+                Ok(summary) => {
+                    let body = serde_json::to_vec_pretty(&summary).unwrap_or_default();
+                    respond(&mut io, "200 OK", "application/json", &body).await
+                }
+                Err(why) => {
+                    respond(
+                        &mut io,
+                        "500 Internal Server Error",
+                        "text/plain",
+                        format!("failed to get the stats summary: {why}\n").as_bytes(),
+                    )
+                    .await
+                }
+            }
         }
         _ if path.starts_with("/containerLogs/") => {
             let parts: Vec<&str> = path["/containerLogs/".len()..].split('/').collect();

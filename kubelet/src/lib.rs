@@ -12,8 +12,10 @@
 pub mod api;
 pub mod bootstrap;
 pub mod config;
+pub mod metrics;
 pub mod node;
 pub mod pods;
 pub mod register;
 pub mod run;
 pub mod runtime;
+pub mod stats;

@@ -159,11 +159,15 @@ pub async fn run(
     let shared = pods::shared(&manager, client.clone(), cri.clone());
     if let Some(address) = config.read_only {
         let listener = listen(address, "the read-only port").await?;
-        tracing::warn!(%address, "serving the unauthenticated read-only port (/healthz, /pods)");
+        tracing::warn!(%address, "serving the unauthenticated read-only port (/healthz, /pods, /spec)");
         let shared = shared.clone();
         let routes: Routes = Arc::new(move |path| match path {
             "/healthz" => Some(("text/plain", "ok".to_owned())),
             "/pods" | "/pods/" => Some(("application/json", pod_list(&shared))),
+            "/spec" | "/spec/" => Some((
+                "application/json",
+                crate::stats::machine_info(&shared).to_string(),
+            )),
             _ => None,
         });
         servers.push(tokio::spawn(serve(listener, routes)));

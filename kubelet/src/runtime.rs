@@ -2,9 +2,12 @@
 //! RuntimeService and the ImageService, and the runtime's health as node status sees it
 //! (`Status`: RuntimeReady, NetworkReady; `Version`).
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
-
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
 
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
@@ -12,6 +15,7 @@ use k8s_cri::v1::{StatusRequest, VersionRequest};
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
+use crate::metrics::{Metrics, operation_type};
 use crate::node::RuntimeHealth;
 
 /// A CRI client (RuntimeService and ImageService) on one connection.
@@ -19,6 +23,59 @@ use crate::node::RuntimeHealth;
 pub struct Cri {
     endpoint: PathBuf,
     channel: Arc<Mutex<Option<Channel>>>,
+    metrics: Arc<Metrics>,
+}
+
+/// The connection to the runtime, counting and timing every call by its operation type
+/// (`kubelet_runtime_operations_total`, `…_errors_total`, `…_duration_seconds`).
+#[derive(Debug, Clone)]
+pub struct Instrumented {
+    inner: Channel,
+    metrics: Arc<Metrics>,
+}
+
+type Response = http::Response<tonic::body::Body>;
+
+impl tower::Service<http::Request<tonic::body::Body>> for Instrumented {
+    type Response = Response;
+    type Error = tonic::transport::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        tower::Service::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let operation = operation_type(request.uri().path().rsplit('/').next().unwrap_or(""));
+        let metrics = self.metrics.clone();
+        let started = Instant::now();
+        let call = tower::Service::call(&mut self.inner, request);
+        Box::pin(async move {
+            let result = call.await;
+            // An error answer comes trailers-only: its grpc-status is among the headers.
+            let failed = match &result {
+                Ok(response) => {
+                    !response.status().is_success()
+                        || response
+                            .headers()
+                            .get("grpc-status")
+                            .is_some_and(|s| s.as_bytes() != b"0")
+                }
+                Err(_) => true,
+            };
+            let labels = [("operation_type", operation.as_str())];
+            metrics.inc("kubelet_runtime_operations_total", &labels);
+            if failed {
+                metrics.inc("kubelet_runtime_operations_errors_total", &labels);
+            }
+            metrics.observe(
+                "kubelet_runtime_operations_duration_seconds",
+                &labels,
+                started.elapsed().as_secs_f64(),
+            );
+            result
+        })
+    }
 }
 
 /// A failed CRI call, naming the call and the runtime's answer.
@@ -51,7 +108,13 @@ impl Cri {
         Cri {
             endpoint: PathBuf::from(endpoint.trim_start_matches("unix://")),
             channel: Arc::new(Mutex::new(None)),
+            metrics: Arc::default(),
         }
+    }
+
+    /// The kubelet's metrics (the CRI client is where they start).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The socket path.
@@ -59,10 +122,10 @@ impl Cri {
         &self.endpoint
     }
 
-    async fn channel(&self) -> Result<Channel, CriError> {
+    async fn channel(&self) -> Result<Instrumented, CriError> {
         let mut slot = self.channel.lock().await;
         if let Some(channel) = &*slot {
-            return Ok(channel.clone());
+            return Ok(self.instrumented(channel.clone()));
         }
         let channel = containerd_client::connect(&self.endpoint)
             .await
@@ -75,7 +138,14 @@ impl Cri {
                 ),
             })?;
         *slot = Some(channel.clone());
-        Ok(channel)
+        Ok(self.instrumented(channel))
+    }
+
+    fn instrumented(&self, inner: Channel) -> Instrumented {
+        Instrumented {
+            inner,
+            metrics: self.metrics.clone(),
+        }
     }
 
     async fn forget(&self) {
@@ -83,12 +153,12 @@ impl Cri {
     }
 
     /// The RuntimeService.
-    pub async fn runtime(&self) -> Result<RuntimeServiceClient<Channel>, CriError> {
+    pub async fn runtime(&self) -> Result<RuntimeServiceClient<Instrumented>, CriError> {
         Ok(RuntimeServiceClient::new(self.channel().await?).max_decoding_message_size(64 << 20))
     }
 
     /// The ImageService.
-    pub async fn images(&self) -> Result<ImageServiceClient<Channel>, CriError> {
+    pub async fn images(&self) -> Result<ImageServiceClient<Instrumented>, CriError> {
         Ok(ImageServiceClient::new(self.channel().await?).max_decoding_message_size(64 << 20))
     }
 

@@ -251,3 +251,243 @@ async fn the_kubelet_api_serves_only_whom_the_cluster_authorizes() {
     );
     let _ = pods.delete("talker", &Default::default()).await;
 }
+
+/// The value of the first sample of `metric` whose labels include all of `labels`.
+fn sample(text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(metric)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| {
+            let rest = &l[metric.len()..];
+            let value = rest.rsplit_once('}').map_or(rest, |(_, v)| v);
+            value.split_whitespace().next()?.parse().ok()
+        })
+}
+
+#[tokio::test]
+#[ignore = "containerd tier (root) with the cluster tier: run as root via ./scripts/test, or scripts/substrate up && cargo build -p tug && cargo test -p tug-tests --test kubelet_api -- --ignored"]
+async fn the_kubelet_api_reports_stats_and_metrics() {
+    require(Tier::Containerd);
+    let substrate = Substrate::from_env();
+    let shim = TugShim::start("kubelet-stats", "10.254.15.0/24").await;
+    let kubelet = TugKubelet::start("tug-stats", &shim.socket, "192.0.2.25").await;
+    let namespace = cluster().namespace("kubelet-stats").await;
+    let pods: Api<Pod> = Api::namespaced(cluster().admin().await, namespace.name());
+    // Some CPU time, a MiB in an emptyDir, then idle; probed for readiness every second.
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "measured"},
+        "spec": {
+            "nodeName": kubelet.name,
+            "automountServiceAccountToken": false,
+            "volumes": [{"name": "scratch", "emptyDir": {}}],
+            "containers": [{
+                "name": "work",
+                "image": substrate.registry_image("busybox"),
+                "command": ["sh", "-c", "i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; dd if=/dev/zero of=/scratch/blob bs=1024 count=1024; touch /scratch/done; sleep 3600"],
+                "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}],
+                "readinessProbe": {"exec": {"command": ["test", "-e", "/scratch/done"]}, "periodSeconds": 1},
+            }],
+        },
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+    let dir = tempfile::tempdir().unwrap();
+    let admin = identity(
+        &std::fs::read_to_string(cluster().admin_kubeconfig_path()).unwrap(),
+        dir.path(),
+        "admin",
+    );
+    let ns = namespace.name().to_owned();
+    // Ready means the CPU was spent and the MiB written.
+    tug_tests::eventually::eventually("the pod ready", Duration::from_secs(90), || {
+        let pods = pods.clone();
+        async move {
+            let pod = pods.get("measured").await.ok()?;
+            pod.status?
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+                .then_some(())
+        }
+    })
+    .await;
+    let summary = |admin: &Identity| {
+        let (code, body) = get(kubelet.api_port, "/stats/summary", admin);
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).expect("the summary is JSON")
+    };
+    let first = summary(&admin);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let second = summary(&admin);
+    let node = &second["node"];
+    assert_eq!(node["nodeName"], kubelet.name.as_str());
+    assert!(
+        node["cpu"]["usageCoreNanoSeconds"].as_u64().unwrap()
+            > first["node"]["cpu"]["usageCoreNanoSeconds"]
+                .as_u64()
+                .unwrap(),
+        "{node}"
+    );
+    assert!(
+        node["cpu"]["usageNanoCores"].as_u64().is_some(),
+        "a rate once there are two samples: {node}"
+    );
+    let capacity = node["fs"]["capacityBytes"].as_u64().unwrap();
+    assert!(
+        capacity > 0 && node["fs"]["availableBytes"].as_u64().unwrap() <= capacity,
+        "{node}"
+    );
+    let memory = &node["memory"];
+    assert!(memory["workingSetBytes"].as_u64().unwrap() > 0, "{node}");
+    assert!(
+        node["rlimit"]["maxpid"].as_u64().unwrap() > node["rlimit"]["curproc"].as_u64().unwrap(),
+        "{node}"
+    );
+    let pod = second["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["podRef"]["name"] == "measured" && p["podRef"]["namespace"] == ns.as_str())
+        .unwrap_or_else(|| panic!("the pod in the summary: {second}"));
+    let work = pod["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "work")
+        .unwrap_or_else(|| panic!("the container in the summary: {pod}"));
+    let cpu_ns = work["cpu"]["usageCoreNanoSeconds"].as_u64().unwrap();
+    assert!(cpu_ns > 10_000_000, "the loop took CPU time: {work}");
+    assert!(
+        work["memory"]["workingSetBytes"].as_u64().unwrap() > 0,
+        "{work}"
+    );
+    assert!(
+        work["startTime"]
+            .as_str()
+            .is_some_and(|t| t.parse::<jiff::Timestamp>().is_ok()),
+        "{work}"
+    );
+    let scratch = pod["volume"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "scratch")
+        .unwrap_or_else(|| panic!("the emptyDir in the summary: {pod}"));
+    assert!(
+        scratch["usedBytes"].as_u64().unwrap() >= 1 << 20,
+        "{scratch}"
+    );
+    assert!(
+        pod["ephemeral-storage"]["usedBytes"].as_u64().unwrap() >= 1 << 20,
+        "{pod}"
+    );
+
+    // What metrics-server scrapes.
+    let (code, resource) = get(kubelet.api_port, "/metrics/resource", &admin);
+    assert_eq!(code, 200, "{resource}");
+    let labels = [
+        r#"container="work""#,
+        &format!(r#"namespace="{ns}""#),
+        r#"pod="measured""#,
+    ];
+    let seconds = sample(&resource, "container_cpu_usage_seconds_total", &labels)
+        .unwrap_or_else(|| panic!("the container's CPU in /metrics/resource: {resource}"));
+    assert!(seconds >= cpu_ns as f64 / 1e9, "{resource}");
+    assert!(
+        sample(&resource, "node_memory_working_set_bytes", &[]).unwrap() > 0.0,
+        "{resource}"
+    );
+    assert!(
+        sample(&resource, "pod_memory_working_set_bytes", &labels[1..]).unwrap() > 0.0,
+        "{resource}"
+    );
+
+    // The kubelet's own metrics.
+    let (code, metrics) = get(kubelet.api_port, "/metrics", &admin);
+    assert_eq!(code, 200, "{metrics}");
+    assert_eq!(
+        sample(
+            &metrics,
+            "kubelet_node_name",
+            &[&format!(r#"node="{}""#, kubelet.name)]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        sample(&metrics, "kubelet_running_pods", &[]).unwrap() >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        sample(
+            &metrics,
+            "kubelet_running_containers",
+            &[r#"container_state="running""#]
+        )
+        .unwrap()
+            >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        sample(
+            &metrics,
+            "kubelet_runtime_operations_total",
+            &[r#"operation_type="run_podsandbox""#]
+        )
+        .unwrap()
+            >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        sample(
+            &metrics,
+            "kubelet_started_containers_total",
+            &[r#"container_type="container""#]
+        )
+        .unwrap()
+            >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        sample(&metrics, "kubelet_pod_start_duration_seconds_count", &[]).unwrap() >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("# TYPE kubelet_runtime_operations_duration_seconds histogram"),
+        "{metrics}"
+    );
+
+    // Probe results, by pod and result.
+    let (code, probes) = get(kubelet.api_port, "/metrics/probes", &admin);
+    assert_eq!(code, 200, "{probes}");
+    let probe = [
+        r#"probe_type="Readiness""#,
+        r#"container="work""#,
+        r#"pod="measured""#,
+        &format!(r#"namespace="{ns}""#),
+    ];
+    let passed = [&probe[..], &[r#"result="successful""#]].concat();
+    assert!(
+        sample(&probes, "prober_probe_total", &passed).unwrap_or(0.0) >= 1.0,
+        "{probes}"
+    );
+
+    // Stats and metrics are the Node's stats and metrics subresources: no credentials, no data.
+    for path in [
+        "/stats/summary",
+        "/metrics",
+        "/metrics/probes",
+        "/metrics/resource",
+        "/spec",
+    ] {
+        let (code, body) = get(kubelet.api_port, path, &Identity::Anonymous);
+        assert_eq!(code, 401, "{path}: {body}");
+    }
+    let _ = pods.delete("measured", &Default::default()).await;
+}

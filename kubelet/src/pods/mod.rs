@@ -209,7 +209,14 @@ impl Manager {
     }
 
     fn reap(&mut self) {
-        self.workers.retain(|_, h| !h.task.is_finished());
+        let metrics = self.shared.cri.metrics().clone();
+        self.workers.retain(|uid, h| {
+            let running = !h.task.is_finished();
+            if !running {
+                metrics.forget("pod_uid", uid);
+            }
+            running
+        });
     }
 }
 
@@ -375,6 +382,7 @@ pub fn shared(config: &PodManagerConfig, client: Option<kube::Client>, cri: Cri)
         static_pods: Default::default(),
         tokens: Default::default(),
         sync_frequency: config.sync_frequency,
+        rates: Default::default(),
     })
 }
 

@@ -42,6 +42,8 @@ pub struct Target {
     pub container: Container,
     /// The pod's primary IP (default host for HTTP, TCP and gRPC).
     pub pod_ip: String,
+    /// The pod's namespace, name and UID (for the probe metrics).
+    pub pod: [String; 3],
 }
 
 fn port_number(port: &IntOrString, container: &Container) -> Result<u16, String> {
@@ -517,8 +519,31 @@ async fn repeat(
     tokio::time::sleep(delay).await;
     let period = Duration::from_secs(probe.period_seconds.unwrap_or(10).max(1) as u64);
     let (mut ok, mut failed) = (0, 0);
+    let [namespace, pod, uid] = &target.pod;
+    let labels = [
+        ("probe_type", kind),
+        ("container", target.container.name.as_str()),
+        ("pod", pod.as_str()),
+        ("namespace", namespace.as_str()),
+        ("pod_uid", uid.as_str()),
+    ];
+    let metrics = target.cri.metrics();
     loop {
-        let (passed, streak) = match run_probe(target, probe).await {
+        let started = std::time::Instant::now();
+        let outcome = run_probe(target, probe).await;
+        metrics.observe(
+            "prober_probe_duration_seconds",
+            &labels,
+            started.elapsed().as_secs_f64(),
+        );
+        let result = match outcome {
+            Outcome::Success => "successful",
+            Outcome::Failure(_) => "failed",
+        };
+        let mut counted = labels.to_vec();
+        counted.insert(1, ("result", result));
+        metrics.inc("prober_probe_total", &counted);
+        let (passed, streak) = match outcome {
             Outcome::Success => {
                 (ok, failed) = (ok + 1, 0);
                 (true, Streak::Passed(ok))
@@ -586,6 +611,7 @@ mod tests {
             container_id: String::new(),
             container: Container::default(),
             pod_ip: "127.0.0.1".into(),
+            pod: Default::default(),
         };
         let action = |service: Option<&str>| GRPCAction {
             port: i32::from(port),
@@ -648,6 +674,7 @@ mod tests {
             container_id: String::new(),
             container: Container::default(),
             pod_ip: "127.0.0.1".into(),
+            pod: Default::default(),
         };
         let mut action: HTTPGetAction = serde_json::from_value(serde_json::json!({
             "path": "/healthz", "port": port, "httpHeaders": [{"name": "X-Probe", "value": "yes"}]})).unwrap();

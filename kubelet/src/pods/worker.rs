@@ -67,6 +67,8 @@ pub struct Shared {
     pub tokens: std::sync::Mutex<HashMap<String, Token>>,
     /// The periodic sync (volume refresh) period.
     pub sync_frequency: Duration,
+    /// The previous samples of CPU counters (for the stats summary's rates).
+    pub rates: crate::stats::Rates,
 }
 
 impl std::fmt::Debug for Shared {
@@ -136,6 +138,10 @@ pub struct Worker {
     failures: mpsc::UnboundedReceiver<Failure>,
     written: Option<(String, PodStatus)>,
     volumes_refreshed: Option<Instant>,
+    /// When the worker first saw the pod, until it runs (`kubelet_pod_start_duration_seconds`);
+    /// `None` once recorded, or for a pod that was running before this kubelet started.
+    first_seen: Option<Instant>,
+    syncs: u64,
 }
 
 impl std::fmt::Debug for Worker {
@@ -158,6 +164,8 @@ impl Worker {
             verdicts: Verdicts::default(),
             probers: HashMap::new(),
             wake,
+            first_seen: Some(Instant::now()),
+            syncs: 0,
             failures_tx,
             failures,
             written: None,
@@ -256,6 +264,34 @@ impl Worker {
     }
 
     async fn sync(&mut self, pod: &Pod) -> Flow {
+        let began = Instant::now();
+        let operation = match self.syncs {
+            0 => "create",
+            _ if self.written.is_some() => "update",
+            _ => "sync",
+        };
+        let flow = self.sync_once(pod).await;
+        self.syncs += 1;
+        let metrics = self.shared.cri.metrics();
+        metrics.observe(
+            "kubelet_pod_worker_duration_seconds",
+            &[("operation_type", operation)],
+            began.elapsed().as_secs_f64(),
+        );
+        let phase = self.written.as_ref().and_then(|(_, s)| s.phase.as_deref());
+        if phase == Some("Running")
+            && let Some(first_seen) = self.first_seen.take()
+        {
+            metrics.observe(
+                "kubelet_pod_start_duration_seconds",
+                &[],
+                first_seen.elapsed().as_secs_f64(),
+            );
+        }
+        flow
+    }
+
+    async fn sync_once(&mut self, pod: &Pod) -> Flow {
         let mut observed;
         let mut wake_at: Option<i64>;
         let mut rounds = 0;
@@ -272,6 +308,9 @@ impl Worker {
                 && let Ok(name) = self.shared.cri.runtime_name().await
             {
                 let _ = self.shared.runtime_name.set(name);
+            }
+            if self.syncs == 0 && rounds == 0 && observed.current().is_some() {
+                self.first_seen = None; // adopted from an earlier kubelet: started long ago
             }
             self.sync_probers(pod, &observed);
             let decision = decide(pod, &observed, &self.unhealthy(), &self.backoff, now_ns());
@@ -411,9 +450,12 @@ impl Worker {
                 .map_err(|e| CriError::call("RunPodSandbox", e))
         }
         .await;
+        let metrics = self.shared.cri.metrics();
+        metrics.inc("kubelet_started_pods_total", &[]);
         match result {
             Ok(_) => true,
             Err(error) => {
+                metrics.inc("kubelet_started_pods_errors_total", &[]);
                 tracing::warn!(pod = %self.uid, %error, "creating the pod sandbox failed");
                 self.event(
                     pod,
@@ -458,11 +500,13 @@ impl Worker {
         } else {
             ips.first()
         };
+        let meta = pod.map(|p| p.metadata.clone()).unwrap_or_default();
         Target {
             cri: self.shared.cri.clone(),
             container_id: instance.id.clone(),
             container,
             pod_ip: pod_ip.cloned().unwrap_or_else(|| "127.0.0.1".into()),
+            pod: [meta.namespace, meta.name, meta.uid].map(Option::unwrap_or_default),
         }
     }
 
@@ -686,10 +730,8 @@ impl Worker {
                     unhealthy: None,
                 });
             let target = Target {
-                cri: self.shared.cri.clone(),
-                container_id: instance.id.clone(),
                 container: container.clone(),
-                pod_ip: self.target(Some(pod), instance, &ips).pod_ip,
+                ..self.target(Some(pod), instance, &ips)
             };
             let handle = probe::spawn(
                 target,
@@ -1008,12 +1050,34 @@ impl Worker {
             format!("Created container: {}", container.name),
             Some(&container.name),
         );
+        let container_type = if pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.init_containers.as_ref())
+            .is_some_and(|init| init.iter().any(|c| c.name == container.name))
+        {
+            "init_container"
+        } else {
+            "container"
+        };
+        let metrics = self.shared.cri.metrics();
+        metrics.inc(
+            "kubelet_started_containers_total",
+            &[("container_type", container_type)],
+        );
         if let Err(status) = runtime
             .start_container(StartContainerRequest {
                 container_id: id.clone(),
             })
             .await
         {
+            metrics.inc(
+                "kubelet_started_containers_errors_total",
+                &[
+                    ("code", &format!("{:?}", status.code())),
+                    ("container_type", container_type),
+                ],
+            );
             return Err(self.failed(pod, &container.name, "RunContainerError", status.message()));
         }
         self.event(
