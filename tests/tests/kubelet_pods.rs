@@ -175,6 +175,77 @@ async fn suite(kubelet: &mut TugKubelet, cidr_prefix: &str, runtime_name: &str) 
             "command": ["sh", "-c", "stat -L -c %a /creds/password > /dev/termination-log; grep ' /creds ' /proc/mounts | cut -d' ' -f3 >> /dev/termination-log; cat /creds/password >> /dev/termination-log"],
             "volumeMounts": [{"name": "creds", "mountPath": "/creds", "readOnly": true}]}]}))).await;
 
+    // A PersistentVolume on a host directory, bound to the claim "data" (pre-bound, as an
+    // operator binds a local volume; the claim's status says Bound as the PV controller
+    // would write it), a read-only use of it, and a claim that is bound to nothing.
+    let claims: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        Api::namespaced(admin.clone(), namespace.name());
+    let volumes: Api<k8s_openapi::api::core::v1::PersistentVolume> = Api::all(admin.clone());
+    let volume_name = format!("{}-data", namespace.name());
+    let volume_dir = tempfile::tempdir().expect("volume dir");
+    std::fs::write(volume_dir.path().join("seed"), "from the volume").unwrap();
+    let claim = claims
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "data"}, "spec": {
+                "accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": volume_name,
+                "resources": {"requests": {"storage": "1Gi"}}}}))
+            .unwrap(),
+        )
+        .await
+        .expect("create PVC data");
+    volumes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": volume_name}, "spec": {
+                "accessModes": ["ReadWriteOnce"], "storageClassName": "", "capacity": {"storage": "1Gi"},
+                "persistentVolumeReclaimPolicy": "Retain",
+                "hostPath": {"path": volume_dir.path(), "type": "Directory"},
+                "claimRef": {"namespace": namespace.name(), "name": "data", "uid": claim.metadata.uid}}}))
+            .unwrap(),
+        )
+        .await
+        .expect("create PV");
+    if claim.status.and_then(|s| s.phase).as_deref() != Some("Bound") {
+        let _ = claims
+            .patch_status(
+                "data",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(json!({"status": {"phase": "Bound",
+                    "accessModes": ["ReadWriteOnce"], "capacity": {"storage": "1Gi"}}})),
+            )
+            .await;
+    }
+    claims
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "loose"}, "spec": {
+                "accessModes": ["ReadWriteOnce"], "storageClassName": "",
+                "resources": {"requests": {"storage": "1Gi"}}}}))
+            .unwrap(),
+        )
+        .await
+        .expect("create PVC loose");
+    create(pod("claim", &node, json!({"restartPolicy": "Never",
+        "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}],
+        "containers": [{"name": "app", "image": image("busybox"),
+            "command": ["sh", "-c", "cat /data/seed > /dev/termination-log; echo written-by-pod > /data/out"],
+            "volumeMounts": [{"name": "data", "mountPath": "/data"}]}]}))).await;
+    create(pod("claim-ro", &node, json!({"restartPolicy": "Never",
+        "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data", "readOnly": true}}],
+        "containers": [{"name": "app", "image": image("busybox"),
+            "command": ["sh", "-c", "cat /data/seed; touch /data/forbidden"],
+            "volumeMounts": [{"name": "data", "mountPath": "/data"}]}]}))).await;
+    create(pod(
+        "claim-unbound",
+        &node,
+        json!({
+        "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "loose"}}],
+        "containers": [{"name": "app", "image": image("busybox"), "command": ["sleep", "3600"],
+            "volumeMounts": [{"name": "data", "mountPath": "/data"}]}]}),
+    ))
+    .await;
+
     // A web server with probes, a crash loop, a liveness failure, a readiness flip, init
     // containers feeding the app through an emptyDir, two Job-style pods, a bad image, a bad
     // spec, and one with a preStop hook — all at once, as a node gets them.
@@ -480,6 +551,40 @@ async fn suite(kubelet: &mut TugKubelet, cidr_prefix: &str, runtime_name: &str) 
         "secret volume: {message}"
     );
 
+    // The claimed volume: read and written through the claim, read-only where it says so,
+    // and a claim bound to nothing fails only its own pod, naming the claim.
+    let claimed = wait_phase(&pods, "claim", "Succeeded").await;
+    assert_eq!(
+        terminated(&claimed, "app").message.as_deref(),
+        Some("from the volume")
+    );
+    assert_eq!(
+        std::fs::read_to_string(volume_dir.path().join("out")).unwrap(),
+        "written-by-pod\n"
+    );
+    let read_only = wait_phase(&pods, "claim-ro", "Failed").await;
+    assert_ne!(terminated(&read_only, "app").exit_code, 0);
+    assert!(!volume_dir.path().join("forbidden").exists());
+    let unbound = wait_pod(
+        &pods,
+        "claim-unbound",
+        "waiting on its unbound claim",
+        Duration::from_secs(60),
+        |p| {
+            let waiting = container(p, "app")?.state.clone()?.waiting?;
+            waiting
+                .message
+                .filter(|m| m.contains("loose") && m.contains("non-bound"))
+                .map(|m| (waiting.reason, m))
+        },
+    )
+    .await;
+    assert_eq!(
+        unbound.0.as_deref(),
+        Some("CreateContainerConfigError"),
+        "{unbound:?}"
+    );
+
     // A ConfigMap update reaches the running pod (its readiness probe waits for the new value).
     wait_pod(
         &pods,
@@ -598,6 +703,9 @@ async fn suite(kubelet: &mut TugKubelet, cidr_prefix: &str, runtime_name: &str) 
         },
     )
     .await;
+    // The volume's data outlives the pods; the PV is the test's to delete.
+    assert!(volume_dir.path().join("out").exists());
+    let _ = volumes.delete(&volume_name, &DeleteParams::default()).await;
 }
 
 #[tokio::test]

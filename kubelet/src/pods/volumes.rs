@@ -417,6 +417,136 @@ pub async fn refresh(shared: &Shared, pod: &Pod) -> Result<(), String> {
     Ok(())
 }
 
+/// A host path checked against its `type` (created for `DirectoryOrCreate` and
+/// `FileOrCreate`), as for hostPath volumes and hostPath PersistentVolumes.
+fn checked_host_path(path: &str, kind: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(path);
+    let meta = std::fs::metadata(&path);
+    use std::os::unix::fs::FileTypeExt;
+    let bad = |what: &str| {
+        Err(format!(
+            "hostPath type check failed: {} is not {what}",
+            path.display()
+        ))
+    };
+    match kind {
+        "" => {}
+        "DirectoryOrCreate" => {
+            if meta.is_err() {
+                std::fs::create_dir_all(&path)
+                    .map_err(|e| format!("create {}: {e}", path.display()))?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).ok();
+            } else if !meta.as_ref().is_ok_and(|m| m.is_dir()) {
+                return bad("a directory");
+            }
+        }
+        "FileOrCreate" => {
+            if meta.is_err() {
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent).ok();
+                }
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .mode(0o644)
+                    .open(&path)
+                    .map_err(|e| format!("create {}: {e}", path.display()))?;
+            } else if !meta.as_ref().is_ok_and(|m| m.is_file()) {
+                return bad("a file");
+            }
+        }
+        "Directory" if !meta.as_ref().is_ok_and(|m| m.is_dir()) => return bad("a directory"),
+        "File" if !meta.as_ref().is_ok_and(|m| m.is_file()) => return bad("a file"),
+        "Socket" if !meta.as_ref().is_ok_and(|m| m.file_type().is_socket()) => {
+            return bad("a socket");
+        }
+        "CharDevice" if !meta.as_ref().is_ok_and(|m| m.file_type().is_char_device()) => {
+            return bad("a character device");
+        }
+        "BlockDevice" if !meta.as_ref().is_ok_and(|m| m.file_type().is_block_device()) => {
+            return bad("a block device");
+        }
+        "Directory" | "File" | "Socket" | "CharDevice" | "BlockDevice" => {}
+        other => return Err(format!("unknown hostPath type {other:?}")),
+    }
+    Ok(path)
+}
+
+/// The host path of the PersistentVolume bound to the claim `namespace/claim_name`: the claim
+/// must be Bound, its volume must be bound back to it, and the volume must be one a node can
+/// mount by itself (`hostPath` or `local`).
+async fn claimed_path(
+    shared: &Shared,
+    namespace: &str,
+    claim_name: &str,
+) -> Result<PathBuf, String> {
+    use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+    let claim: PersistentVolumeClaim = fetch(shared, namespace, claim_name)
+        .await?
+        .ok_or_else(|| format!("persistentvolumeclaim {claim_name:?} not found"))?;
+    let phase = claim
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_default();
+    let volume_name = claim
+        .spec
+        .as_ref()
+        .and_then(|s| s.volume_name.clone())
+        .unwrap_or_default();
+    if phase != "Bound" || volume_name.is_empty() {
+        return Err(format!(
+            "PVC {namespace}/{claim_name} has non-bound phase ({phase:?}) or empty pvc.Spec.VolumeName ({volume_name:?})"
+        ));
+    }
+    let Some(client) = &shared.client else {
+        return Err("persistentVolumeClaim volumes need an API server".into());
+    };
+    let volume = Api::<PersistentVolume>::all(client.clone())
+        .get_opt(&volume_name)
+        .await
+        .map_err(|e| format!("get persistentvolume {volume_name:?}: {e}"))?
+        .ok_or_else(|| {
+            format!(
+                "persistentvolume {volume_name:?} (bound to PVC {namespace}/{claim_name}) not found"
+            )
+        })?;
+    let spec = volume.spec.unwrap_or_default();
+    let claim_ref = spec.claim_ref.clone().unwrap_or_default();
+    let claim_uid = claim.metadata.uid.clone();
+    if claim_ref.namespace.as_deref() != Some(namespace)
+        || claim_ref.name.as_deref() != Some(claim_name)
+        || (claim_ref.uid.is_some() && claim_uid.is_some() && claim_ref.uid != claim_uid)
+    {
+        return Err(format!(
+            "persistentvolume {volume_name:?} is not bound to PVC {namespace}/{claim_name} (its claimRef is {}/{})",
+            claim_ref.namespace.unwrap_or_default(),
+            claim_ref.name.unwrap_or_default()
+        ));
+    }
+    if spec.volume_mode.as_deref() == Some("Block") {
+        return Err(format!(
+            "persistentvolume {volume_name:?} has volumeMode Block, which tug's kubelet does not attach"
+        ));
+    }
+    if let Some(host) = &spec.host_path {
+        return checked_host_path(&host.path, host.type_.as_deref().unwrap_or(""));
+    }
+    if let Some(local) = &spec.local {
+        let path = PathBuf::from(&local.path);
+        return match std::fs::metadata(&path) {
+            Ok(_) => Ok(path),
+            Err(e) => Err(format!(
+                "local persistentvolume {volume_name:?}: path {} on this node: {e}",
+                path.display()
+            )),
+        };
+    }
+    Err(format!(
+        "persistentvolume {volume_name:?} is neither hostPath nor local; tug's kubelet mounts no other volume plugins (no CSI)"
+    ))
+}
+
 /// Materialises one volume; returns its host path.
 async fn prepare(shared: &Shared, pod: &Pod, volume: &Volume) -> Result<PathBuf, String> {
     let pod_dir = shared.pod_dir(pod.metadata.uid.as_deref().unwrap_or_default());
@@ -438,57 +568,10 @@ async fn prepare(shared: &Shared, pod: &Pod, volume: &Volume) -> Result<PathBuf,
         return Ok(dir);
     }
     if let Some(host) = &volume.host_path {
-        let path = PathBuf::from(&host.path);
-        let meta = std::fs::metadata(&path);
-        use std::os::unix::fs::FileTypeExt;
-        let kind = host.type_.as_deref().unwrap_or("");
-        let bad = |what: &str| {
-            Err(format!(
-                "hostPath type check failed: {} is not {what}",
-                path.display()
-            ))
-        };
-        match kind {
-            "" => {}
-            "DirectoryOrCreate" => {
-                if meta.is_err() {
-                    std::fs::create_dir_all(&path)
-                        .map_err(|e| format!("create {}: {e}", path.display()))?;
-                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).ok();
-                } else if !meta.as_ref().is_ok_and(|m| m.is_dir()) {
-                    return bad("a directory");
-                }
-            }
-            "FileOrCreate" => {
-                if meta.is_err() {
-                    if let Some(parent) = path.parent() {
-                        std::fs::create_dir_all(parent).ok();
-                    }
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .mode(0o644)
-                        .open(&path)
-                        .map_err(|e| format!("create {}: {e}", path.display()))?;
-                } else if !meta.as_ref().is_ok_and(|m| m.is_file()) {
-                    return bad("a file");
-                }
-            }
-            "Directory" if !meta.as_ref().is_ok_and(|m| m.is_dir()) => return bad("a directory"),
-            "File" if !meta.as_ref().is_ok_and(|m| m.is_file()) => return bad("a file"),
-            "Socket" if !meta.as_ref().is_ok_and(|m| m.file_type().is_socket()) => {
-                return bad("a socket");
-            }
-            "CharDevice" if !meta.as_ref().is_ok_and(|m| m.file_type().is_char_device()) => {
-                return bad("a character device");
-            }
-            "BlockDevice" if !meta.as_ref().is_ok_and(|m| m.file_type().is_block_device()) => {
-                return bad("a block device");
-            }
-            "Directory" | "File" | "Socket" | "CharDevice" | "BlockDevice" => {}
-            other => return Err(format!("unknown hostPath type {other:?}")),
-        }
-        return Ok(path);
+        return checked_host_path(&host.path, host.type_.as_deref().unwrap_or(""));
+    }
+    if let Some(claim) = &volume.persistent_volume_claim {
+        return claimed_path(shared, &namespace, &claim.claim_name).await;
     }
     // A ConfigMap or a Secret: its keys as files (a Secret's on tmpfs).
     let keys = match (&volume.config_map, &volume.secret) {
@@ -704,7 +787,12 @@ pub async fn mounts(
         out.push(Mount {
             container_path: mount.mount_path.clone(),
             host_path: host_path.display().to_string(),
-            readonly: mount.read_only.unwrap_or(false),
+            // A claim mounted read-only is read-only in every container.
+            readonly: mount.read_only.unwrap_or(false)
+                || volume
+                    .persistent_volume_claim
+                    .as_ref()
+                    .is_some_and(|c| c.read_only == Some(true)),
             propagation: propagation as i32,
             ..Default::default()
         });
