@@ -43,10 +43,8 @@ pub enum Authorization {
 pub struct ApiConfig {
     /// Where it listens.
     pub address: SocketAddr,
-    /// The serving certificate and key (PEM files).
-    pub cert_file: PathBuf,
-    /// Its key.
-    pub key_file: PathBuf,
+    /// Where the serving certificate comes from.
+    pub serving: Serving,
     /// CA bundle that signs client certificates; none: client certificates are not accepted.
     pub client_ca_file: Option<PathBuf>,
     /// Bearer tokens checked with TokenReview.
@@ -55,6 +53,20 @@ pub struct ApiConfig {
     pub anonymous: bool,
     /// Authorization mode.
     pub authorization: Authorization,
+}
+
+/// Where the API's serving certificate comes from.
+#[derive(Debug, Clone)]
+pub enum Serving {
+    /// PEM files (`tlsCertFile`, `tlsPrivateKeyFile`, or the self-signed pair).
+    Files {
+        /// The certificate chain.
+        cert: PathBuf,
+        /// Its key.
+        key: PathBuf,
+    },
+    /// Issued by the cluster and rotated (`serverTLSBootstrap`).
+    Bootstrap(crate::serving::Bootstrap),
 }
 
 /// Who made a request.
@@ -117,19 +129,15 @@ fn pem_certs(path: &Path) -> std::io::Result<Vec<rustls::pki_types::CertificateD
     rustls_pemfile::certs(&mut reader).collect()
 }
 
-/// The TLS configuration: the serving certificate, and client certificates from the CA when
-/// one is configured (optional: a request may authenticate with a token instead).
-pub fn tls(config: &ApiConfig) -> std::io::Result<rustls::ServerConfig> {
+/// The TLS configuration: the serving certificate from `serving`, and client certificates from
+/// the CA when one is configured (optional: a request may authenticate with a token instead).
+pub fn tls(
+    config: &ApiConfig,
+    serving: Arc<crate::serving::ServingCert>,
+) -> std::io::Result<rustls::ServerConfig> {
     let bad = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
         std::io::Error::other(format!("{what} {}: {e}", path.display()))
     };
-    let certs = pem_certs(&config.cert_file).map_err(|e| bad("read", &config.cert_file, &e))?;
-    let mut reader = std::io::BufReader::new(
-        std::fs::File::open(&config.key_file).map_err(|e| bad("read", &config.key_file, &e))?,
-    );
-    let key = rustls_pemfile::private_key(&mut reader)
-        .map_err(|e| bad("read", &config.key_file, &e))?
-        .ok_or_else(|| bad("no private key in", &config.key_file, &"empty"))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -153,9 +161,7 @@ pub fn tls(config: &ApiConfig) -> std::io::Result<rustls::ServerConfig> {
         }
         None => builder.with_no_client_auth(),
     };
-    let mut tls = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| bad("use the serving certificate", &config.cert_file, &e))?;
+    let mut tls = builder.with_cert_resolver(serving);
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tls)
 }

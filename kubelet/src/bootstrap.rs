@@ -34,11 +34,13 @@ pub enum BootstrapError {
     Csr(String),
     /// It was not issued in time.
     #[error(
-        "certificate signing request {name} was not issued within {seconds}s (is a CSR approver running for signer kubernetes.io/kube-apiserver-client-kubelet?)"
+        "certificate signing request {name} was not issued within {seconds}s (is a CSR approver running for signer {signer}?)"
     )]
     Timeout {
         /// The CSR.
         name: String,
+        /// Its signer.
+        signer: String,
         /// The wait.
         seconds: u64,
     },
@@ -47,8 +49,23 @@ pub enum BootstrapError {
     Io(String),
 }
 
+/// The signer of kubelet client certificates.
+pub const SIGNER_CLIENT: &str = "kubernetes.io/kube-apiserver-client-kubelet";
+/// The signer of kubelet serving certificates.
+pub const SIGNER_SERVING: &str = "kubernetes.io/kubelet-serving";
+
 /// A key and the CSR for `node`'s client certificate (ECDSA P-256, as upstream).
 pub fn client_csr(node: &str) -> Result<(rcgen::KeyPair, String), String> {
+    node_csr(node, &[], &[])
+}
+
+/// A key and a CSR with the subject `O=system:nodes, CN=system:node:<node>` and the given DNS
+/// and IP subject alternative names (a serving certificate's).
+pub fn node_csr(
+    node: &str,
+    dns: &[String],
+    ips: &[std::net::IpAddr],
+) -> Result<(rcgen::KeyPair, String), String> {
     let key = rcgen::KeyPair::generate().map_err(|e| format!("generate the node key: {e}"))?;
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
@@ -58,6 +75,18 @@ pub fn client_csr(node: &str) -> Result<(rcgen::KeyPair, String), String> {
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, format!("system:node:{node}"));
+    for name in dns {
+        let name = name
+            .clone()
+            .try_into()
+            .map_err(|e| format!("DNS name {name:?}: {e}"))?;
+        params.subject_alt_names.push(rcgen::SanType::DnsName(name));
+    }
+    for ip in ips {
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress(*ip));
+    }
     let pem = params
         .serialize_request(&key)
         .and_then(|r| r.pem())
@@ -73,16 +102,44 @@ pub async fn request_client_certificate(
     wait: Duration,
 ) -> Result<(String, String, String), BootstrapError> {
     let (key, pem) = client_csr(node).map_err(BootstrapError::Csr)?;
+    request_certificate(
+        client,
+        SIGNER_CLIENT,
+        &["digital signature", "client auth"],
+        key,
+        pem,
+        wait,
+    )
+    .await
+}
+
+/// Creates a CertificateSigningRequest for `signer` from `pem` and waits until it is issued
+/// (or denied, or failed); returns the certificate (PEM), the key (PEM) and the CSR's name.
+pub async fn request_certificate(
+    client: kube::Client,
+    signer: &str,
+    usages: &[&str],
+    key: rcgen::KeyPair,
+    pem: String,
+    wait: Duration,
+) -> Result<(String, String, String), BootstrapError> {
     let csrs: Api<CertificateSigningRequest> = Api::all(client);
     let csr = CertificateSigningRequest {
         metadata: ObjectMeta {
-            generate_name: Some("node-csr-".into()),
+            generate_name: Some(
+                if signer == SIGNER_SERVING {
+                    "csr-"
+                } else {
+                    "node-csr-"
+                }
+                .into(),
+            ),
             ..Default::default()
         },
         spec: CertificateSigningRequestSpec {
             request: k8s_openapi::ByteString(pem.into_bytes()),
-            signer_name: "kubernetes.io/kube-apiserver-client-kubelet".into(),
-            usages: Some(vec!["digital signature".into(), "client auth".into()]),
+            signer_name: signer.into(),
+            usages: Some(usages.iter().map(|u| (*u).to_owned()).collect()),
             ..Default::default()
         },
         status: None,
@@ -92,7 +149,7 @@ pub async fn request_client_certificate(
         .await
         .map_err(|e| BootstrapError::Csr(e.to_string()))?;
     let name = created.metadata.name.clone().unwrap_or_default();
-    tracing::info!(csr = %name, "waiting for the client certificate to be issued");
+    tracing::info!(csr = %name, %signer, "waiting for the certificate to be issued");
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let csr = csrs
@@ -119,11 +176,38 @@ pub async fn request_client_certificate(
         if tokio::time::Instant::now() >= deadline {
             return Err(BootstrapError::Timeout {
                 name,
+                signer: signer.to_owned(),
                 seconds: wait.as_secs(),
             });
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Writes a certificate and its key as `<dir>/<prefix>-<time>.pem` (0600) and points
+/// `<dir>/<prefix>-current.pem` at it (replaced atomically), as upstream's kubelet keeps
+/// `kubelet-client-current.pem` and `kubelet-server-current.pem`; returns the link.
+pub fn store_pair(
+    dir: &Path,
+    prefix: &str,
+    cert: &str,
+    key: &str,
+) -> Result<PathBuf, BootstrapError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| BootstrapError::Io(format!("create {}: {e}", dir.display())))?;
+    let stamp = jiff::Timestamp::now()
+        .strftime("%Y-%m-%d-%H-%M-%S")
+        .to_string();
+    let pem_path = dir.join(format!("{prefix}-{stamp}.pem"));
+    write_private(&pem_path, format!("{cert}{key}").as_bytes())?;
+    let current = dir.join(format!("{prefix}-current.pem"));
+    let link_tmp = dir.join(format!(".{prefix}-current.tmp"));
+    let _ = std::fs::remove_file(&link_tmp);
+    std::os::unix::fs::symlink(&pem_path, &link_tmp)
+        .map_err(|e| BootstrapError::Io(format!("link {}: {e}", link_tmp.display())))?;
+    std::fs::rename(&link_tmp, &current)
+        .map_err(|e| BootstrapError::Io(format!("link {}: {e}", current.display())))?;
+    Ok(current)
 }
 
 /// Whether the kubeconfig at `path` has a client certificate that is valid for another hour.
@@ -222,20 +306,7 @@ pub async fn ensure(
     let client = kube::Client::try_from(config).map_err(|e| fail(e.to_string()))?;
     let (cert, key, csr) =
         request_client_certificate(client, node, Duration::from_secs(300)).await?;
-    std::fs::create_dir_all(cert_dir)
-        .map_err(|e| BootstrapError::Io(format!("create {}: {e}", cert_dir.display())))?;
-    let stamp = jiff::Timestamp::now()
-        .strftime("%Y-%m-%d-%H-%M-%S")
-        .to_string();
-    let pem_path = cert_dir.join(format!("kubelet-client-{stamp}.pem"));
-    write_private(&pem_path, format!("{cert}{key}").as_bytes())?;
-    let current = cert_dir.join("kubelet-client-current.pem");
-    let link_tmp = cert_dir.join(".kubelet-client-current.tmp");
-    let _ = std::fs::remove_file(&link_tmp);
-    std::os::unix::fs::symlink(&pem_path, &link_tmp)
-        .map_err(|e| BootstrapError::Io(format!("link {}: {e}", link_tmp.display())))?;
-    std::fs::rename(&link_tmp, &current)
-        .map_err(|e| BootstrapError::Io(format!("link {}: {e}", current.display())))?;
+    let current = store_pair(cert_dir, "kubelet-client", &cert, &key)?;
     let text = format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: default-cluster\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: default-auth\n  user:\n    client-certificate: {cert}\n    client-key: {cert}\ncontexts:\n- name: default-context\n  context:\n    cluster: default-cluster\n    namespace: default\n    user: default-auth\ncurrent-context: default-context\n",
         cert = current.display()

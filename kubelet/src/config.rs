@@ -52,6 +52,10 @@ pub struct KubeletConfiguration {
     pub tls_cert_file: String,
     /// Its key.
     pub tls_private_key_file: String,
+    /// Serving certificate from the cluster (signer `kubernetes.io/kubelet-serving`), rotated,
+    /// instead of `tlsCertFile` or a self-signed one.
+    #[serde(rename = "serverTLSBootstrap")]
+    pub server_tls_bootstrap: bool,
     /// How API requests are authenticated.
     pub authentication: Authentication,
     /// How API requests are authorized.
@@ -151,6 +155,7 @@ impl Default for KubeletConfiguration {
             sync_frequency: "1m".into(),
             tls_cert_file: String::new(),
             tls_private_key_file: String::new(),
+            server_tls_bootstrap: false,
             authentication: Authentication::default(),
             authorization: AuthorizationConfig::default(),
             other: BTreeMap::new(),
@@ -185,7 +190,7 @@ pub enum ConfigError {
 }
 
 /// Fields upstream defines that tug reads under another name or does not need to act on.
-const IGNORED_QUIETLY: &[&str] = &["staticPodURL", "rotateCertificates", "serverTLSBootstrap"];
+const IGNORED_QUIETLY: &[&str] = &["staticPodURL", "rotateCertificates"];
 
 impl KubeletConfiguration {
     /// Parses and checks the file.
@@ -296,11 +301,12 @@ mod tests {
     #[test]
     fn a_kubeadm_style_file_loads_and_reports_what_tug_ignores() {
         let config = KubeletConfiguration::parse(
-            "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nclusterDNS: [10.96.0.10]\nclusterDomain: cluster.local\ncgroupDriver: systemd\nmaxPods: 50\nauthentication:\n  anonymous:\n    enabled: false\nevictionHard:\n  memory.available: 100Mi\nregisterWithTaints:\n- key: dedicated\n  value: infra\n  effect: NoSchedule\n",
+            "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nclusterDNS: [10.96.0.10]\nclusterDomain: cluster.local\ncgroupDriver: systemd\nmaxPods: 50\nserverTLSBootstrap: true\nauthentication:\n  anonymous:\n    enabled: false\nevictionHard:\n  memory.available: 100Mi\nregisterWithTaints:\n- key: dedicated\n  value: infra\n  effect: NoSchedule\n",
         )
         .unwrap();
         assert_eq!(config.cluster_dns, ["10.96.0.10"]);
         assert_eq!(config.max_pods, 50);
+        assert!(config.server_tls_bootstrap);
         assert_eq!(config.cgroup_driver, "systemd");
         assert!(config.seccomp_default);
         assert_eq!(

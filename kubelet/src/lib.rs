@@ -18,4 +18,5 @@ pub mod pods;
 pub mod register;
 pub mod run;
 pub mod runtime;
+pub mod serving;
 pub mod stats;

@@ -173,7 +173,29 @@ pub async fn run(
         servers.push(tokio::spawn(serve(listener, routes)));
     }
     if let Some(api) = &config.api {
-        let tls = crate::api::tls(api)?;
+        let serving = match &api.serving {
+            crate::api::Serving::Files { cert, key } => {
+                Arc::new(crate::serving::ServingCert::from_files(cert, key)?)
+            }
+            crate::api::Serving::Bootstrap(bootstrap) => {
+                let serving = Arc::new(crate::serving::ServingCert::empty());
+                let Some(client) = client.clone() else {
+                    return Err(std::io::Error::other(
+                        "serverTLSBootstrap needs an API server to issue the certificate",
+                    ));
+                };
+                servers.push(tokio::spawn({
+                    let (bootstrap, serving, metrics) =
+                        (bootstrap.clone(), serving.clone(), cri.metrics().clone());
+                    async move {
+                        crate::serving::rotate(client, bootstrap, serving, metrics).await;
+                        Ok(())
+                    }
+                }));
+                serving
+            }
+        };
+        let tls = crate::api::tls(api, serving)?;
         tracing::info!(address = %api.address, authorization = ?api.authorization, anonymous = api.anonymous, "serving the kubelet API");
         let api = crate::api::serve(
             api.clone(),

@@ -153,18 +153,25 @@ fn api_config(
         .cert_dir
         .clone()
         .unwrap_or_else(|| args.root_dir.join("pki"));
-    let (cert_file, key_file) = if file.tls_cert_file.is_empty() {
+    let serving = if file.server_tls_bootstrap {
+        tug_kubelet::api::Serving::Bootstrap(tug_kubelet::serving::Bootstrap {
+            cert_dir,
+            node: name.to_owned(),
+            dns: vec![name.to_owned()],
+            ips: node_ips.to_vec(),
+        })
+    } else if file.tls_cert_file.is_empty() {
         let (cert, key) = (cert_dir.join("kubelet.crt"), cert_dir.join("kubelet.key"));
         let mut names = vec![name.to_owned()];
         names.extend(node_ips.iter().map(ToString::to_string));
         tug_kubelet::api::ensure_serving_cert(&cert, &key, &names)
             .context("the kubelet API's self-signed serving certificate")?;
-        (cert, key)
+        tug_kubelet::api::Serving::Files { cert, key }
     } else {
-        (
-            PathBuf::from(&file.tls_cert_file),
-            PathBuf::from(&file.tls_private_key_file),
-        )
+        tug_kubelet::api::Serving::Files {
+            cert: PathBuf::from(&file.tls_cert_file),
+            key: PathBuf::from(&file.tls_private_key_file),
+        }
     };
     let authorization = match file.authorization.mode.as_str() {
         "Webhook" | "" => tug_kubelet::api::Authorization::Webhook,
@@ -184,8 +191,7 @@ fn api_config(
     }
     Ok(Some(tug_kubelet::api::ApiConfig {
         address: SocketAddr::new(ip, port),
-        cert_file,
-        key_file,
+        serving,
         client_ca_file: (!auth.x509.client_ca_file.is_empty())
             .then(|| PathBuf::from(&auth.x509.client_ca_file)),
         webhook_authentication: auth.webhook.enabled,

@@ -14,6 +14,9 @@ use crate::cluster::{client_from_kubeconfig, cluster, unique_name};
 use crate::cni::tug_binary;
 use crate::eventually::eventually;
 
+/// Makes cert-dir files (name, content) for a node name.
+pub type PkiFiles = fn(&str) -> Vec<(String, Vec<u8>)>;
+
 /// How to run it beyond the defaults.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -23,6 +26,11 @@ pub struct Options {
     pub manifests: Option<PathBuf>,
     /// `--read-only-port`.
     pub read_only_port: Option<u16>,
+    /// More KubeletConfiguration lines (YAML, top level).
+    pub config: String,
+    /// Files to put in the cert dir (`<root-dir>/pki`) before the kubelet starts, made for
+    /// the node's name.
+    pub pki: Option<PkiFiles>,
 }
 
 /// A running `tug kubelet`.
@@ -86,13 +94,19 @@ impl TugKubelet {
         std::fs::write(
             &config_path,
             format!(
-                "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nclusterDNS: [10.96.0.10]\nclusterDomain: cluster.local\npodLogsDir: {}\nhealthzPort: 0\nsyncFrequency: 2s\ncontainerRuntimeEndpoint: unix://{}\naddress: 127.0.0.1\nport: {api_port}\nauthentication:\n  x509:\n    clientCAFile: {}\n",
+                "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nclusterDNS: [10.96.0.10]\nclusterDomain: cluster.local\npodLogsDir: {}\nhealthzPort: 0\nsyncFrequency: 2s\ncontainerRuntimeEndpoint: unix://{}\naddress: 127.0.0.1\nport: {api_port}\nauthentication:\n  x509:\n    clientCAFile: {}\n{}",
                 logs_dir.display(),
                 endpoint.display(),
-                client_ca.display()
+                client_ca.display(),
+                options.config,
             ),
         )
         .expect("write the kubelet config");
+        for (name, bytes) in options.pki.map(|make| make(&name)).unwrap_or_default() {
+            let file = root_dir.join("pki").join(name);
+            std::fs::create_dir_all(file.parent().unwrap()).expect("create the cert dir");
+            std::fs::write(&file, bytes).expect("write into the cert dir");
+        }
         let path = |p: &Path| p.display().to_string();
         let mut args = vec![
             "kubelet".to_owned(),

@@ -491,3 +491,193 @@ async fn the_kubelet_api_reports_stats_and_metrics() {
     }
     let _ = pods.delete("measured", &Default::default()).await;
 }
+
+/// A self-signed serving certificate for `node` (and its test IP) that is about to expire:
+/// issued 58 minutes ago, valid for 2 more.
+fn expiring_serving_cert(node: &str) -> Vec<(String, Vec<u8>)> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![node.to_owned()]).unwrap();
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::IpAddress("192.0.2.27".parse().unwrap()));
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(58);
+    params.not_after = now + time::Duration::minutes(2);
+    let cert = params.self_signed(&key).unwrap();
+    let pem = format!("{}{}", cert.pem(), key.serialize_pem());
+    vec![
+        ("kubelet-server-seed.pem".into(), pem.clone().into_bytes()),
+        ("kubelet-server-current.pem".into(), pem.into_bytes()),
+    ]
+}
+
+/// The serving CSR the kubelet `node` created, once there is one not yet approved.
+async fn pending_serving_csr(node: &str) -> String {
+    use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+    let csrs: Api<CertificateSigningRequest> = Api::all(cluster().admin().await);
+    let user = format!("system:node:{node}");
+    tug_tests::eventually::eventually("the kubelet's serving CSR", Duration::from_secs(60), || {
+        let (csrs, user) = (csrs.clone(), user.clone());
+        async move {
+            csrs.list(&Default::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|c| {
+                    c.spec.signer_name == "kubernetes.io/kubelet-serving"
+                        && c.spec.username.as_deref() == Some(user.as_str())
+                        && c.status
+                            .as_ref()
+                            .and_then(|s| s.conditions.as_ref())
+                            .is_none()
+                })
+                .and_then(|c| c.metadata.name)
+        }
+    })
+    .await
+}
+
+/// Approves a CSR as an operator does (`kubectl certificate approve`).
+async fn approve(name: &str) {
+    use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+    let csrs: Api<CertificateSigningRequest> = Api::all(cluster().admin().await);
+    csrs.patch_approval(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({"status": {"conditions": [{
+            "type": "Approved", "status": "True", "reason": "TugTest",
+            "message": "approved by the kubelet API test"}]}})),
+    )
+    .await
+    .expect("approve the CSR");
+}
+
+#[tokio::test]
+#[ignore = "containerd tier (root) with the cluster tier: run as root via ./scripts/test, or scripts/substrate up && cargo build -p tug && cargo test -p tug-tests --test kubelet_api -- --ignored"]
+async fn the_serving_certificate_is_issued_by_the_cluster_and_rotated() {
+    use tug_tests::kubelet::Options;
+    require(Tier::Containerd);
+    let shim = TugShim::start("kubelet-serving", "10.254.16.0/24").await;
+    let dir = tempfile::tempdir().unwrap();
+    let Identity::Certificate { cert, key } = identity(
+        &std::fs::read_to_string(cluster().admin_kubeconfig_path()).unwrap(),
+        dir.path(),
+        "admin",
+    ) else {
+        panic!("the test cluster's admin authenticates with a certificate");
+    };
+    let (cert, key) = (std::fs::read(cert).unwrap(), std::fs::read(key).unwrap());
+    let ca = cluster().ca_pem().as_bytes().to_vec();
+    let handshake = |port: u16, name: String, trust: Vec<u8>| {
+        let (cert, key) = (cert.clone(), key.clone());
+        async move {
+            tug_tests::streaming::tls(&format!("127.0.0.1:{port}"), &name, &trust, &cert, &key)
+                .await
+                .map(|_| ())
+        }
+    };
+
+    // No certificate yet: the API refuses every handshake until the cluster issues one.
+    let kubelet = TugKubelet::start_with(
+        "tug-serving",
+        &shim.socket,
+        "192.0.2.26",
+        Options {
+            config: "serverTLSBootstrap: true\n".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let csr = pending_serving_csr(&kubelet.name).await;
+    assert!(
+        handshake(kubelet.api_port, kubelet.name.clone(), ca.clone())
+            .await
+            .is_err(),
+        "the kubelet API served before its serving certificate was issued"
+    );
+    assert!(
+        !kubelet.root_dir.join("pki/kubelet.crt").exists(),
+        "no self-signed certificate with serverTLSBootstrap"
+    );
+    approve(&csr).await;
+    for server_name in [kubelet.name.clone(), "192.0.2.26".to_owned()] {
+        let port = kubelet.api_port;
+        let handshake = &handshake;
+        let ca = ca.clone();
+        tug_tests::eventually::eventually(
+            "a handshake verified by the cluster CA for the node's name and IP",
+            Duration::from_secs(30),
+            || {
+                let (server_name, ca) = (server_name.clone(), ca.clone());
+                async move { handshake(port, server_name, ca).await.ok() }
+            },
+        )
+        .await;
+    }
+    let current = kubelet.root_dir.join("pki/kubelet-server-current.pem");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&current).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "the serving key is private"
+    );
+    drop(kubelet);
+
+    // A certificate near the end of its life is served until its successor is issued.
+    let kubelet = TugKubelet::start_with(
+        "tug-rotate",
+        &shim.socket,
+        "192.0.2.27",
+        Options {
+            config: "serverTLSBootstrap: true\n".into(),
+            pki: Some(expiring_serving_cert),
+            ..Default::default()
+        },
+    )
+    .await;
+    let seed = std::fs::read(kubelet.root_dir.join("pki/kubelet-server-seed.pem")).unwrap();
+    let csr = pending_serving_csr(&kubelet.name).await;
+    handshake(kubelet.api_port, kubelet.name.clone(), seed.clone())
+        .await
+        .expect("the expiring certificate is still served while its successor is pending");
+    approve(&csr).await;
+    let port = kubelet.api_port;
+    let name = kubelet.name.clone();
+    tug_tests::eventually::eventually(
+        "the rotated certificate, from the cluster CA",
+        Duration::from_secs(30),
+        || {
+            let (handshake, name, ca) = (&handshake, name.clone(), ca.clone());
+            async move { handshake(port, name, ca).await.ok() }
+        },
+    )
+    .await;
+    assert!(
+        handshake(kubelet.api_port, kubelet.name.clone(), seed)
+            .await
+            .is_err(),
+        "the old certificate is no longer served"
+    );
+    let (code, metrics) = {
+        let port = kubelet.api_port;
+        let who = identity(
+            &std::fs::read_to_string(cluster().admin_kubeconfig_path()).unwrap(),
+            dir.path(),
+            "admin2",
+        );
+        tokio::task::spawn_blocking(move || get(port, "/metrics", &who))
+            .await
+            .unwrap()
+    };
+    assert_eq!(code, 200, "{metrics}");
+    let ttl = sample(
+        &metrics,
+        "kubelet_certificate_manager_server_ttl_seconds",
+        &[],
+    );
+    assert!(
+        ttl.is_some_and(|t| t > 3600.0),
+        "the TTL of the issued certificate: {metrics}"
+    );
+}

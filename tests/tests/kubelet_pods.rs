@@ -771,6 +771,7 @@ async fn standalone_static_pods_run_and_show_on_the_read_only_port() {
         standalone: true,
         manifests: Some(manifests.path().to_owned()),
         read_only_port: Some(port),
+        ..Default::default()
     };
     let kubelet = TugKubelet::start_with("standalone", &shim.socket, "192.0.2.23", options).await;
     let name = format!("web-{}", kubelet.name);
