@@ -56,6 +56,10 @@ pub struct KubeletConfiguration {
     /// instead of `tlsCertFile` or a self-signed one.
     #[serde(rename = "serverTLSBootstrap")]
     pub server_tls_bootstrap: bool,
+    /// Hard eviction thresholds (signal → `100Mi` or `10%`); unset: upstream's defaults.
+    pub eviction_hard: Option<BTreeMap<String, String>>,
+    /// How long a pressure condition holds after its threshold was last crossed (`5m`).
+    pub eviction_pressure_transition_period: String,
     /// How API requests are authenticated.
     pub authentication: Authentication,
     /// How API requests are authorized.
@@ -156,6 +160,8 @@ impl Default for KubeletConfiguration {
             tls_cert_file: String::new(),
             tls_private_key_file: String::new(),
             server_tls_bootstrap: false,
+            eviction_hard: None,
+            eviction_pressure_transition_period: "5m".into(),
             authentication: Authentication::default(),
             authorization: AuthorizationConfig::default(),
             other: BTreeMap::new(),
@@ -212,6 +218,7 @@ impl KubeletConfiguration {
             });
         }
         config.sync_period()?;
+        config.eviction()?;
         for server in &config.cluster_dns {
             if server.parse::<std::net::IpAddr>().is_err() {
                 return Err(ConfigError::Invalid {
@@ -237,20 +244,32 @@ impl KubeletConfiguration {
         Ok(config)
     }
 
+    /// The eviction manager's settings (`evictionHard`, `evictionPressureTransitionPeriod`).
+    pub fn eviction(&self) -> Result<crate::eviction::EvictionConfig, ConfigError> {
+        let thresholds = match &self.eviction_hard {
+            None => crate::eviction::defaults(),
+            Some(map) => crate::eviction::parse(map).map_err(|message| ConfigError::Invalid {
+                field: "evictionHard",
+                message,
+            })?,
+        };
+        Ok(crate::eviction::EvictionConfig {
+            thresholds,
+            period: std::time::Duration::from_secs(10),
+            transition: duration(
+                "evictionPressureTransitionPeriod",
+                &self.eviction_pressure_transition_period,
+            )?,
+        })
+    }
+
     /// `syncFrequency` as a duration.
     pub fn sync_period(&self) -> Result<std::time::Duration, ConfigError> {
         let invalid = |why: String| ConfigError::Invalid {
             field: "syncFrequency",
             message: why,
         };
-        let parsed: jiff::SignedDuration = self.sync_frequency.parse().map_err(|e| {
-            invalid(format!(
-                "{:?} is not a duration like 1m or 30s: {e}",
-                self.sync_frequency
-            ))
-        })?;
-        let period = std::time::Duration::try_from(parsed)
-            .map_err(|_| invalid("must not be negative".into()))?;
+        let period = duration("syncFrequency", &self.sync_frequency)?;
         if period < std::time::Duration::from_secs(1) {
             return Err(invalid(format!(
                 "{:?} is shorter than 1s",
@@ -268,6 +287,15 @@ impl KubeletConfiguration {
             .filter(|k| !IGNORED_QUIETLY.contains(k))
             .collect()
     }
+}
+
+/// A duration field (`1m30s`, `5m`), not negative.
+fn duration(field: &'static str, text: &str) -> Result<std::time::Duration, ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid { field, message };
+    let parsed: jiff::SignedDuration = text
+        .parse()
+        .map_err(|e| invalid(format!("{text:?} is not a duration like 1m or 30s: {e}")))?;
+    std::time::Duration::try_from(parsed).map_err(|_| invalid("must not be negative".into()))
 }
 
 /// Parses `key[=value]:Effect` (the `--register-with-taints` form).
@@ -313,7 +341,14 @@ mod tests {
             config.register_with_taints[0].value.as_deref(),
             Some("infra")
         );
-        assert_eq!(config.unused_fields(), ["evictionHard"]);
+        assert!(
+            config.unused_fields().is_empty(),
+            "{:?}",
+            config.unused_fields()
+        );
+        let eviction = config.eviction().unwrap();
+        assert_eq!(eviction.thresholds.len(), 1, "only what evictionHard names");
+        assert_eq!(eviction.transition, std::time::Duration::from_secs(300));
         assert_eq!(
             config.sync_period().unwrap(),
             std::time::Duration::from_secs(60)

@@ -12,6 +12,7 @@
 pub mod api;
 pub mod bootstrap;
 pub mod config;
+pub mod eviction;
 pub mod metrics;
 pub mod node;
 pub mod pods;

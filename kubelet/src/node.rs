@@ -144,18 +144,18 @@ fn condition(
     }
 }
 
-/// The conditions: Ready from the runtime and network, pressures from the host (upstream's
-/// default hard eviction thresholds: memory.available < 100Mi, nodefs.available < 10%, and
-/// PIDs above 95% of the maximum). Transition times carry over while a status holds.
+/// The conditions: Ready from the runtime and network, the pressures the eviction manager
+/// reports (see [`crate::eviction`]). Transition times carry over while a status holds.
 pub fn conditions(
-    host: &Host,
+    pressures: &[crate::eviction::Pressure],
     health: &RuntimeHealth,
     previous: &[NodeCondition],
     now: &Time,
 ) -> Vec<NodeCondition> {
-    let memory = host.memory_available_bytes < 100 << 20 && host.memory_bytes > 0;
-    let disk = host.ephemeral_bytes > 0 && host.ephemeral_free_bytes * 10 < host.ephemeral_bytes;
-    let pids = host.pids.1 > 0 && host.pids.0 * 100 > host.pids.1 * 95;
+    use crate::eviction::Pressure;
+    let memory = pressures.contains(&Pressure::Memory);
+    let disk = pressures.contains(&Pressure::Disk);
+    let pids = pressures.contains(&Pressure::Pid);
     let pressure = |kind: &str, under: bool, yes: &str, no: &str, what: &str| {
         // For pressures True is the bad state.
         let mut c = condition(
@@ -449,7 +449,7 @@ mod tests {
             message: "no CNI configuration in /etc/cni/net.d".into(),
             version: String::new(),
         };
-        let conditions_now = conditions(&host(), &health, &[], &now());
+        let conditions_now = conditions(&[], &health, &[], &now());
         let ready = conditions_now.iter().find(|c| c.type_ == "Ready").unwrap();
         assert_eq!(ready.status, "False");
         assert_eq!(ready.reason.as_deref(), Some("KubeletNotReady"));
@@ -474,7 +474,7 @@ mod tests {
 
         health.network_ready = true;
         let later = Time("2026-11-23T00:00:10Z".parse().unwrap());
-        let next = conditions(&host(), &health, &conditions_now, &later);
+        let next = conditions(&[], &health, &conditions_now, &later);
         let ready = next.iter().find(|c| c.type_ == "Ready").unwrap();
         assert_eq!(
             (ready.status.as_str(), ready.reason.as_deref()),
@@ -495,16 +495,14 @@ mod tests {
     }
 
     #[test]
-    fn memory_and_disk_pressure_use_upstreams_thresholds() {
-        let mut tight = host();
-        tight.memory_available_bytes = 50 << 20;
-        tight.ephemeral_free_bytes = 5 << 30;
+    fn pressures_come_from_the_eviction_manager() {
+        use crate::eviction::Pressure;
         let health = RuntimeHealth {
             runtime_ready: true,
             network_ready: true,
             ..Default::default()
         };
-        let c = conditions(&tight, &health, &[], &now());
+        let c = conditions(&[Pressure::Memory, Pressure::Disk], &health, &[], &now());
         let status = |kind: &str| c.iter().find(|x| x.type_ == kind).unwrap().status.clone();
         assert_eq!(status("MemoryPressure"), "True");
         assert_eq!(status("DiskPressure"), "True");

@@ -33,6 +33,8 @@ pub struct NodeAgentConfig {
     pub root_dir: PathBuf,
     /// How often to renew and recompute (10 s; shorter in tests).
     pub heartbeat: Duration,
+    /// The node's pressures, as the eviction manager finds them.
+    pub pressures: std::sync::Arc<std::sync::Mutex<Vec<crate::eviction::Pressure>>>,
 }
 
 fn now() -> jiff::Timestamp {
@@ -150,7 +152,8 @@ pub async fn run(
             tracing::warn!(node = %name, %error, "renewing the node lease failed; retrying");
         }
         let health = cri.health().await;
-        let next = node::conditions(&host, &health, &conditions, &Time(now()));
+        let pressures = config.pressures.lock().expect("pressures lock").clone();
+        let next = node::conditions(&pressures, &health, &conditions, &Time(now()));
         let status = node::status(&config.identity, &host, &health, next.clone());
         let mut comparable = serde_json::to_value(&status).unwrap_or_default();
         if let Some(list) = comparable.get_mut("conditions") {

@@ -40,6 +40,8 @@ pub struct KubeletConfig {
     pub sync_frequency: Duration,
     /// The kubelet API on its secure port (off when `None`).
     pub api: Option<crate::api::ApiConfig>,
+    /// Node-pressure eviction.
+    pub eviction: crate::eviction::EvictionConfig,
 }
 
 type Routes = Arc<dyn Fn(&str) -> Option<(&'static str, String)> + Send + Sync>;
@@ -210,6 +212,13 @@ pub async fn run(
             Ok(())
         }));
     }
+    servers.push(tokio::spawn({
+        let (shared, eviction) = (shared.clone(), config.eviction.clone());
+        async move {
+            crate::eviction::run(shared, eviction).await;
+            Ok(())
+        }
+    }));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -224,6 +233,7 @@ pub async fn run(
                 identity: config.identity.clone(),
                 root_dir: config.root_dir.clone(),
                 heartbeat: config.heartbeat,
+                pressures: shared.pressures.clone(),
             },
             client,
             cri.clone(),

@@ -294,6 +294,7 @@ pub async fn run(args: KubeletArgs) -> anyhow::Result<()> {
         static_pod_path: (!file.static_pod_path.is_empty())
             .then(|| PathBuf::from(&file.static_pod_path)),
         sync_frequency: file.sync_period()?,
+        eviction: file.eviction()?,
     };
     serve(config, client, crate::shutdown::signalled())
         .await

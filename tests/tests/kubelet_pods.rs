@@ -907,3 +907,121 @@ async fn static_pods_get_mirror_pods_in_the_api() {
     )
     .await;
 }
+
+#[tokio::test]
+#[ignore = "containerd tier (root) with the cluster tier: run as root via ./scripts/test, or scripts/substrate up && cargo build -p tug && cargo test -p tug-tests --test kubelet_pods -- --ignored"]
+async fn pods_are_evicted_under_node_pressure() {
+    require(Tier::Containerd);
+    let shim = TugShim::start("kubelet-evict", "10.254.17.0/24").await;
+    // A threshold every node crosses: less than all of its memory available.
+    let options = Options {
+        config:
+            "evictionHard:\n  memory.available: \"100%\"\nevictionPressureTransitionPeriod: 1m\n"
+                .into(),
+        ..Default::default()
+    };
+    let kubelet = TugKubelet::start_with("tug-evict", &shim.socket, "192.0.2.28", options).await;
+    let namespace = cluster().namespace("kubelet-evict").await;
+    let admin = cluster().admin().await;
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), namespace.name());
+    let node = kubelet.name.clone();
+    // Admitted before the first measurement (10 s after start): one BestEffort pod, using
+    // more memory than it requests (none), and one Guaranteed pod well within its request.
+    for (name, resources) in [
+        ("hog", json!({})),
+        (
+            "modest",
+            json!({"requests": {"memory": "64Mi", "cpu": "100m"}, "limits": {"memory": "64Mi", "cpu": "100m"}}),
+        ),
+    ] {
+        pods.create(
+            &PostParams::default(),
+            &pod(name, &node, json!({"terminationGracePeriodSeconds": 30,
+                "containers": [{"name": "app", "image": image("busybox"), "command": ["sleep", "3600"],
+                    "resources": resources}]})),
+        )
+        .await
+        .expect("create pod");
+    }
+    wait_phase(&pods, "modest", "Running").await;
+    let hog = wait_pod(&pods, "hog", "evicted", Duration::from_secs(60), |p| {
+        (phase(p) == Some("Failed")).then(|| p.clone())
+    })
+    .await;
+    let status = hog.status.clone().unwrap();
+    assert_eq!(status.reason.as_deref(), Some("Evicted"), "{status:?}");
+    let message = status.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("low on resource: memory") && message.contains("request is 0"),
+        "{message}"
+    );
+    assert_eq!(condition(&hog, "DisruptionTarget").as_deref(), Some("True"));
+    let modest = pods.get("modest").await.unwrap();
+    assert_eq!(
+        phase(&modest),
+        Some("Running"),
+        "the pod within its request is evicted after the one over it"
+    );
+    // Stopped at once, not after its 30 s grace period.
+    wait_pod(
+        &pods,
+        "hog",
+        "its container stopped",
+        Duration::from_secs(20),
+        |p| {
+            container(p, "app")?
+                .state
+                .as_ref()?
+                .terminated
+                .as_ref()
+                .map(|_| ())
+        },
+    )
+    .await;
+    // The node reports the pressure, and refuses new BestEffort pods while it lasts.
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(admin);
+    eventually(
+        "MemoryPressure on the node",
+        Duration::from_secs(30),
+        || {
+            let (nodes, node) = (nodes.clone(), node.clone());
+            async move {
+                let n = nodes.get(&node).await.ok()?;
+                n.status?
+                    .conditions?
+                    .iter()
+                    .any(|c| {
+                        c.type_ == "MemoryPressure"
+                            && c.status == "True"
+                            && c.reason.as_deref() == Some("KubeletHasInsufficientMemory")
+                    })
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    pods.create(
+        &PostParams::default(),
+        &pod("late", &node, json!({"containers": [{"name": "app", "image": image("busybox"), "command": ["sleep", "3600"]}]})),
+    )
+    .await
+    .unwrap();
+    let late = wait_phase(&pods, "late", "Failed").await;
+    let status = late.status.unwrap();
+    assert_eq!(status.reason.as_deref(), Some("Evicted"));
+    assert_eq!(
+        status.message.as_deref(),
+        Some("The node had condition: [MemoryPressure]. ")
+    );
+    assert!(
+        status
+            .container_statuses
+            .iter()
+            .flatten()
+            .all(|c| c.state.as_ref().is_none_or(|s| s.running.is_none())),
+        "a refused pod never runs"
+    );
+    let _ = pods
+        .delete_collection(&DeleteParams::default(), &Default::default())
+        .await;
+}

@@ -130,6 +130,11 @@ impl Manager {
         let (updates, receiver) = watch::channel(pod);
         let wake = Arc::new(Notify::new());
         let worker = Worker::new(self.shared.clone(), uid.clone(), wake.clone());
+        self.shared
+            .wakes
+            .lock()
+            .expect("wakes lock")
+            .insert(uid.clone(), wake.clone());
         let task = tokio::spawn(worker.run(receiver));
         self.workers.insert(
             uid,
@@ -214,6 +219,12 @@ impl Manager {
             let running = !h.task.is_finished();
             if !running {
                 metrics.forget("pod_uid", uid);
+                self.shared.wakes.lock().expect("wakes lock").remove(uid);
+                self.shared
+                    .evictions
+                    .lock()
+                    .expect("evictions lock")
+                    .remove(uid);
             }
             running
         });
@@ -383,6 +394,9 @@ pub fn shared(config: &PodManagerConfig, client: Option<kube::Client>, cri: Cri)
         tokens: Default::default(),
         sync_frequency: config.sync_frequency,
         rates: Default::default(),
+        pressures: Default::default(),
+        evictions: Default::default(),
+        wakes: Default::default(),
     })
 }
 

@@ -69,6 +69,12 @@ pub struct Shared {
     pub sync_frequency: Duration,
     /// The previous samples of CPU counters (for the stats summary's rates).
     pub rates: crate::stats::Rates,
+    /// The node's pressure conditions now (from the eviction manager).
+    pub pressures: Arc<std::sync::Mutex<Vec<crate::eviction::Pressure>>>,
+    /// Pods to evict (or refused at admission), by UID: their workers stop them.
+    pub evictions: std::sync::Mutex<HashMap<String, crate::eviction::Eviction>>,
+    /// Each worker's wake-up, by pod UID.
+    pub wakes: std::sync::Mutex<HashMap<String, Arc<Notify>>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -92,6 +98,17 @@ impl Shared {
                     && p.metadata.name.as_deref() == Some(name)
             })
             .cloned()
+    }
+
+    /// Has the pod's worker evict it.
+    pub fn evict(&self, uid: &str, eviction: crate::eviction::Eviction) {
+        self.evictions
+            .lock()
+            .expect("evictions lock")
+            .insert(uid.to_owned(), eviction);
+        if let Some(wake) = self.wakes.lock().expect("wakes lock").get(uid) {
+            wake.notify_one();
+        }
     }
 
     /// The pod's directory.
@@ -142,6 +159,8 @@ pub struct Worker {
     /// `None` once recorded, or for a pod that was running before this kubelet started.
     first_seen: Option<Instant>,
     syncs: u64,
+    /// The status in the API while the worker shows the pod evicted and the API does not yet.
+    api_status: Option<PodStatus>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -166,6 +185,7 @@ impl Worker {
             wake,
             first_seen: Some(Instant::now()),
             syncs: 0,
+            api_status: None,
             failures_tx,
             failures,
             written: None,
@@ -264,6 +284,49 @@ impl Worker {
     }
 
     async fn sync(&mut self, pod: &Pod) -> Flow {
+        // A pod new to this node is admitted only if the node's pressures allow it.
+        if self.syncs == 0
+            && self.written.is_none()
+            && !crate::eviction::evicted(pod)
+            && !matches!(
+                pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Running" | "Succeeded" | "Failed")
+            )
+        {
+            let pressures = self
+                .shared
+                .pressures
+                .lock()
+                .expect("pressures lock")
+                .clone();
+            let critical = crate::eviction::critical(&self.shared, pod);
+            if let Some(message) = crate::eviction::refuse(pod, &pressures, critical) {
+                self.shared
+                    .evictions
+                    .lock()
+                    .expect("evictions lock")
+                    .insert(self.uid.clone(), crate::eviction::Eviction { message });
+            }
+        }
+        let eviction = self
+            .shared
+            .evictions
+            .lock()
+            .expect("evictions lock")
+            .get(&self.uid)
+            .cloned();
+        let mut evicted_pod;
+        self.api_status = None;
+        let pod = match eviction {
+            Some(eviction) if !crate::eviction::evicted(pod) => {
+                self.api_status = Some(pod.status.clone().unwrap_or_default());
+                evicted_pod = pod.clone();
+                crate::eviction::apply(&mut evicted_pod, &eviction);
+                self.event(pod, EventType::Warning, "Evicted", eviction.message, None);
+                &evicted_pod
+            }
+            _ => pod,
+        };
         let began = Instant::now();
         let operation = match self.syncs {
             0 => "create",
@@ -370,6 +433,8 @@ impl Worker {
         if let Some(how) = &decision.terminate {
             let grace = match how {
                 Terminate::Deleting { grace } => *grace,
+                // Hard eviction stops at once (upstream's immediate grace period).
+                Terminate::Finished if crate::eviction::evicted(pod) => 1,
                 Terminate::Finished => translate::grace_period(pod),
             };
             self.stop_everything(Some(pod), observed, grace).await;
@@ -1207,7 +1272,11 @@ impl Worker {
                 mirror.status.clone().unwrap_or_default(),
             )
         } else {
-            (self.uid.clone(), pod.status.clone().unwrap_or_default())
+            let old = self.api_status.clone();
+            (
+                self.uid.clone(),
+                old.unwrap_or_else(|| pod.status.clone().unwrap_or_default()),
+            )
         };
         let written = Some((target_uid.clone(), new.clone()));
         if self.written == written {
