@@ -421,7 +421,7 @@ impl Frame {
 }
 
 /// What the writer task is asked to do.
-enum Out {
+pub(crate) enum Out {
     Frame(Frame),
     Shutdown,
 }
@@ -485,6 +485,11 @@ impl std::fmt::Debug for Out {
 }
 
 impl StreamWriter {
+    /// A writer of stream `id` into `out`, for transports other than a SPDY session.
+    pub(crate) fn detached(id: u32, out: mpsc::UnboundedSender<Out>) -> StreamWriter {
+        StreamWriter { id, out }
+    }
+
     /// Sends `data` (split into frames); an error means the session is gone.
     pub fn send(&self, data: &[u8]) -> std::io::Result<()> {
         for chunk in data.chunks(MAX_DATA) {
@@ -518,6 +523,21 @@ impl StreamWriter {
 }
 
 impl Stream {
+    /// A stream fed by `data` and written through `writer`, for transports other than a SPDY
+    /// session.
+    pub(crate) fn detached(
+        id: u32,
+        data: mpsc::UnboundedReceiver<Vec<u8>>,
+        writer: StreamWriter,
+    ) -> Stream {
+        Stream {
+            id,
+            headers: Headers::default(),
+            data,
+            writer,
+        }
+    }
+
     /// The next data received; `None` once the peer closed or reset the stream.
     pub async fn recv(&mut self) -> Option<Vec<u8>> {
         self.data.recv().await

@@ -91,6 +91,51 @@ where
     run_exec(protocol, session, stdin, !tty, tty).await
 }
 
+/// Runs an exec over WebSocket (`v5.channel.k8s.io` preferred, as kubectl does) through
+/// `conn` at `path`: sends `stdin` and then closes it (v5), collects stdout and stderr until the
+/// server ends the session, and reads the status from the error channel.
+pub async fn exec_websocket<T>(
+    mut conn: T,
+    host: &str,
+    path: &str,
+    stdin: Option<&[u8]>,
+) -> std::io::Result<ExecOutput>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use tug_streaming::websocket::{self, Channels, Side};
+    let protocol =
+        websocket::request_upgrade(&mut conn, path, host, websocket::PROTOCOLS, &[]).await?;
+    let v5 = protocol == "v5.channel.k8s.io";
+    let mut channels = Channels::new(
+        conn,
+        Side::Client,
+        v5,
+        &[websocket::STDOUT, websocket::STDERR, websocket::ERROR],
+    );
+    if let Some(data) = stdin {
+        let input = channels.writer(websocket::STDIN);
+        input.send(data)?;
+        input.close();
+    }
+    let taken = |channels: &mut Channels, n| channels.take(n).expect("a channel asked for");
+    let mut stdout = taken(&mut channels, websocket::STDOUT);
+    let mut stderr = taken(&mut channels, websocket::STDERR);
+    let mut error = taken(&mut channels, websocket::ERROR);
+    let (out, err, status) = tokio::join!(
+        stdout.read_to_end(),
+        stderr.read_to_end(),
+        error.read_to_end()
+    );
+    channels.close();
+    Ok(ExecOutput {
+        stdout: out,
+        stderr: err,
+        exit: remotecommand::parse_status(&status),
+        protocol,
+    })
+}
+
 fn typed(kind: &str) -> Headers {
     vec![(remotecommand::STREAM_TYPE.into(), kind.into())]
 }

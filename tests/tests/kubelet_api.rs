@@ -192,6 +192,29 @@ async fn the_kubelet_api_serves_only_whom_the_cluster_authorizes() {
         "THROUGH THE KUBELET\n"
     );
     assert_eq!(out.exit, Ok(4));
+    // The same exec over WebSocket (v5.channel.k8s.io, what kubectl speaks since 1.30): stdin
+    // closed with v5's close signal, stderr on its own channel, the exit code in the status.
+    let conn = tug_tests::streaming::tls(
+        &format!("127.0.0.1:{}", kubelet.api_port),
+        &kubelet.name,
+        &std::fs::read(&serving).unwrap(),
+        &std::fs::read(cert).unwrap(),
+        &std::fs::read(key).unwrap(),
+    )
+    .await
+    .unwrap();
+    let exec = format!(
+        "/exec/{}/talker/talk?command=sh&command=-c&command=tr%20a-z%20A-Z%3B%20echo%20oops%20%3E%262%3B%20exit%205&stdin=1&stdout=1&stderr=1",
+        namespace.name()
+    );
+    let out =
+        tug_tests::streaming::exec_websocket(conn, &kubelet.name, &exec, Some(b"over websocket\n"))
+            .await
+            .expect("exec over WebSocket through the kubelet API");
+    assert_eq!(out.protocol, "v5.channel.k8s.io");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "OVER WEBSOCKET\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "oops\n");
+    assert_eq!(out.exit, Ok(5));
     // follow: what is there, then what the container writes next (here: an exec writing to
     // its main process's stdout), for as long as the request lasts.
     let follow = {

@@ -1,7 +1,8 @@
 //! The streaming server behind CRI `Exec`, `Attach` and `PortForward`: each call checks its
 //! target and returns a single-use URL (`http://<address>/<exec|attach|portforward>/<token>`,
 //! valid for one minute); the kubelet proxies the client's upgraded connection there. Sessions
-//! are SPDY/3.1 with the `v4.channel.k8s.io` family (exec, attach) or `portforward.k8s.io`.
+//! are SPDY/3.1 with the `v4.channel.k8s.io` family (exec, attach) or `portforward.k8s.io`, or
+//! WebSocket with `v5.channel.k8s.io` or `v4.channel.k8s.io` (exec, attach).
 //!
 //! Exec runs the command through containerd with FIFOs (a terminal when asked), copies stdin,
 //! stdout and stderr, applies resizes to the terminal and ends with a v4 `Status` carrying the
@@ -216,6 +217,10 @@ impl Runtime {
             )
             .await;
         };
+        if tug_streaming::websocket::is_upgrade(&request) {
+            let kind = kind.to_owned();
+            return self.websocket_session(request, io, &kind, pending).await;
+        }
         let upgrade_to = request.values("Upgrade");
         if !upgrade_to
             .iter()
@@ -250,15 +255,16 @@ impl Runtime {
         switch(&mut io, spdy::UPGRADE, protocol).await?;
         tracing::debug!(kind, protocol, "streaming session");
         let session = Session::new(io, Role::Server);
+        let mut transport = Transport::Spdy(&session);
         match pending {
-            Pending::Exec(exec) => self.serve_exec(&session, exec).await,
+            Pending::Exec(exec) => self.serve_exec(&mut transport, exec).await,
             Pending::Attach {
                 request,
                 log_path,
                 stdin,
                 stdin_once,
             } => {
-                self.serve_attach(&session, request, log_path, stdin, stdin_once)
+                self.serve_attach(&mut transport, request, log_path, stdin, stdin_once)
                     .await
             }
             Pending::PortForward { sandbox, netns } => {
@@ -269,8 +275,67 @@ impl Runtime {
         Ok(())
     }
 
-    async fn serve_exec(&self, session: &Session, request: ExecRequest) {
-        let Some(mut streams) = Streams::accept(session, &request_wants(&request)).await else {
+    /// Exec and attach over WebSocket (`v5.channel.k8s.io`, `v4.channel.k8s.io`).
+    async fn websocket_session<T>(
+        &self,
+        request: upgrade::Request,
+        mut io: T,
+        kind: &str,
+        pending: Pending,
+    ) -> std::io::Result<()>
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        use tug_streaming::websocket::{self, Channels, Side};
+        if matches!(pending, Pending::PortForward { .. }) {
+            return refuse(
+                &mut io,
+                "400 Bad Request",
+                "port-forward is served over SPDY (portforward.k8s.io); the API server tunnels kubectl's WebSocket port-forward onto it",
+            )
+            .await;
+        }
+        let offered = request.values(websocket::PROTOCOL_HEADER);
+        let Some(protocol) = websocket::PROTOCOLS
+            .iter()
+            .find(|p| offered.iter().any(|o| o == *p))
+        else {
+            return refuse(
+                &mut io,
+                "403 Forbidden",
+                &format!(
+                    "none of the offered {} {offered:?} is supported; supported: {:?}",
+                    websocket::PROTOCOL_HEADER,
+                    websocket::PROTOCOLS
+                ),
+            )
+            .await;
+        };
+        websocket::switch(&mut io, &request, protocol).await?;
+        tracing::debug!(kind, protocol, "streaming session over WebSocket");
+        let v5 = *protocol == "v5.channel.k8s.io";
+        let mut channels =
+            Channels::new(io, Side::Server, v5, &[websocket::STDIN, websocket::RESIZE]);
+        let mut transport = Transport::WebSocket(&mut channels);
+        match pending {
+            Pending::Exec(exec) => self.serve_exec(&mut transport, exec).await,
+            Pending::Attach {
+                request,
+                log_path,
+                stdin,
+                stdin_once,
+            } => {
+                self.serve_attach(&mut transport, request, log_path, stdin, stdin_once)
+                    .await
+            }
+            Pending::PortForward { .. } => {}
+        }
+        channels.close();
+        Ok(())
+    }
+
+    async fn serve_exec(&self, transport: &mut Transport<'_>, request: ExecRequest) {
+        let Some(mut streams) = Streams::accept(transport, &request_wants(&request)).await else {
             return;
         };
         tracing::debug!(container = %request.container_id, "exec streams are open");
@@ -423,6 +488,29 @@ struct Wants {
     tty: bool,
 }
 
+/// What an exec or attach session runs on.
+enum Transport<'a> {
+    /// A SPDY session: the client opens a stream per kind.
+    Spdy(&'a Session),
+    /// WebSocket channels: every channel is there from the start.
+    WebSocket(&'a mut tug_streaming::websocket::Channels),
+}
+
+impl Transport<'_> {
+    /// Resolves when the client has gone (on SPDY, streams opened after the session started
+    /// are refused meanwhile).
+    async fn closed(&self) {
+        match self {
+            Transport::Spdy(session) => {
+                while let Some(extra) = session.accept().await {
+                    extra.writer().reset();
+                }
+            }
+            Transport::WebSocket(channels) => channels.gone().await,
+        }
+    }
+}
+
 /// The streams of an exec or attach session.
 struct Streams {
     error: StreamWriter,
@@ -435,7 +523,22 @@ struct Streams {
 impl Streams {
     /// Waits until the client opened every stream `wants` needs (error always; resize with a
     /// TTY is taken when it comes but not waited for).
-    async fn accept(session: &Session, wants: &Wants) -> Option<Streams> {
+    async fn accept(transport: &mut Transport<'_>, wants: &Wants) -> Option<Streams> {
+        use tug_streaming::websocket as ws;
+        let session = match transport {
+            Transport::Spdy(session) => *session,
+            Transport::WebSocket(channels) => {
+                let stdin = channels.take(ws::STDIN);
+                let resize = channels.take(ws::RESIZE);
+                return Some(Streams {
+                    error: channels.writer(ws::ERROR),
+                    stdin: stdin.filter(|_| wants.stdin),
+                    stdout: wants.stdout.then(|| channels.writer(ws::STDOUT)),
+                    stderr: wants.stderr.then(|| channels.writer(ws::STDERR)),
+                    resize: resize.filter(|_| wants.tty),
+                });
+            }
+        };
         let mut error = None;
         let mut stdin = None;
         let mut stdout = None;
@@ -585,7 +688,7 @@ impl Runtime {
     /// to the container's terminal.
     async fn serve_attach(
         &self,
-        session: &Session,
+        transport: &mut Transport<'_>,
         request: AttachRequest,
         log_path: PathBuf,
         stdin: Option<PathBuf>,
@@ -597,7 +700,7 @@ impl Runtime {
             stderr: request.stderr && !request.tty,
             tty: request.tty,
         };
-        let Some(mut streams) = Streams::accept(session, &wants).await else {
+        let Some(mut streams) = Streams::accept(transport, &wants).await else {
             return;
         };
         // Output from now on: the log's end is found before any input can cause output.
@@ -634,7 +737,7 @@ impl Runtime {
                 stream,
             ))
         });
-        self.follow_log(session, &request, log, &streams).await;
+        self.follow_log(transport, &request, log, &streams).await;
         for task in [input, resizer].into_iter().flatten() {
             task.abort();
         }
@@ -660,7 +763,7 @@ impl Runtime {
     /// session's streams, until the container stops running or the client goes.
     async fn follow_log(
         &self,
-        session: &Session,
+        transport: &Transport<'_>,
         request: &AttachRequest,
         mut file: tokio::fs::File,
         streams: &Streams,
@@ -670,11 +773,8 @@ impl Runtime {
         let mut quiet = Instant::now();
         loop {
             let read = tokio::select! {
-                // The session ends when the client goes (nothing more is accepted).
-                gone = session.accept() => match gone {
-                    Some(extra) => { extra.writer().reset(); continue; }
-                    None => return,
-                },
+                // The session ends when the client goes.
+                () = transport.closed() => return,
                 read = file.read(&mut buffer) => read,
             };
             let n = match read {
