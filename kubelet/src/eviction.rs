@@ -395,13 +395,7 @@ pub fn critical(shared: &Shared, pod: &Pod) -> bool {
 async fn evict_one(shared: &Arc<Shared>, crossed: &Crossed) -> Result<(), String> {
     let resource = crossed.threshold.signal.resource();
     let summary = crate::stats::summary(shared).await?;
-    let pods: Vec<Pod> = shared
-        .statuses
-        .lock()
-        .expect("statuses lock")
-        .values()
-        .cloned()
-        .collect();
+    let pods = shared.pods_now();
     let already = shared.evictions.lock().expect("evictions lock").clone();
     let mut candidates = Vec::new();
     for pod in &pods {

@@ -293,45 +293,16 @@ pub fn status(
 /// Reads the host's facts; `root` is the kubelet's root dir (its filesystem is the node's
 /// ephemeral storage).
 pub fn read_host(root: &std::path::Path) -> Host {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let kib = |key: &str| {
-        meminfo
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|rest| {
-                rest.trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
-            .unwrap_or(0)
-            * 1024
-    };
-    let (ephemeral, free) = nix::sys::statvfs::statvfs(root)
-        .or_else(|_| nix::sys::statvfs::statvfs("/"))
-        .map(|s| {
-            let block = s.fragment_size();
-            (s.blocks() * block, s.blocks_available() * block)
-        })
-        .unwrap_or((0, 0));
+    let memory = crate::stats::Memory::read().unwrap_or_default();
+    let disk = crate::stats::Fs::of(root)
+        .or_else(|_| crate::stats::Fs::of(std::path::Path::new("/")))
+        .unwrap_or_default();
     let os_release = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
     let pretty = os_release
         .lines()
         .find_map(|l| l.strip_prefix("PRETTY_NAME="))
         .map(|v| v.trim_matches('"').to_owned())
         .unwrap_or_else(|| "Linux".into());
-    let running = std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
-                .count() as u64
-        })
-        .unwrap_or(0);
-    let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0);
     let trimmed = |path: &str| {
         std::fs::read_to_string(path)
             .map(|s| s.trim().to_owned())
@@ -341,11 +312,11 @@ pub fn read_host(root: &std::path::Path) -> Host {
         cpus: std::thread::available_parallelism()
             .map(|n| n.get() as u32)
             .unwrap_or(1),
-        memory_bytes: kib("MemTotal:"),
-        memory_available_bytes: kib("MemAvailable:"),
-        ephemeral_bytes: ephemeral,
-        ephemeral_free_bytes: free,
-        pids: (running, pid_max),
+        memory_bytes: memory.capacity,
+        memory_available_bytes: memory.available(),
+        ephemeral_bytes: disk.capacity,
+        ephemeral_free_bytes: disk.available,
+        pids: crate::stats::pids(),
         kernel: nix::sys::utsname::uname()
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_default(),

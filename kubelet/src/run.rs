@@ -109,13 +109,7 @@ async fn listen(address: SocketAddr, what: &str) -> std::io::Result<tokio::net::
 
 /// The pods this kubelet runs, with their current status, as a PodList (`/pods`).
 pub fn pod_list(shared: &pods::worker::Shared) -> String {
-    let mut items: Vec<k8s_openapi::api::core::v1::Pod> = shared
-        .statuses
-        .lock()
-        .expect("statuses lock")
-        .values()
-        .cloned()
-        .collect();
+    let mut items = shared.pods_now();
     items.sort_by(|a, b| {
         (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
     });

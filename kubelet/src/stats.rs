@@ -370,13 +370,7 @@ pub async fn summary(shared: &Shared) -> Result<Value, String> {
         .await
         .map(|r| r.into_inner().stats)
         .unwrap_or_default();
-    let pods: Vec<k8s_openapi::api::core::v1::Pod> = shared
-        .statuses
-        .lock()
-        .expect("statuses lock")
-        .values()
-        .cloned()
-        .collect();
+    let pods = shared.pods_now();
     let mut kept = vec!["node".to_owned()];
     let mut pod_summaries = Vec::new();
     for pod in &pods {

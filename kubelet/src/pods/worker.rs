@@ -100,6 +100,16 @@ impl Shared {
             .cloned()
     }
 
+    /// Every pod this kubelet runs, with its latest status.
+    pub fn pods_now(&self) -> Vec<Pod> {
+        self.statuses
+            .lock()
+            .expect("statuses lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
     /// Has the pod's worker evict it.
     pub fn evict(&self, uid: &str, eviction: crate::eviction::Eviction) {
         self.evictions

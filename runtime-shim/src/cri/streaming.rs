@@ -255,24 +255,34 @@ impl Runtime {
         switch(&mut io, spdy::UPGRADE, protocol).await?;
         tracing::debug!(kind, protocol, "streaming session");
         let session = Session::new(io, Role::Server);
-        let mut transport = Transport::Spdy(&session);
         match pending {
-            Pending::Exec(exec) => self.serve_exec(&mut transport, exec).await,
+            Pending::PortForward { sandbox, netns } => {
+                serve_port_forward(&session, &sandbox, netns).await
+            }
+            other => {
+                self.serve_command(&mut Transport::Spdy(&session), other)
+                    .await
+            }
+        }
+        session.close();
+        Ok(())
+    }
+
+    /// Serves an exec or attach on `transport`.
+    async fn serve_command(&self, transport: &mut Transport<'_>, pending: Pending) {
+        match pending {
+            Pending::Exec(exec) => self.serve_exec(transport, exec).await,
             Pending::Attach {
                 request,
                 log_path,
                 stdin,
                 stdin_once,
             } => {
-                self.serve_attach(&mut transport, request, log_path, stdin, stdin_once)
+                self.serve_attach(transport, request, log_path, stdin, stdin_once)
                     .await
             }
-            Pending::PortForward { sandbox, netns } => {
-                serve_port_forward(&session, &sandbox, netns).await
-            }
+            Pending::PortForward { .. } => {}
         }
-        session.close();
-        Ok(())
     }
 
     /// Exec and attach over WebSocket (`v5.channel.k8s.io`, `v4.channel.k8s.io`).
@@ -316,20 +326,8 @@ impl Runtime {
         let v5 = *protocol == "v5.channel.k8s.io";
         let mut channels =
             Channels::new(io, Side::Server, v5, &[websocket::STDIN, websocket::RESIZE]);
-        let mut transport = Transport::WebSocket(&mut channels);
-        match pending {
-            Pending::Exec(exec) => self.serve_exec(&mut transport, exec).await,
-            Pending::Attach {
-                request,
-                log_path,
-                stdin,
-                stdin_once,
-            } => {
-                self.serve_attach(&mut transport, request, log_path, stdin, stdin_once)
-                    .await
-            }
-            Pending::PortForward { .. } => {}
-        }
+        self.serve_command(&mut Transport::WebSocket(&mut channels), pending)
+            .await;
         channels.close();
         Ok(())
     }
