@@ -87,7 +87,7 @@ impl Endpoint {
 }
 
 /// One service port, ready to program.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ServicePort {
     /// `namespace/name:port` (`namespace/name` when the port has no name), as upstream names it.
     pub name: String,

@@ -261,6 +261,44 @@ fn exercise_iptables(base: &str) {
 #[test]
 #[ignore = "netns tier (root): run as root via ./scripts/test, or cargo test -p tug-tests --test proxy -- --ignored"]
 fn iptables_mode_serves_a_dual_stack_service_over_ipv6() {
+    let v4 = Iptables::new(
+        "iptables-nft",
+        IptablesConfig {
+            cluster_cidr: Some(CLUSTER_CIDR.into()),
+            ..Default::default()
+        },
+    );
+    let v6 = Iptables::new(
+        tug_proxy::iptables::ipv6_program("iptables-nft"),
+        IptablesConfig {
+            cluster_cidr: Some("fd00:180::/64".into()),
+            ipv6: true,
+            ..Default::default()
+        },
+    );
+    serve_a_dual_stack_service(Box::new(v4), Box::new(v6));
+}
+
+#[test]
+#[ignore = "netns tier (root): run as root via ./scripts/test, or cargo test -p tug-tests --test proxy -- --ignored"]
+fn nftables_mode_serves_a_dual_stack_service_over_ipv6() {
+    use tug_proxy::nftables::{NftConfig, Nftables};
+    let v4 = Nftables::new(NftConfig {
+        cluster_cidr: Some(CLUSTER_CIDR.into()),
+        ..Default::default()
+    });
+    let v6 = Nftables::new(NftConfig {
+        cluster_cidr: Some("fd00:180::/64".into()),
+        ipv6: true,
+        ..Default::default()
+    });
+    serve_a_dual_stack_service(Box::new(v4), Box::new(v6));
+}
+
+fn serve_a_dual_stack_service(
+    mut v4: Box<dyn tug_proxy::backend::RuleBackend>,
+    mut v6: Box<dyn tug_proxy::backend::RuleBackend>,
+) {
     require(Tier::Netns);
     let lab = ServiceLab::new(2, 8080, 8053);
     let service: Service = serde_json::from_value(json!({
@@ -281,21 +319,6 @@ fn iptables_mode_serves_a_dual_stack_service_over_ipv6() {
     }))
     .unwrap();
     let ports = ports(&[service], &[slice(&[1, 2]), v6_slice]);
-    let mut v4 = Iptables::new(
-        "iptables-nft",
-        IptablesConfig {
-            cluster_cidr: Some(CLUSTER_CIDR.into()),
-            ..Default::default()
-        },
-    );
-    let mut v6 = Iptables::new(
-        tug_proxy::iptables::ipv6_program("iptables-nft"),
-        IptablesConfig {
-            cluster_cidr: Some("fd00:180::/64".into()),
-            ipv6: true,
-            ..Default::default()
-        },
-    );
     lab.node.run(|| v4.sync(&ports, false)).expect("IPv4 sync");
     lab.node.run(|| v6.sync(&ports, false)).expect("IPv6 sync");
     let vip6: SocketAddr = "[fd00:30::41]:80".parse().unwrap();
@@ -317,6 +340,16 @@ fn iptables_mode_serves_a_dual_stack_service_over_ipv6() {
         ServiceLab::tcp_hits(&lab.client, vip4, 20).len(),
         2,
         "IPv4 keeps working beside it"
+    );
+    // Hairpin over IPv6: pod-1 reaches the Service, and through it itself, masqueraded.
+    let pod1 = (0..20)
+        .filter_map(|_| ServiceLab::tcp_once(&lab.pods[0], vip6).ok())
+        .find(|(pod, _)| pod == "pod-1")
+        .expect("pod-1 reaches itself through the IPv6 ClusterIP");
+    assert!(
+        pod1.1.contains("fd00:ffff::1"),
+        "masqueraded to the node: {}",
+        pod1.1
     );
 }
 
@@ -567,19 +600,42 @@ fn nftables_mode_programs_services_over_netlink() {
     ))
     .expect("nft -j output");
     let objects = listed["nftables"].as_array().unwrap();
-    let map = objects
-        .iter()
-        .find(|o| o["map"]["name"] == "service-ips")
-        .expect("the service-ips map");
+    let named = |kind: &str, name: &str| {
+        objects
+            .iter()
+            .find(|o| o[kind]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name} in {listed}"))
+            .clone()
+    };
+    let set = named("set", "cluster-ips");
+    assert_eq!(
+        set["set"]["type"],
+        json!(["ipv4_addr", "inet_proto", "inet_service"]),
+        "{set}"
+    );
+    assert!(set["set"]["elem"].to_string().contains(CLUSTER_IP), "{set}");
+    // Plain Services are map entries: address . protocol . port . slot → endpoint.
+    let map = named("map", "endpoints-2");
     assert_eq!(
         map["map"]["type"],
-        json!(["ipv4_addr", "inet_proto", "inet_service"]),
+        json!(["ipv4_addr", "inet_proto", "inet_service", "mark"]),
         "{map}"
     );
+    assert_eq!(map["map"]["map"], "ipv4_addr . inet_service", "{map}");
     let elements = map["map"]["elem"].to_string();
     assert!(
-        elements.contains(CLUSTER_IP) && elements.contains("goto"),
+        elements.contains(CLUSTER_IP) && elements.contains("10.180.0.2"),
         "{elements}"
+    );
+    // nft's own listing reads the table back, rule by rule.
+    let text = run(
+        node,
+        "nft",
+        &["list", "chain", "ip", "tug-proxy", "services"],
+    );
+    assert!(
+        text.contains("numgen random mod 2 map @endpoints-2"),
+        "{text}"
     );
     assert!(objects.iter().any(|o| o["chain"]["name"] == "services"));
 
@@ -630,6 +686,19 @@ fn nftables_mode_programs_services_over_netlink() {
         .expect("endpoint removed");
     let hits = ServiceLab::tcp_hits(&lab.client, vip, 20);
     assert_eq!(hits.keys().collect::<Vec<_>>(), ["pod-2"], "{hits:?}");
+    // Hairpin: the only endpoint reaches itself through its Service, masqueraded so that the
+    // reply comes back through the NAT.
+    let (pod, seen) = ServiceLab::tcp_once(&lab.pods[1], vip).expect("pod-2 reaches itself");
+    assert_eq!(pod, "pod-2");
+    assert!(
+        seen.contains("169.254.1.1"),
+        "masqueraded to the node: {seen}"
+    );
+    let (_, seen) = ServiceLab::tcp_once(&lab.pods[0], vip).expect("pod-1 reaches pod-2");
+    assert!(
+        seen.contains("10.180.0.1"),
+        "another pod keeps its address: {seen}"
+    );
 
     let none = ports(&[service(false)], &[slice(&[])]);
     node.run(|| proxy.sync(&none, false)).expect("no endpoints");

@@ -11,8 +11,9 @@ use std::net::IpAddr;
 use crate::model::Protocol;
 use crate::nftables::netlink::{Element, Expr, REG32, SetSpec, Verdict};
 use crate::nftables::{
-    Chain, Family, META_L4PROTO, Ruleset, TYPE_PROTO, TYPE_SERVICE, addr_key, ip_bytes, jump,
-    local_destination, mark_rules, outside, port_key, port_lookup, verdict,
+    Chain, Family, META_L4PROTO, Ruleset, addr_key, addr_set, ip_bytes, jump, local_destination,
+    loop_back_key, loop_back_rule, loop_back_set, mark_rules, outside, port_key, port_lookup,
+    port_set, verdict,
 };
 
 /// `ct state`, and its `new` bit.
@@ -47,23 +48,11 @@ pub struct RuleConfig {
     pub masquerade_all: bool,
 }
 
-fn addr_set(name: &str, family: &Family) -> SetSpec {
-    SetSpec {
-        name: name.to_owned(),
-        key_type: (((family.addr_type() << 6) | TYPE_PROTO) << 6) | TYPE_SERVICE,
-        key_len: family.addr_len() + 8,
-        verdict_map: false,
-        timeout_ms: None,
-    }
-}
-
 fn elements(keys: impl Iterator<Item = Vec<u8>>) -> Vec<Element> {
     let mut keys: Vec<Vec<u8>> = keys.collect();
     keys.sort();
     keys.dedup();
-    keys.into_iter()
-        .map(|key| Element { key, verdict: None })
-        .collect()
+    keys.into_iter().map(Element::key).collect()
 }
 
 /// The table for one family.
@@ -94,12 +83,6 @@ pub fn render(config: &RuleConfig, inputs: &Inputs) -> Ruleset {
     let mut node_ports = local_destination();
     node_ports.extend(port_lookup("node-ports", None));
     mark.push(then(node_ports, jump("mark-for-masquerade")));
-    // Hairpin: the endpoint is the source (daddr . l4proto . dport . saddr), its register
-    // after the three of the service key.
-    let mut hairpin = addr_lookup("loop-back");
-    let (_, _, k3) = family.key_regs();
-    hairpin.insert(3, family.saddr(k3 + 1));
-    hairpin.push(Expr::Masquerade);
     let icmp = if config.ipv6 { 58u8 } else { 1 };
     // Only new connections: replies to the node's own connections from a VIP pass.
     let not_new = vec![
@@ -169,7 +152,7 @@ pub fn render(config: &RuleConfig, inputs: &Inputs) -> Ruleset {
             4,
             100,
             "nat",
-            vec![vec![verdict(jump("masquerading"))], hairpin],
+            vec![vec![verdict(jump("masquerading"))], loop_back_rule(&family)],
         ),
         base(
             "filter-input",
@@ -198,21 +181,12 @@ pub fn render(config: &RuleConfig, inputs: &Inputs) -> Ruleset {
                 .map(|(ip, protocol, port)| addr_key(ip, *protocol, *port)),
         )
     };
-    let mut loop_back = addr_set("loop-back", &family);
-    loop_back.key_type = (loop_back.key_type << 6) | family.addr_type();
-    loop_back.key_len += family.addr_len();
     let maps = vec![
         (addr_set("cluster-ips", &family), keyed(&inputs.cluster)),
         (addr_set("external-ips", &family), keyed(&inputs.external)),
         (addr_set("services", &family), keyed(&inputs.services)),
         (
-            SetSpec {
-                name: "node-ports".into(),
-                key_type: (TYPE_PROTO << 6) | TYPE_SERVICE,
-                key_len: 8,
-                verdict_map: false,
-                timeout_ms: None,
-            },
+            port_set("node-ports"),
             elements(
                 inputs
                     .node_ports
@@ -221,14 +195,14 @@ pub fn render(config: &RuleConfig, inputs: &Inputs) -> Ruleset {
             ),
         ),
         (
-            loop_back,
-            elements(inputs.endpoints.iter().filter(|(ip, _, _)| ours(ip)).map(
-                |(ip, protocol, port)| {
-                    let mut key = addr_key(ip, *protocol, *port);
-                    key.extend(ip_bytes(ip));
-                    key
-                },
-            )),
+            loop_back_set(&family),
+            elements(
+                inputs
+                    .endpoints
+                    .iter()
+                    .filter(|(ip, _, _)| ours(ip))
+                    .map(|(ip, protocol, port)| loop_back_key(ip, *protocol, *port)),
+            ),
         ),
         (
             SetSpec {
@@ -236,6 +210,7 @@ pub fn render(config: &RuleConfig, inputs: &Inputs) -> Ruleset {
                 key_type: family.addr_type(),
                 key_len: family.addr_len(),
                 verdict_map: false,
+                data: None,
                 timeout_ms: None,
             },
             elements(inputs.vips.iter().filter(|ip| ours(ip)).map(ip_bytes)),
@@ -282,10 +257,7 @@ mod tests {
         };
         assert_eq!(
             set("cluster-ips").1,
-            [Element {
-                key: vec![10, 96, 0, 10, 17, 0, 0, 0, 0, 53, 0, 0],
-                verdict: None
-            }]
+            [Element::key(vec![10, 96, 0, 10, 17, 0, 0, 0, 0, 53, 0, 0])]
         );
         assert_eq!(set("vips").1.len(), 1, "no IPv6 VIP in the ip table");
         let (spec, loop_back) = set("loop-back");

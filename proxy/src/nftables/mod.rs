@@ -1,17 +1,35 @@
 //! The nftables backend: a table of tug's own (`ip tug-proxy`, `ip6 tug-proxy`) programmed over
 //! netlink in one atomic batch per sync ([`netlink`]), with no `nft` in the path. Service lookup
-//! costs the same whatever the number of Services: one verdict-map lookup keyed by
-//! `daddr . l4proto . dport` (`service-ips`) or `l4proto . dport` (`service-nodeports`). Each
-//! service port has its own chain that picks an endpoint with `numgen random` and each endpoint
-//! a chain that DNATs; ports without endpoints are rejected through `no-endpoint-*` maps.
+//! costs the same whatever the number of Services.
 //!
-//! Syncs replace the table's contents in one transaction: either all of the new ruleset is in
-//! place or none of it. Rendering ([`render`]) is pure and unit-tested; traffic tests run it
-//! in network namespaces and read it back with `nft -j list`.
+//! Most service ports take the **flat path**: no chain of their own, only set and map entries.
+//! A port with `n` endpoints has, per address, `n` entries `daddr . l4proto . dport . slot →
+//! endpoint address . port` in the map `endpoints-<n>` (`nodeport-endpoints-<n>` for its
+//! NodePort, keyed by `l4proto . dport . slot`), and the `services` chain has one rule per
+//! endpoint count in use: `dnat to daddr . l4proto . dport . numgen random mod n map
+//! @endpoints-<n>`. Masquerade marks come from the sets `cluster-ips` (off-cluster sources),
+//! `external-ips` and `external-nodeports`; hairpin traffic is masqueraded through `loop-back`.
+//! With no jump in any entry, a change is a few element updates that the kernel applies without
+//! revalidating the table, which is what made upstream's shape slow to change at scale.
+//!
+//! Ports with session affinity, `externalTrafficPolicy: Local` or more than
+//! [`FLAT_MAX_ENDPOINTS`] endpoints take the **chain path**, upstream's shape: the verdict maps
+//! `service-chains` and `nodeport-chains` lead to a chain per service port that picks an
+//! endpoint with `numgen random`, and a chain per endpoint that DNATs. Ports without endpoints
+//! are refused through the `reject-*` sets (or dropped through `drop-*` for
+//! `externalTrafficPolicy: Local`).
+//!
+//! Syncs replace the table's contents in one transaction, or change only what differs: either
+//! all of the new ruleset is in place or none of it. Rendering ([`render`]) is pure and
+//! unit-tested; traffic tests run it in network namespaces and read it back with `nft -j list`.
 
 pub mod netlink;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+
+use std::hash::BuildHasher;
+
+use foldhash::{HashMap, HashSet, HashSetExt};
 use std::net::IpAddr;
 
 use netlink::{
@@ -27,6 +45,7 @@ pub(crate) const TYPE_IPV4: u32 = 7;
 pub(crate) const TYPE_IPV6: u32 = 8;
 pub(crate) const TYPE_PROTO: u32 = 12;
 pub(crate) const TYPE_SERVICE: u32 = 13;
+const TYPE_MARK: u32 = 19;
 const META_MARK: u32 = 3;
 pub(crate) const META_L4PROTO: u32 = 16;
 pub(crate) const RTN_LOCAL: u32 = 2;
@@ -330,54 +349,199 @@ fn chain_suffix(chain: &str) -> &str {
     chain.rsplit('-').next().unwrap_or(chain)
 }
 
-/// The fixed part of the table: base chains, helper chains and the (empty) maps.
-pub fn base(config: &NftConfig) -> Ruleset {
-    let family = Family { ipv6: config.ipv6 };
-    let addr_key_type = (((family.addr_type() << 6) | TYPE_PROTO) << 6) | TYPE_SERVICE;
-    let addr_key_len = family.addr_len() + 8;
-    let map = |name: &str, by_addr: bool| SetSpec {
+/// Service ports with at most this many endpoints (and no session affinity and no
+/// `externalTrafficPolicy: Local`) take the flat path: map entries only, no chain of their own.
+pub const FLAT_MAX_ENDPOINTS: usize = 16;
+
+/// A set keyed by `daddr . l4proto . dport`.
+pub(crate) fn addr_set(name: &str, family: &Family) -> SetSpec {
+    SetSpec {
         name: name.to_owned(),
-        key_type: if by_addr {
-            addr_key_type
-        } else {
-            (TYPE_PROTO << 6) | TYPE_SERVICE
-        },
-        key_len: if by_addr { addr_key_len } else { 8 },
-        verdict_map: true,
+        key_type: (((family.addr_type() << 6) | TYPE_PROTO) << 6) | TYPE_SERVICE,
+        key_len: family.addr_len() + 8,
+        verdict_map: false,
+        data: None,
         timeout_ms: None,
+    }
+}
+
+/// A set keyed by `l4proto . dport`.
+pub(crate) fn port_set(name: &str) -> SetSpec {
+    SetSpec {
+        name: name.to_owned(),
+        key_type: (TYPE_PROTO << 6) | TYPE_SERVICE,
+        key_len: 8,
+        verdict_map: false,
+        data: None,
+        timeout_ms: None,
+    }
+}
+
+/// A map from `key . slot` to `endpoint address . port`, the slot being `numgen random mod n`.
+fn slot_map(name: &str, key: SetSpec, family: &Family) -> SetSpec {
+    SetSpec {
+        name: name.to_owned(),
+        key_type: (key.key_type << 6) | TYPE_MARK,
+        key_len: key.key_len + 4,
+        verdict_map: false,
+        data: Some((
+            (family.addr_type() << 6) | TYPE_SERVICE,
+            family.addr_len() + 4,
+        )),
+        timeout_ms: None,
+    }
+}
+
+/// The hairpin set: `daddr . l4proto . dport . saddr` of every endpoint, so that a packet an
+/// endpoint sends to itself through a Service (after DNAT: source = destination) is
+/// masqueraded, else its reply would never come back through the NAT.
+pub(crate) fn loop_back_set(family: &Family) -> SetSpec {
+    let mut set = addr_set("loop-back", family);
+    set.key_type = (set.key_type << 6) | family.addr_type();
+    set.key_len += family.addr_len();
+    set
+}
+
+/// The key of an endpoint in [`loop_back_set`].
+pub(crate) fn loop_back_key(ip: &IpAddr, protocol: Protocol, port: u16) -> Vec<u8> {
+    let mut key = addr_key(ip, protocol, port);
+    key.extend(ip_bytes(ip));
+    key
+}
+
+/// `daddr . l4proto . dport . saddr @loop-back masquerade`, for the NAT postrouting hook.
+pub(crate) fn loop_back_rule(family: &Family) -> Vec<Expr> {
+    let mut rule = family.service_lookup("loop-back", None);
+    let (_, _, k3) = family.key_regs();
+    rule.insert(3, family.saddr(k3 + 1));
+    rule.push(Expr::Masquerade);
+    rule
+}
+
+/// Where NodePorts answer: every local address, or the `nodePortAddresses` ones.
+fn node_port_condition(config: &NftConfig, family: &Family) -> Vec<Expr> {
+    match &config.node_port_ips {
+        None => local_destination(),
+        Some(_) => vec![
+            family.daddr(REG32),
+            Expr::Lookup {
+                set: "nodeport-ips".into(),
+                sreg: REG32,
+                dreg: None,
+            },
+        ],
+    }
+}
+
+fn endpoints_map(count: u32) -> String {
+    format!("endpoints-{count}")
+}
+
+fn node_port_endpoints_map(count: u32) -> String {
+    format!("nodeport-endpoints-{count}")
+}
+
+/// The flat path's DNAT for service ports with `count` endpoints, through `addr` or NodePort:
+/// `dnat to daddr . l4proto . dport . numgen random mod count map @endpoints-<count>`.
+fn pick_rules(config: &NftConfig, family: &Family, count: u32) -> (Vec<Expr>, Vec<Expr>) {
+    let data = REG32 + 8;
+    let dnat = Expr::Dnat {
+        family: family.nfproto(),
+        addr_reg: data,
+        proto_reg: data + family.addr_len() / 4,
     };
-    let addr_lookup = |set: &str| family.service_lookup(set, Some(REG_VERDICT));
-    // protocol . destination port → verdict, from map `set`.
-    let l4_lookup = |set: &str| port_lookup(set, Some(REG_VERDICT));
+    let (_, _, k3) = family.key_regs();
+    let mut cluster = family.service_lookup(&endpoints_map(count), Some(data));
+    cluster.insert(
+        3,
+        Expr::Numgen {
+            dreg: k3 + 1,
+            modulus: count,
+        },
+    );
+    cluster.push(dnat.clone());
+    let mut node_port = node_port_condition(config, family);
+    let mut lookup = port_lookup(&node_port_endpoints_map(count), Some(data));
+    lookup.insert(
+        2,
+        Expr::Numgen {
+            dreg: REG32 + 2,
+            modulus: count,
+        },
+    );
+    node_port.extend(lookup);
+    node_port.push(dnat);
+    (cluster, node_port)
+}
+
+/// The fixed part of the table for flat-path endpoint counts `counts`: base chains, helper
+/// chains and the (empty) sets and maps.
+pub fn base(config: &NftConfig, counts: &BTreeSet<u32>) -> Ruleset {
+    let family = Family { ipv6: config.ipv6 };
+    let then = |mut rule: Vec<Expr>, v: Verdict| {
+        rule.push(verdict(v));
+        rule
+    };
+    let addr_lookup = |set: &str| family.service_lookup(set, None);
     let local_port_lookup = |set: &str| {
         let mut rule = local_destination();
-        rule.extend(l4_lookup(set));
+        rule.extend(port_lookup(set, None));
+        rule
+    };
+    let node_port_lookup = |set: &str, dreg: Option<u32>| {
+        let mut rule = node_port_condition(config, &family);
+        rule.extend(port_lookup(set, dreg));
         rule
     };
     let (mark_for_masquerade, masquerading) = mark_rules();
-    let mut ruleset = Ruleset::default();
-    // NodePorts: on every local address, or on the `nodePortAddresses` ones (set `nodeport-ips`).
-    let nodeport_rule = match &config.node_port_ips {
-        None => local_port_lookup("service-nodeports"),
-        Some(_) => {
-            let mut rule = vec![
-                family.daddr(REG32),
-                Expr::Lookup {
-                    set: "nodeport-ips".into(),
-                    sreg: REG32,
-                    dreg: None,
-                },
-            ];
-            rule.extend(l4_lookup("service-nodeports"));
-            rule
-        }
+    let mut services = vec![
+        family.service_lookup("service-chains", Some(REG_VERDICT)),
+        node_port_lookup("nodeport-chains", Some(REG_VERDICT)),
+    ];
+    let cluster_masquerade = if config.masquerade_all {
+        Some(addr_lookup("cluster-ips"))
+    } else {
+        config
+            .cluster_cidr
+            .as_deref()
+            .and_then(|c| outside(&family, c))
+            .map(|mut rule| {
+                rule.extend(addr_lookup("cluster-ips"));
+                rule
+            })
     };
+    services.extend(cluster_masquerade.map(|rule| then(rule, jump("mark-for-masquerade"))));
+    services.push(then(
+        addr_lookup("external-ips"),
+        jump("mark-for-masquerade"),
+    ));
+    services.push(then(
+        node_port_lookup("external-nodeports", None),
+        jump("mark-for-masquerade"),
+    ));
+    let picks: Vec<(Vec<Expr>, Vec<Expr>)> = counts
+        .iter()
+        .map(|count| pick_rules(config, &family, *count))
+        .collect();
+    services.extend(picks.iter().map(|(cluster, _)| cluster.clone()));
+    services.extend(picks.into_iter().map(|(_, node_port)| node_port));
     let base =
         |name: &str, hook: u32, priority: i32, kind: &'static str, rules: Vec<Vec<Expr>>| Chain {
             name: name.to_owned(),
             hook: Some((hook, priority, kind)),
             rules,
         };
+    let refuse = |lookup: &dyn Fn(&str) -> Vec<Expr>, what: &str| {
+        vec![
+            [
+                lookup(&format!("reject-{what}")),
+                vec![Expr::Reject { ipv6: config.ipv6 }],
+            ]
+            .concat(),
+            then(lookup(&format!("drop-{what}")), Verdict::Drop),
+        ]
+    };
+    let mut ruleset = Ruleset::default();
     ruleset.chains.extend([
         base(
             "nat-prerouting",
@@ -398,33 +562,33 @@ pub fn base(config: &NftConfig) -> Ruleset {
             4,
             100,
             "nat",
-            vec![vec![verdict(jump("masquerading"))]],
+            vec![vec![verdict(jump("masquerading"))], loop_back_rule(&family)],
         ),
         base(
             "filter-input",
             1,
             -10,
             "filter",
-            vec![local_port_lookup("no-endpoint-nodeports")],
+            refuse(&local_port_lookup, "nodeports"),
         ),
         base(
             "filter-forward",
             2,
             -10,
             "filter",
-            vec![addr_lookup("no-endpoint-services")],
+            refuse(&addr_lookup, "ips"),
         ),
         base(
             "filter-output",
             3,
             -10,
             "filter",
-            vec![addr_lookup("no-endpoint-services")],
+            refuse(&addr_lookup, "ips"),
         ),
         Chain {
             name: "services".into(),
             hook: None,
-            rules: vec![addr_lookup("service-ips"), nodeport_rule],
+            rules: services,
         },
         Chain {
             name: "masquerading".into(),
@@ -436,26 +600,41 @@ pub fn base(config: &NftConfig) -> Ruleset {
             hook: None,
             rules: mark_for_masquerade,
         },
-        Chain {
-            name: "reject-chain".into(),
-            hook: None,
-            rules: vec![vec![Expr::Reject { ipv6: config.ipv6 }]],
-        },
     ]);
+    let verdicts = |mut set: SetSpec| {
+        set.verdict_map = true;
+        set
+    };
+    let empty = |set: SetSpec| (set, Vec::new());
     ruleset.maps = vec![
-        (map("service-ips", true), Vec::new()),
-        (map("service-nodeports", false), Vec::new()),
-        (map("no-endpoint-services", true), Vec::new()),
-        (map("no-endpoint-nodeports", false), Vec::new()),
+        empty(verdicts(addr_set("service-chains", &family))),
+        empty(verdicts(port_set("nodeport-chains"))),
+        empty(addr_set("cluster-ips", &family)),
+        empty(addr_set("external-ips", &family)),
+        empty(port_set("external-nodeports")),
+        empty(addr_set("reject-ips", &family)),
+        empty(addr_set("drop-ips", &family)),
+        empty(port_set("reject-nodeports")),
+        empty(port_set("drop-nodeports")),
+        empty(loop_back_set(&family)),
     ];
+    for count in counts {
+        ruleset.maps.push(empty(slot_map(
+            &endpoints_map(*count),
+            addr_set("", &family),
+            &family,
+        )));
+        ruleset.maps.push(empty(slot_map(
+            &node_port_endpoints_map(*count),
+            port_set(""),
+            &family,
+        )));
+    }
     if let Some(ips) = &config.node_port_ips {
         let elements = ips
             .iter()
             .filter(|ip| ip.is_ipv6() == config.ipv6)
-            .map(|ip| Element {
-                key: ip_bytes(ip),
-                verdict: None,
-            })
+            .map(|ip| Element::key(ip_bytes(ip)))
             .collect();
         ruleset.maps.push((
             SetSpec {
@@ -463,6 +642,7 @@ pub fn base(config: &NftConfig) -> Ruleset {
                 key_type: family.addr_type(),
                 key_len: family.addr_len(),
                 verdict_map: false,
+                data: None,
                 timeout_ms: None,
             },
             elements,
@@ -471,37 +651,166 @@ pub fn base(config: &NftConfig) -> Ruleset {
     ruleset
 }
 
-/// One service port's chains and map entries (in the order of [`base`]'s maps).
+/// One service port's chains, set and map entries.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Fragment {
-    /// Its chains.
+    /// Its chains (none on the flat path).
     pub chains: Vec<Chain>,
-    /// Its entries in `service-ips`, `service-nodeports`, `no-endpoint-services`,
-    /// `no-endpoint-nodeports`.
-    pub elements: [Vec<Element>; 4],
+    /// Its entries, by set or map name.
+    pub elements: BTreeMap<String, Vec<Element>>,
     /// Its affinity sets.
     pub sets: Vec<SetSpec>,
+    /// Its keys in `loop-back`, which Service ports share when they share endpoints.
+    pub loop_back: Vec<Vec<u8>>,
+    /// On the flat path: its number of endpoints.
+    pub count: Option<u32>,
+}
+
+impl Fragment {
+    fn add(&mut self, set: &str, elements: impl IntoIterator<Item = Element>) {
+        self.elements
+            .entry(set.to_owned())
+            .or_default()
+            .extend(elements);
+    }
+}
+
+/// The value of an endpoint in an `endpoints-<n>` map: `address . port`.
+fn endpoint_value(endpoint: &Endpoint) -> Vec<u8> {
+    let mut value = ip_bytes(&endpoint.ip);
+    value.extend_from_slice(&endpoint.port.to_be_bytes());
+    value.extend_from_slice(&[0, 0]);
+    value
 }
 
 /// The chains and map entries of one service port.
 pub fn render_port(port: &ServicePort, config: &NftConfig) -> Fragment {
-    let family = Family { ipv6: config.ipv6 };
     let in_family = |ip: &IpAddr| ip.is_ipv6() == config.ipv6;
-    let mut ruleset = Ruleset::default();
-    let (
-        mut service_ips,
-        mut service_nodeports,
-        mut no_endpoint_services,
-        mut no_endpoint_nodeports,
-    ) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let element = |key: Vec<u8>, v: Verdict| Element {
-        key,
-        verdict: Some(v),
-    };
+    let mut fragment = Fragment::default();
     let cluster_ips: Vec<&IpAddr> = port.cluster_ips.iter().filter(|ip| in_family(ip)).collect();
     if cluster_ips.is_empty() {
-        return Fragment::default();
+        return fragment;
     }
+    let cluster_eps: Vec<&Endpoint> = port
+        .cluster_endpoints
+        .iter()
+        .filter(|e| in_family(&e.ip))
+        .collect();
+    let external_eps: Vec<&Endpoint> = port
+        .external_endpoints
+        .iter()
+        .filter(|e| in_family(&e.ip))
+        .collect();
+    let externals: Vec<&IpAddr> = port
+        .external_ips
+        .iter()
+        .chain(&port.load_balancer_ips)
+        .filter(|ip| in_family(ip))
+        .collect();
+    // Ports without endpoints: refused where traffic would be masqueraded anyway, dropped
+    // for `externalTrafficPolicy: Local` (the load balancer's health check moves it away).
+    if cluster_eps.is_empty() {
+        for ip in &cluster_ips {
+            fragment.add(
+                "reject-ips",
+                [Element::key(addr_key(ip, port.protocol, port.port))],
+            );
+        }
+    }
+    let externals_refused = if port.external_policy_local {
+        external_eps.is_empty()
+    } else {
+        cluster_eps.is_empty()
+    };
+    if externals_refused {
+        let how = if port.external_policy_local {
+            "drop"
+        } else {
+            "reject"
+        };
+        for ip in &externals {
+            fragment.add(
+                &format!("{how}-ips"),
+                [Element::key(addr_key(ip, port.protocol, port.port))],
+            );
+        }
+        if let Some(node_port) = port.node_port {
+            fragment.add(
+                &format!("{how}-nodeports"),
+                [Element::key(port_key(port.protocol, node_port))],
+            );
+        }
+    }
+    let flat = port.affinity_timeout.is_none()
+        && !port.external_policy_local
+        && (1..=FLAT_MAX_ENDPOINTS).contains(&cluster_eps.len());
+    if flat {
+        flat_entries(port, &mut fragment, &cluster_ips, &externals, &cluster_eps);
+    } else {
+        chain_entries(
+            port,
+            config,
+            &mut fragment,
+            (&cluster_ips, &externals),
+            (&cluster_eps, &external_eps),
+            externals_refused,
+        );
+    }
+    fragment
+}
+
+/// The flat path: each address (and the NodePort) has one entry per endpoint slot in
+/// `endpoints-<n>`, and the Service's keys go in the masquerade sets. No chains, no jumps: a
+/// change is a few element updates, which the kernel applies without revalidating the table.
+fn flat_entries(
+    port: &ServicePort,
+    fragment: &mut Fragment,
+    cluster_ips: &[&IpAddr],
+    externals: &[&IpAddr],
+    endpoints: &[&Endpoint],
+) {
+    let count = endpoints.len() as u32;
+    let slots = |key: Vec<u8>| {
+        endpoints.iter().enumerate().map(move |(slot, endpoint)| {
+            let mut key = key.clone();
+            key.extend_from_slice(&(slot as u32).to_ne_bytes());
+            Element::data(key, endpoint_value(endpoint))
+        })
+    };
+    for (set, ips) in [("cluster-ips", cluster_ips), ("external-ips", externals)] {
+        for ip in ips {
+            let key = addr_key(ip, port.protocol, port.port);
+            fragment.add(set, [Element::key(key.clone())]);
+            fragment.add(&endpoints_map(count), slots(key));
+        }
+    }
+    if let Some(node_port) = port.node_port {
+        let key = port_key(port.protocol, node_port);
+        fragment.add("external-nodeports", [Element::key(key.clone())]);
+        fragment.add(&node_port_endpoints_map(count), slots(key));
+    }
+    let mut loop_back: Vec<Vec<u8>> = endpoints
+        .iter()
+        .map(|e| loop_back_key(&e.ip, port.protocol, e.port))
+        .collect();
+    loop_back.sort();
+    loop_back.dedup();
+    fragment.loop_back = loop_back;
+    fragment.count = Some(count);
+}
+
+/// The chain path, for session affinity, `externalTrafficPolicy: Local` and many endpoints:
+/// upstream's shape, a chain per service port and per endpoint reached through the
+/// `service-chains` and `nodeport-chains` verdict maps.
+fn chain_entries(
+    port: &ServicePort,
+    config: &NftConfig,
+    fragment: &mut Fragment,
+    (cluster_ips, externals): (&[&IpAddr], &[&IpAddr]),
+    (cluster_eps, external_eps): (&[&Endpoint], &[&Endpoint]),
+    externals_refused: bool,
+) {
+    let family = Family { ipv6: config.ipv6 };
     let hash = chain_suffix(&port.service_chain()).to_owned();
     let service = format!("service-{hash}");
     let external = format!("external-{hash}");
@@ -530,55 +839,20 @@ pub fn render_port(port: &ServicePort, config: &NftConfig) -> Fragment {
             })
             .collect()
     };
-    let cluster_eps: Vec<&Endpoint> = port
-        .cluster_endpoints
-        .iter()
-        .filter(|e| in_family(&e.ip))
-        .collect();
-    let external_eps: Vec<&Endpoint> = port
-        .external_endpoints
-        .iter()
-        .filter(|e| in_family(&e.ip))
-        .collect();
-    let externals: Vec<&IpAddr> = port
-        .external_ips
-        .iter()
-        .chain(&port.load_balancer_ips)
-        .filter(|ip| in_family(ip))
-        .collect();
-    let externals_reject = if port.external_policy_local {
-        external_eps.is_empty()
-    } else {
-        cluster_eps.is_empty()
-    };
-    let external_verdict = if port.external_policy_local {
-        Verdict::Drop
-    } else {
-        goto("reject-chain")
-    };
-
-    for ip in &cluster_ips {
-        let key = addr_key(ip, port.protocol, port.port);
-        if cluster_eps.is_empty() {
-            no_endpoint_services.push(element(key, goto("reject-chain")));
-        } else {
-            service_ips.push(element(key, goto(&service)));
+    if !cluster_eps.is_empty() {
+        for ip in cluster_ips {
+            let key = addr_key(ip, port.protocol, port.port);
+            fragment.add("service-chains", [Element::verdict(key, goto(&service))]);
         }
     }
-    for ip in &externals {
-        let key = addr_key(ip, port.protocol, port.port);
-        if externals_reject {
-            no_endpoint_services.push(element(key, external_verdict.clone()));
-        } else {
-            service_ips.push(element(key, goto(&external)));
+    if !externals_refused {
+        for ip in externals {
+            let key = addr_key(ip, port.protocol, port.port);
+            fragment.add("service-chains", [Element::verdict(key, goto(&external))]);
         }
-    }
-    if let Some(node_port) = port.node_port {
-        let key = port_key(port.protocol, node_port);
-        if externals_reject {
-            no_endpoint_nodeports.push(element(key, external_verdict.clone()));
-        } else {
-            service_nodeports.push(element(key, goto(&external)));
+        if let Some(node_port) = port.node_port {
+            let key = port_key(port.protocol, node_port);
+            fragment.add("nodeport-chains", [Element::verdict(key, goto(&external))]);
         }
     }
     let has_external = !externals.is_empty() || port.node_port.is_some();
@@ -596,15 +870,15 @@ pub fn render_port(port: &ServicePort, config: &NftConfig) -> Fragment {
             rule.push(verdict(jump("mark-for-masquerade")));
             rules.push(rule);
         }
-        rules.extend(sticky(&cluster_eps));
-        rules.extend(balance(&endpoint_chain, &cluster_eps));
-        ruleset.chains.push(Chain {
+        rules.extend(sticky(cluster_eps));
+        rules.extend(balance(&endpoint_chain, cluster_eps));
+        fragment.chains.push(Chain {
             name: service.clone(),
             hook: None,
             rules,
         });
     }
-    if has_external && !externals_reject {
+    if has_external && !externals_refused {
         let rules = if port.external_policy_local {
             let mut rules = Vec::new();
             if let Some(mut inside) = config
@@ -620,14 +894,10 @@ pub fn render_port(port: &ServicePort, config: &NftConfig) -> Fragment {
                 rules.push(inside);
             }
             rules.push(vec![verdict(goto(&local_chain))]);
-            ruleset.chains.push(Chain {
+            fragment.chains.push(Chain {
                 name: local_chain.clone(),
                 hook: None,
-                rules: [
-                    sticky(&external_eps),
-                    balance(&endpoint_chain, &external_eps),
-                ]
-                .concat(),
+                rules: [sticky(external_eps), balance(&endpoint_chain, external_eps)].concat(),
             });
             rules
         } else {
@@ -636,13 +906,13 @@ pub fn render_port(port: &ServicePort, config: &NftConfig) -> Fragment {
                 vec![verdict(goto(&service))],
             ]
         };
-        ruleset.chains.push(Chain {
+        fragment.chains.push(Chain {
             name: external.clone(),
             hook: None,
             rules,
         });
     }
-    let mut endpoints: Vec<&Endpoint> = cluster_eps.iter().chain(&external_eps).copied().collect();
+    let mut endpoints: Vec<&Endpoint> = cluster_eps.iter().chain(external_eps).copied().collect();
     endpoints.sort();
     endpoints.dedup();
     for endpoint in endpoints {
@@ -650,11 +920,12 @@ pub fn render_port(port: &ServicePort, config: &NftConfig) -> Fragment {
         let port_reg = REG32 + family.addr_len() / 4;
         let mut remember = Vec::new();
         if let Some(timeout) = port.affinity_timeout {
-            ruleset.sets.push(SetSpec {
+            fragment.sets.push(SetSpec {
                 name: affinity_set(endpoint),
                 key_type: family.addr_type(),
                 key_len: family.addr_len(),
                 verdict_map: false,
+                data: None,
                 timeout_ms: Some(u64::from(timeout) * 1000),
             });
             remember.push(vec![
@@ -665,7 +936,7 @@ pub fn render_port(port: &ServicePort, config: &NftConfig) -> Fragment {
                 },
             ]);
         }
-        ruleset.chains.push(Chain {
+        fragment.chains.push(Chain {
             name: endpoint_chain(endpoint),
             hook: None,
             rules: [
@@ -709,32 +980,31 @@ pub fn render_port(port: &ServicePort, config: &NftConfig) -> Fragment {
             .concat(),
         });
     }
-    Fragment {
-        chains: ruleset.chains,
-        elements: [
-            service_ips,
-            service_nodeports,
-            no_endpoint_services,
-            no_endpoint_nodeports,
-        ],
-        sets: ruleset.sets,
-    }
 }
 
-/// Assembles the table from its fixed part and the service ports' fragments. A key can only be
-/// in a map once: the first Service wins (the model already refuses NodePort conflicts;
+/// Adds the fragments' chains, sets and entries to `ruleset` (from [`base`]). A key can only
+/// be in a set once: the first Service wins (the model already refuses NodePort conflicts;
 /// duplicate external IPs across Services are a user error upstream too).
 pub fn assemble<'a>(
-    config: &NftConfig,
+    mut ruleset: Ruleset,
     fragments: impl IntoIterator<Item = &'a Fragment>,
 ) -> Ruleset {
-    let mut ruleset = base(config);
-    let mut seen: [std::collections::BTreeSet<&[u8]>; 4] = Default::default();
-    let mut lists: [Vec<Element>; 4] = Default::default();
+    let index: HashMap<&str, usize> = ruleset
+        .maps
+        .iter()
+        .enumerate()
+        .map(|(i, (spec, _))| (spec.name.as_str(), i))
+        .collect();
+    let mut seen: Vec<HashSet<&[u8]>> = (0..ruleset.maps.len()).map(|_| HashSet::new()).collect();
+    let mut lists: Vec<Vec<Element>> = vec![Vec::new(); ruleset.maps.len()];
     for fragment in fragments {
         ruleset.chains.extend(fragment.chains.iter().cloned());
         ruleset.sets.extend(fragment.sets.iter().cloned());
-        for (i, elements) in fragment.elements.iter().enumerate() {
+        for (set, elements) in &fragment.elements {
+            let Some(&i) = index.get(set.as_str()) else {
+                debug_assert!(false, "no set {set} in the table");
+                continue;
+            };
             for element in elements {
                 if seen[i].insert(element.key.as_slice()) {
                     lists[i].push(element.clone());
@@ -743,7 +1013,7 @@ pub fn assemble<'a>(
         }
     }
     for ((_, elements), list) in ruleset.maps.iter_mut().zip(lists) {
-        *elements = list;
+        elements.extend(list);
     }
     ruleset
 }
@@ -751,10 +1021,21 @@ pub fn assemble<'a>(
 /// The ruleset for every service port of this family.
 pub fn render(ports: &[ServicePort], config: &NftConfig) -> Ruleset {
     let fragments: Vec<Fragment> = ports.iter().map(|p| render_port(p, config)).collect();
-    assemble(config, &fragments)
+    let counts: BTreeSet<u32> = fragments.iter().filter_map(|f| f.count).collect();
+    let mut ruleset = assemble(base(config, &counts), &fragments);
+    let loop_back: BTreeSet<&Vec<u8>> = fragments.iter().flat_map(|f| &f.loop_back).collect();
+    ruleset.push_elements("loop-back", loop_back.into_iter().cloned());
+    ruleset
 }
 
 impl Ruleset {
+    /// Adds keys to the set `name`.
+    fn push_elements(&mut self, name: &str, keys: impl IntoIterator<Item = Vec<u8>>) {
+        if let Some((_, elements)) = self.maps.iter_mut().find(|(spec, _)| spec.name == name) {
+            elements.extend(keys.into_iter().map(Element::key));
+        }
+    }
+
     /// One batch that replaces the table's contents with this ruleset.
     pub fn replace(&self, family: u8) -> Batch {
         let mut batch = Batch::new(family);
@@ -785,19 +1066,25 @@ impl Ruleset {
     }
 }
 
-/// The batch that takes the kernel from `old` to `new`: new chains are added and changed ones
-/// rewritten before map elements point at them; elements that go are deleted before the chains
-/// they pointed at. Unchanged chains and elements are not mentioned at all, so a change to one
-/// Service costs the same at 30,000 Services as at ten.
+/// The batch that takes the kernel from `old` to `new`: new sets and chains are added and
+/// changed chains rewritten before entries point at them; entries that go are deleted before
+/// the chains they pointed at and the sets they were in. Unchanged chains and entries are not
+/// mentioned at all, so a change to one Service costs the same at 30,000 Services as at ten.
 pub fn update(old: &Ruleset, new: &Ruleset, family: u8) -> Batch {
-    use std::collections::BTreeMap;
     let mut batch = Batch::new(family);
-    let old_sets: std::collections::BTreeSet<&str> =
-        old.sets.iter().map(|s| s.name.as_str()).collect();
-    let new_sets: std::collections::BTreeSet<&str> =
-        new.sets.iter().map(|s| s.name.as_str()).collect();
-    for spec in &new.sets {
-        if !old_sets.contains(spec.name.as_str()) {
+    let specs = |ruleset: &'_ Ruleset| -> Vec<SetSpec> {
+        ruleset
+            .maps
+            .iter()
+            .map(|(spec, _)| spec.clone())
+            .chain(ruleset.sets.iter().cloned())
+            .collect()
+    };
+    let (old_specs, new_specs) = (specs(old), specs(new));
+    let old_names: BTreeSet<&str> = old_specs.iter().map(|s| s.name.as_str()).collect();
+    let new_names: BTreeSet<&str> = new_specs.iter().map(|s| s.name.as_str()).collect();
+    for spec in &new_specs {
+        if !old_names.contains(spec.name.as_str()) {
             batch.add_set(TABLE, spec);
         }
     }
@@ -827,21 +1114,21 @@ pub fn update(old: &Ruleset, new: &Ruleset, family: u8) -> Batch {
     let old_maps: BTreeMap<&str, &Vec<Element>> =
         old.maps.iter().map(|(s, e)| (s.name.as_str(), e)).collect();
     for (spec, elements) in &new.maps {
-        let before: BTreeMap<&[u8], &Element> = old_maps
+        let before: HashMap<&[u8], &Element> = old_maps
             .get(spec.name.as_str())
             .map(|list| list.iter().map(|e| (e.key.as_slice(), e)).collect())
             .unwrap_or_default();
-        let after: BTreeMap<&[u8], &Element> =
+        let after: HashMap<&[u8], &Element> =
             elements.iter().map(|e| (e.key.as_slice(), e)).collect();
         let gone: Vec<Element> = before
             .iter()
             .filter(|(key, element)| after.get(*key) != Some(*element))
             .map(|(_, e)| (*e).clone())
             .collect();
-        let added: Vec<Element> = after
+        let added: Vec<Element> = elements
             .iter()
-            .filter(|(key, element)| before.get(*key) != Some(*element))
-            .map(|(_, e)| (*e).clone())
+            .filter(|element| before.get(element.key.as_slice()) != Some(element))
+            .cloned()
             .collect();
         if !gone.is_empty() {
             batch.del_elements(TABLE, &spec.name, &gone);
@@ -862,19 +1149,103 @@ pub fn update(old: &Ruleset, new: &Ruleset, family: u8) -> Batch {
     for chain in &removed {
         batch.del_chain(TABLE, &chain.name);
     }
-    for name in old_sets.difference(&new_sets) {
+    for name in old_names.difference(&new_names) {
         batch.del_set(TABLE, name);
     }
     batch
 }
 
-/// The nftables backend for one family.
+/// What was last programmed: each service port with its fragment, and the counts of what
+/// fragments share.
+#[derive(Debug, Clone, Default)]
+struct Programmed {
+    /// By the hash of service port name and protocol.
+    ports: HashMap<u64, Entry>,
+    /// Flat-path endpoint counts in use, with how many ports have each.
+    counts: BTreeMap<u32, usize>,
+    /// `loop-back` keys, with how many ports need each.
+    loop_back: HashMap<Vec<u8>, usize>,
+    /// Per-service chains of all entries.
+    chains: usize,
+    /// The sync that last saw each entry.
+    generation: u64,
+}
+
+/// A programmed service port. Ports are told apart and compared by 64-bit hashes (a collision
+/// among 30,000 ports has odds of about 1 in 10^11, and the periodic full sync rewrites all),
+/// so the backend keeps no copy of the ports and a sync reads each given port once.
 #[derive(Debug, Clone)]
+struct Entry {
+    hash: u64,
+    seen: u64,
+    /// Boxed: the table stays small enough for the cache, which a sync walks in full.
+    fragment: Box<Fragment>,
+}
+
+const HASHER: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x7467);
+
+/// A port's identity (name and protocol) and contents, hashed in one pass.
+fn fingerprint(port: &ServicePort) -> (u64, u64) {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = HASHER.build_hasher();
+    port.name.hash(&mut hasher);
+    port.protocol.hash(&mut hasher);
+    let key = hasher.finish();
+    port.hash(&mut hasher);
+    (key, hasher.finish())
+}
+
+impl Programmed {
+    /// Counts a fragment in; returns the `loop-back` keys it is the first to need.
+    fn count_in(&mut self, fragment: &Fragment, added: &mut Vec<Vec<u8>>) {
+        self.chains += fragment.chains.len();
+        if let Some(count) = fragment.count {
+            *self.counts.entry(count).or_default() += 1;
+        }
+        for key in &fragment.loop_back {
+            let users = self.loop_back.entry(key.clone()).or_default();
+            *users += 1;
+            if *users == 1 {
+                added.push(key.clone());
+            }
+        }
+    }
+
+    /// Counts a fragment out; returns the `loop-back` keys nobody needs any more.
+    fn count_out(&mut self, fragment: &Fragment, dropped: &mut Vec<Vec<u8>>) {
+        self.chains -= fragment.chains.len();
+        if let Some(count) = fragment.count
+            && let Some(users) = self.counts.get_mut(&count)
+        {
+            *users -= 1;
+            if *users == 0 {
+                self.counts.remove(&count);
+            }
+        }
+        for key in &fragment.loop_back {
+            if let Some(users) = self.loop_back.get_mut(key) {
+                *users -= 1;
+                if *users == 0 {
+                    self.loop_back.remove(key);
+                    dropped.push(key.clone());
+                }
+            }
+        }
+    }
+
+    fn counts(&self) -> BTreeSet<u32> {
+        self.counts.keys().copied().collect()
+    }
+}
+
+/// The nftables backend for one family.
+#[derive(Debug)]
 pub struct Nftables {
     config: NftConfig,
-    /// Per service port (name, protocol): the port as last programmed and its fragment; `None`
-    /// (at start, after a failure or cleanup) forces a full replace.
-    programmed: Option<BTreeMap<(String, Protocol), (ServicePort, Fragment)>>,
+    /// `None` (at start, after a failure or cleanup) forces a full replace.
+    programmed: Option<Programmed>,
+    /// Opened at the first sync, in that thread's network namespace.
+    socket: Option<netlink::Socket>,
 }
 
 impl Nftables {
@@ -883,6 +1254,7 @@ impl Nftables {
         Nftables {
             config,
             programmed: None,
+            socket: None,
         }
     }
 
@@ -909,44 +1281,104 @@ impl Nftables {
             full |= ips != self.config.node_port_ips;
             self.config.node_port_ips = ips;
         }
-        let mut previous = self.programmed.take();
-        let incremental = previous.is_some() && !full;
-        let mut next = BTreeMap::new();
-        let (mut old_fragments, mut new_fragments) = (Vec::new(), Vec::new());
+        let incremental = !full && self.programmed.is_some();
+        let mut state = match self.programmed.take() {
+            Some(state) if incremental => state,
+            _ => Programmed::default(),
+        };
+        let old_counts = state.counts();
+        state.generation += 1;
+        let generation = state.generation;
+        let (mut gone, mut came) = (Vec::new(), Vec::new());
+        let (mut added, mut dropped) = (Vec::new(), Vec::new());
+        let mut seen = 0;
         for port in ports {
-            let key = (port.name.clone(), port.protocol);
-            let before = previous.as_mut().and_then(|p| p.remove(&key));
-            let fragment = match before {
-                Some((old_port, fragment)) if &old_port == port => fragment,
-                before => {
+            let (key, hash) = fingerprint(port);
+            let fragment = match state.ports.get_mut(&key) {
+                Some(entry) if entry.seen != generation && entry.hash == hash => {
+                    entry.seen = generation;
+                    seen += 1;
+                    continue;
+                }
+                Some(entry) => {
                     let fragment = render_port(port, &self.config);
-                    if let Some((_, old)) = before {
-                        old_fragments.push(old);
+                    entry.hash = hash;
+                    if entry.seen != generation {
+                        entry.seen = generation;
+                        seen += 1;
                     }
-                    new_fragments.push(fragment.clone());
+                    gone.push(*std::mem::replace(
+                        &mut entry.fragment,
+                        Box::new(fragment.clone()),
+                    ));
+                    fragment
+                }
+                None => {
+                    let fragment = render_port(port, &self.config);
+                    seen += 1;
+                    state.ports.insert(
+                        key,
+                        Entry {
+                            hash,
+                            seen: generation,
+                            fragment: Box::new(fragment.clone()),
+                        },
+                    );
                     fragment
                 }
             };
-            next.insert(key, (port.clone(), fragment));
+            state.count_in(&fragment, &mut added);
+            if incremental {
+                came.push(fragment);
+            }
         }
-        // What is left of the previous sync is gone.
-        old_fragments.extend(previous.into_iter().flatten().map(|(_, (_, f))| f));
+        // What this sync did not see is gone.
+        if state.ports.len() > seen {
+            state.ports.retain(|_, entry| {
+                let keep = entry.seen == generation;
+                if !keep {
+                    gone.push(std::mem::take(&mut *entry.fragment));
+                }
+                keep
+            });
+        }
+        for fragment in &gone {
+            state.count_out(fragment, &mut dropped);
+        }
+        let new_counts = state.counts();
         let batch = if incremental {
-            update(
-                &assemble(&self.config, &old_fragments),
-                &assemble(&self.config, &new_fragments),
-                self.family(),
-            )
+            let mut old = assemble(base(&self.config, &old_counts), &gone);
+            old.push_elements("loop-back", dropped);
+            let mut new = assemble(base(&self.config, &new_counts), &came);
+            new.push_elements("loop-back", added);
+            update(&old, &new, self.family())
         } else {
-            assemble(&self.config, next.values().map(|(_, f)| f)).replace(self.family())
+            let mut ruleset = assemble(
+                base(&self.config, &new_counts),
+                state.ports.values().map(|e| &*e.fragment),
+            );
+            ruleset.push_elements("loop-back", state.loop_back.keys().cloned());
+            ruleset.replace(self.family())
         };
         let messages = batch.len();
         if messages > 0 {
-            netlink::apply(batch)?;
+            self.apply(batch)?;
         }
-        let chains = next.values().map(|(_, f)| f.chains.len()).sum();
-        self.programmed = Some(next);
+        let chains = state.chains;
+        self.programmed = Some(state);
         Ok((messages, chains))
+    }
+
+    fn apply(&mut self, batch: Batch) -> Result<(), NftError> {
+        let socket = match &mut self.socket {
+            Some(socket) => socket,
+            None => self.socket.insert(netlink::Socket::open()?),
+        };
+        let outcome = socket.apply(batch);
+        if let Err(NftError::Socket { .. }) = outcome {
+            self.socket = None;
+        }
+        outcome
     }
 
     /// Removes tug's table.
@@ -955,7 +1387,7 @@ impl Nftables {
         batch.add_table(TABLE);
         batch.del_table(TABLE);
         self.programmed = None;
-        netlink::apply(batch)
+        self.apply(batch)
     }
 }
 
@@ -996,63 +1428,118 @@ mod tests {
         }
     }
 
-    #[test]
-    fn service_lookup_is_one_map_entry_per_address_and_port() {
-        let ruleset = render(&[web(&["10.180.0.1", "10.180.0.2"])], &config());
-        let (spec, elements) = &ruleset.maps[0];
-        assert_eq!(spec.name, "service-ips");
-        assert_eq!(spec.key_len, 12);
-        assert_eq!(elements.len(), 1);
-        assert_eq!(
-            elements[0].key,
-            vec![172, 30, 0, 41, 6, 0, 0, 0, 0, 80, 0, 0]
-        );
-        assert_eq!(
-            elements[0].verdict,
-            Some(Verdict::Goto("service-XPGD46QRK7WJZT7O".into()))
-        );
-        let nodeports = &ruleset.maps[1].1;
-        assert_eq!(nodeports[0].key, vec![6, 0, 0, 0, 0x75, 0x80, 0, 0]);
-        let service = ruleset
-            .chains
+    fn set<'a>(ruleset: &'a Ruleset, name: &str) -> &'a [Element] {
+        &ruleset
+            .maps
             .iter()
-            .find(|c| c.name == "service-XPGD46QRK7WJZT7O")
-            .unwrap();
-        assert_eq!(
-            service.rules.len(),
-            3,
-            "masquerade check, then two endpoints"
+            .find(|(spec, _)| spec.name == name)
+            .unwrap_or_else(|| panic!("no set {name}"))
+            .1
+    }
+
+    fn chain<'a>(ruleset: &'a Ruleset, name: &str) -> &'a Chain {
+        ruleset.chains.iter().find(|c| c.name == name).unwrap()
+    }
+
+    #[test]
+    fn a_plain_service_is_map_entries_and_no_chain() {
+        let ruleset = render(&[web(&["10.180.0.1", "10.180.0.2"])], &config());
+        let key = vec![172, 30, 0, 41, 6, 0, 0, 0, 0, 80, 0, 0];
+        assert_eq!(set(&ruleset, "cluster-ips"), [Element::key(key.clone())]);
+        let endpoints = set(&ruleset, "endpoints-2");
+        assert_eq!(endpoints.len(), 2, "one entry per endpoint slot");
+        let mut slot1 = key.clone();
+        slot1.extend(1u32.to_ne_bytes());
+        assert!(
+            endpoints.contains(&Element::data(slot1, vec![10, 180, 0, 2, 0x1f, 0x90, 0, 0])),
+            "{endpoints:?}"
         );
-        assert!(matches!(
-            service.rules[1][0],
-            Expr::Numgen { modulus: 2, .. }
-        ));
+        let node_port = vec![6, 0, 0, 0, 0x75, 0x80, 0, 0];
         assert_eq!(
-            ruleset
+            set(&ruleset, "external-nodeports"),
+            [Element::key(node_port.clone())]
+        );
+        assert_eq!(set(&ruleset, "nodeport-endpoints-2").len(), 2);
+        assert_eq!(set(&ruleset, "loop-back").len(), 2, "hairpin per endpoint");
+        assert!(set(&ruleset, "service-chains").is_empty());
+        assert!(
+            !ruleset
                 .chains
                 .iter()
-                .filter(|c| c.name.starts_with("endpoint-"))
-                .count(),
-            2
+                .any(|c| c.name.starts_with("service-") || c.name.starts_with("endpoint-")),
+            "no per-service chain"
+        );
+        // One DNAT rule for services with two endpoints: a random slot of two.
+        let services = chain(&ruleset, "services");
+        let pick = services
+            .rules
+            .iter()
+            .find(|r| {
+                r.iter()
+                    .any(|e| matches!(e, Expr::Lookup { set, .. } if set == "endpoints-2"))
+            })
+            .expect("the endpoints-2 rule");
+        assert!(
+            pick.iter()
+                .any(|e| matches!(e, Expr::Numgen { modulus: 2, .. }))
+        );
+        assert!(matches!(pick.last(), Some(Expr::Dnat { .. })));
+        assert!(
+            !ruleset.maps.iter().any(|(s, _)| s.name == "endpoints-1"),
+            "maps only for the counts in use"
         );
     }
 
     #[test]
-    fn ports_without_endpoints_go_to_the_reject_chain() {
-        let ruleset = render(&[web(&[])], &config());
-        assert!(ruleset.maps[0].1.is_empty());
-        assert_eq!(ruleset.maps[2].1.len(), 1);
+    fn affinity_and_local_policy_take_the_chain_path() {
+        let mut sticky = web(&["10.180.0.1", "10.180.0.2"]);
+        sticky.affinity_timeout = Some(60);
+        let ruleset = render(&[sticky], &config());
+        let elements = set(&ruleset, "service-chains");
+        assert_eq!(elements.len(), 1);
         assert_eq!(
-            ruleset.maps[2].1[0].verdict,
-            Some(Verdict::Goto("reject-chain".into()))
+            elements[0].verdict,
+            Some(Verdict::Goto("service-XPGD46QRK7WJZT7O".into()))
         );
-        assert_eq!(ruleset.maps[3].1.len(), 1, "the NodePort rejects too");
+        let service = chain(&ruleset, "service-XPGD46QRK7WJZT7O");
+        assert_eq!(
+            service.rules.len(),
+            5,
+            "masquerade check, two sticky lookups, then two endpoints"
+        );
+        assert_eq!(ruleset.sets.len(), 2, "an affinity set per endpoint");
+        assert!(set(&ruleset, "cluster-ips").is_empty());
+
+        let mut local = web(&["10.180.0.1"]);
+        local.external_policy_local = true;
+        local.external_endpoints = vec![];
+        let ruleset = render(&[local], &config());
+        assert_eq!(set(&ruleset, "service-chains").len(), 1);
+        assert_eq!(
+            set(&ruleset, "drop-nodeports").len(),
+            1,
+            "no local endpoint: external traffic is dropped"
+        );
+    }
+
+    #[test]
+    fn ports_without_endpoints_are_rejected() {
+        let ruleset = render(&[web(&[])], &config());
+        assert!(set(&ruleset, "cluster-ips").is_empty());
+        assert_eq!(set(&ruleset, "reject-ips").len(), 1);
+        assert_eq!(
+            set(&ruleset, "reject-nodeports").len(),
+            1,
+            "the NodePort too"
+        );
         assert!(
             !ruleset
                 .chains
                 .iter()
                 .any(|c| c.name.starts_with("service-"))
         );
+        let output = chain(&ruleset, "filter-output");
+        assert!(matches!(output.rules[0].last(), Some(Expr::Reject { .. })));
     }
 
     #[test]
@@ -1066,12 +1553,17 @@ mod tests {
         assert!(outside(&family, "fd00::/64").is_none(), "other family");
     }
 
+    fn labels_of(batch: Batch) -> Vec<String> {
+        batch.finish().1.into_iter().map(|(_, l)| l).collect()
+    }
+
     #[test]
     fn an_update_touches_only_what_changed() {
         let mut other = web(&["10.180.1.1"]);
         other.name = "ns2/other:p80".into();
         other.cluster_ips = vec!["172.30.0.42".parse().unwrap()];
         other.node_port = None;
+        other.affinity_timeout = Some(30);
         let before = render(
             &[web(&["10.180.0.1", "10.180.0.2"]), other.clone()],
             &config(),
@@ -1080,41 +1572,85 @@ mod tests {
             update(&before, &before, FAMILY_IPV4).is_empty(),
             "no change, no message"
         );
-        let after = render(&[web(&["10.180.0.2"]), other], &config());
-        let (_, labels) = update(&before, &after, FAMILY_IPV4).finish();
-        let labels: Vec<&str> = labels.iter().map(|(_, l)| l.as_str()).collect();
-        assert!(
-            labels
-                .iter()
-                .any(|l| l.starts_with("flush chain tug-proxy service-XPGD46QRK7WJZT7O")),
+        // An endpoint moves: two entries change, nothing else.
+        let after = render(
+            &[web(&["10.180.0.1", "10.180.0.3"]), other.clone()],
+            &config(),
+        );
+        let labels = labels_of(update(&before, &after, FAMILY_IPV4));
+        assert_eq!(
+            labels[1..labels.len() - 1],
+            [
+                "delete 1 elements in tug-proxy loop-back",
+                "add 1 elements in tug-proxy loop-back",
+                "delete 1 elements in tug-proxy endpoints-2",
+                "add 1 elements in tug-proxy endpoints-2",
+                "delete 1 elements in tug-proxy nodeport-endpoints-2",
+                "add 1 elements in tug-proxy nodeport-endpoints-2",
+            ],
             "{labels:?}"
         );
-        assert!(
+        // A third endpoint: the services chain gains the rules for three, the maps for three
+        // come, those for two go once nothing uses them.
+        let three = render(
+            &[
+                web(&["10.180.0.1", "10.180.0.2", "10.180.0.3"]),
+                other.clone(),
+            ],
+            &config(),
+        );
+        let labels = labels_of(update(&before, &three, FAMILY_IPV4));
+        let position = |label: &str| {
             labels
                 .iter()
-                .any(|l| l.starts_with("delete chain tug-proxy endpoint-")),
-            "{labels:?}"
+                .position(|l| l == label)
+                .unwrap_or_else(|| panic!("no {label} in {labels:?}"))
+        };
+        assert!(
+            position("add set tug-proxy endpoints-3") < position("flush chain tug-proxy services")
+        );
+        assert!(
+            position("flush chain tug-proxy services")
+                < position("delete set tug-proxy endpoints-2")
+        );
+        assert!(
+            position("add 3 elements in tug-proxy endpoints-3")
+                < position("delete set tug-proxy endpoints-2")
         );
         assert!(
             !labels
                 .iter()
-                .any(|l| l.contains("service-") && l.contains("other")),
+                .any(|l| l.contains("affinity-") || l.contains("service-")),
+            "the other Service is not touched: {labels:?}"
+        );
+        // On the chain path, a moved endpoint rewrites that service's chain and nothing else.
+        let mut moved = other.clone();
+        moved.cluster_endpoints = vec![endpoint("10.180.1.2")];
+        moved.external_endpoints = moved.cluster_endpoints.clone();
+        let after = render(&[web(&["10.180.0.1", "10.180.0.2"]), moved], &config());
+        let labels = labels_of(update(&before, &after, FAMILY_IPV4));
+        assert!(
+            labels
+                .iter()
+                .any(|l| l.starts_with("flush chain tug-proxy service-")),
             "{labels:?}"
         );
-        assert!(
-            !labels.iter().any(|l| l.contains("elements")),
-            "map entries did not change: {labels:?}"
-        );
-        // Everything after the flush of a chain that goes comes after its last reference.
         let flush = labels
             .iter()
             .position(|l| l.starts_with("flush chain tug-proxy endpoint-"))
             .unwrap();
         let rewrite = labels
             .iter()
-            .position(|l| l.starts_with("add rule tug-proxy service-XPGD46QRK7WJZT7O"))
+            .position(|l| l.starts_with("add rule tug-proxy service-"))
             .unwrap();
-        assert!(rewrite < flush);
+        assert!(
+            rewrite < flush,
+            "the chain that goes is emptied after its last reference"
+        );
+        assert!(
+            !labels.iter().any(|l| l.contains("endpoints-2")),
+            "{labels:?}"
+        );
     }
 
     #[test]
@@ -1128,15 +1664,16 @@ mod tests {
                 .unwrap()
         };
         assert!(
-            position("add set tug-proxy service-ips")
-                < position("add 1 elements in tug-proxy service-ips")
+            position("add set tug-proxy cluster-ips")
+                < position("add 1 elements in tug-proxy cluster-ips")
         );
         assert!(
-            position("add chain tug-proxy service-")
-                < position("add 1 elements in tug-proxy service-ips")
+            position("add set tug-proxy endpoints-1")
+                < position("add 1 elements in tug-proxy endpoints-1")
         );
         assert!(
-            position("add chain tug-proxy endpoint-") < position("add rule tug-proxy service-")
+            position("add 1 elements in tug-proxy endpoints-1")
+                < position("add rule tug-proxy services")
         );
         assert_eq!(labels[2].1, "delete table tug-proxy");
     }

@@ -361,19 +361,52 @@ pub struct SetSpec {
     pub key_type: u32,
     /// Key length in bytes (concatenated fields padded to 4).
     pub key_len: u32,
-    /// A verdict map (else a plain set).
+    /// A verdict map (else a plain set, or a data map when `data` is given).
     pub verdict_map: bool,
+    /// A data map: its value's nft type id and length in bytes.
+    pub data: Option<(u32, u32)>,
     /// For dynamic sets whose elements expire: the timeout in milliseconds.
     pub timeout_ms: Option<u64>,
 }
 
-/// An element: key bytes and, for verdict maps, its verdict.
+/// An element: key bytes and, for maps, what the key maps to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Element {
     /// Key.
     pub key: Vec<u8>,
-    /// Verdict (maps only).
+    /// Verdict (verdict maps only).
     pub verdict: Option<Verdict>,
+    /// Value (data maps only).
+    pub data: Option<Vec<u8>>,
+}
+
+impl Element {
+    /// A set's element.
+    pub fn key(key: Vec<u8>) -> Element {
+        Element {
+            key,
+            verdict: None,
+            data: None,
+        }
+    }
+
+    /// A verdict map's element.
+    pub fn verdict(key: Vec<u8>, verdict: Verdict) -> Element {
+        Element {
+            key,
+            verdict: Some(verdict),
+            data: None,
+        }
+    }
+
+    /// A data map's element.
+    pub fn data(key: Vec<u8>, data: Vec<u8>) -> Element {
+        Element {
+            key,
+            verdict: None,
+            data: Some(data),
+        }
+    }
 }
 
 /// One atomic nf_tables transaction being built.
@@ -522,7 +555,7 @@ impl Batch {
     /// Adds a named set or map.
     pub fn add_set(&mut self, table: &str, spec: &SetSpec) {
         let id = self.seq + 1;
-        let mut flags = if spec.verdict_map {
+        let mut flags = if spec.verdict_map || spec.data.is_some() {
             0x8 /* NFT_SET_MAP */
         } else {
             0
@@ -542,6 +575,9 @@ impl Batch {
                 attr_u32(a, 5, spec.key_len);
                 if spec.verdict_map {
                     attr_u32(a, 6, 0xffff_ff00 /* NFT_DATA_VERDICT */);
+                } else if let Some((kind, len)) = spec.data {
+                    attr_u32(a, 6 /* NFTA_SET_DATA_TYPE */, kind);
+                    attr_u32(a, 7 /* NFTA_SET_DATA_LEN */, len);
                 }
                 attr_u32(a, 10, id);
                 if let Some(timeout) = spec.timeout_ms {
@@ -584,6 +620,8 @@ impl Batch {
                                         2, /* NFTA_SET_ELEM_DATA */
                                         |d| verdict.encode(d),
                                     );
+                                } else if let Some(data) = &element.data {
+                                    data_value(e, 2 /* NFTA_SET_ELEM_DATA */, data);
                                 }
                             });
                         }
@@ -651,54 +689,81 @@ fn fail(what: &'static str) -> impl FnOnce(nix::Error) -> NftError {
     move |errno| NftError::Socket { what, errno }
 }
 
-/// Sends `batch` to the kernel of the calling thread's network namespace and waits for its
-/// outcome.
-pub fn apply(batch: Batch) -> Result<(), NftError> {
-    let (bytes, labels) = batch.finish();
-    let fd = nfnetlink::socket().map_err(fail("open socket"))?;
-    // The whole batch goes in one datagram.
-    let size = bytes.len().max(1 << 20);
-    setsockopt(&fd, sockopt::SndBufForce, &size).map_err(fail("size the send buffer"))?;
-    setsockopt(&fd, sockopt::RcvBufForce, &(4 << 20)).map_err(fail("size the receive buffer"))?;
-    send(fd.as_raw_fd(), &bytes, MsgFlags::empty()).map_err(fail("send batch"))?;
-    // A GETGEN after the batch: its answer comes after any error of the batch.
-    let getgen_seq = u32::MAX;
-    let mut getgen = Vec::new();
-    getgen.extend_from_slice(&20u32.to_ne_bytes());
-    getgen.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN).to_ne_bytes());
-    getgen.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
-    getgen.extend_from_slice(&getgen_seq.to_ne_bytes());
-    getgen.extend_from_slice(&0u32.to_ne_bytes());
-    getgen.extend_from_slice(&[0, 0, 0, 0]);
-    send(fd.as_raw_fd(), &getgen, MsgFlags::empty()).map_err(fail("send GETGEN"))?;
-    let mut buf = vec![0u8; 1 << 16];
-    let mut first_error: Option<NftError> = None;
-    loop {
-        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(fail("receive"))?;
-        for message in nfnetlink::messages(&buf[..n]) {
-            if message.kind != NLMSG_ERROR {
-                continue;
-            }
-            let code = message.error_code();
-            if code != 0 && first_error.is_none() {
-                let label = labels
-                    .iter()
-                    .find(|(s, _)| *s == message.seq)
-                    .map(|(_, l)| l.clone())
-                    .unwrap_or_else(|| format!("message {}", message.seq));
-                first_error = Some(NftError::Refused {
-                    message: label,
-                    errno: nix::Error::from_raw(-code),
-                });
-            }
-            if message.seq == getgen_seq {
-                return match first_error {
-                    Some(error) => Err(error),
-                    None => Ok(()),
-                };
+/// An nf_tables netlink socket, kept open between batches: closing one costs the kernel an RCU
+/// grace period (milliseconds), more than a small batch itself. It belongs to the network
+/// namespace of the thread that opened it.
+#[derive(Debug)]
+pub struct Socket {
+    fd: std::os::fd::OwnedFd,
+    send_buffer: usize,
+}
+
+impl Socket {
+    /// Opens a socket in the calling thread's network namespace.
+    pub fn open() -> Result<Socket, NftError> {
+        let fd = nfnetlink::socket().map_err(fail("open socket"))?;
+        setsockopt(&fd, sockopt::RcvBufForce, &(4 << 20))
+            .map_err(fail("size the receive buffer"))?;
+        Ok(Socket { fd, send_buffer: 0 })
+    }
+
+    /// Sends `batch` and waits for its outcome. After an error of the socket itself (not a
+    /// refused batch) the socket should be dropped.
+    pub fn apply(&mut self, batch: Batch) -> Result<(), NftError> {
+        let (bytes, labels) = batch.finish();
+        let fd = &self.fd;
+        // The whole batch goes in one datagram.
+        let size = bytes.len().max(1 << 20);
+        if size > self.send_buffer {
+            setsockopt(fd, sockopt::SndBufForce, &size).map_err(fail("size the send buffer"))?;
+            self.send_buffer = size;
+        }
+        send(fd.as_raw_fd(), &bytes, MsgFlags::empty()).map_err(fail("send batch"))?;
+        // A GETGEN after the batch: its answer comes after any error of the batch.
+        let getgen_seq = u32::MAX;
+        let mut getgen = Vec::new();
+        getgen.extend_from_slice(&20u32.to_ne_bytes());
+        getgen.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN).to_ne_bytes());
+        getgen.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+        getgen.extend_from_slice(&getgen_seq.to_ne_bytes());
+        getgen.extend_from_slice(&0u32.to_ne_bytes());
+        getgen.extend_from_slice(&[0, 0, 0, 0]);
+        send(fd.as_raw_fd(), &getgen, MsgFlags::empty()).map_err(fail("send GETGEN"))?;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut first_error: Option<NftError> = None;
+        loop {
+            let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(fail("receive"))?;
+            for message in nfnetlink::messages(&buf[..n]) {
+                if message.kind != NLMSG_ERROR {
+                    continue;
+                }
+                let code = message.error_code();
+                if code != 0 && first_error.is_none() {
+                    let label = labels
+                        .iter()
+                        .find(|(s, _)| *s == message.seq)
+                        .map(|(_, l)| l.clone())
+                        .unwrap_or_else(|| format!("message {}", message.seq));
+                    first_error = Some(NftError::Refused {
+                        message: label,
+                        errno: nix::Error::from_raw(-code),
+                    });
+                }
+                if message.seq == getgen_seq {
+                    return match first_error {
+                        Some(error) => Err(error),
+                        None => Ok(()),
+                    };
+                }
             }
         }
     }
+}
+
+/// Sends `batch` to the kernel of the calling thread's network namespace, over a socket of its
+/// own, and waits for its outcome.
+pub fn apply(batch: Batch) -> Result<(), NftError> {
+    Socket::open()?.apply(batch)
 }
 
 #[cfg(test)]
