@@ -295,6 +295,76 @@ fn nftables_mode_serves_a_dual_stack_service_over_ipv6() {
     serve_a_dual_stack_service(Box::new(v4), Box::new(v6));
 }
 
+#[test]
+#[ignore = "netns tier (root): run as root via ./scripts/test, or cargo test -p tug-tests --test proxy -- --ignored"]
+fn iptables_mode_keeps_external_traffic_local() {
+    keep_external_traffic_local(Box::new(Iptables::new(
+        "iptables-nft",
+        IptablesConfig {
+            cluster_cidr: Some(CLUSTER_CIDR.into()),
+            ..Default::default()
+        },
+    )));
+}
+
+#[test]
+#[ignore = "netns tier (root): run as root via ./scripts/test, or cargo test -p tug-tests --test proxy -- --ignored"]
+fn nftables_mode_keeps_external_traffic_local() {
+    use tug_proxy::nftables::{NftConfig, Nftables};
+    keep_external_traffic_local(Box::new(Nftables::new(NftConfig {
+        cluster_cidr: Some(CLUSTER_CIDR.into()),
+        ..Default::default()
+    })));
+}
+
+/// `externalTrafficPolicy: Local`: a NodePort reached from outside goes only to this node's
+/// endpoint and keeps the client's address; the node's own traffic to it goes to any endpoint,
+/// masqueraded; pods reach the ClusterIP as usual.
+fn keep_external_traffic_local(mut backend: Box<dyn tug_proxy::backend::RuleBackend>) {
+    require(Tier::Netns);
+    let lab = ServiceLab::new(2, 8080, 8053);
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web", "namespace": "demo"},
+        "spec": {
+            "type": "NodePort", "externalTrafficPolicy": "Local", "healthCheckNodePort": 32000,
+            "clusterIP": CLUSTER_IP, "clusterIPs": [CLUSTER_IP],
+            "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080, "nodePort": 30080}]
+        }
+    }))
+    .unwrap();
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "web-abc", "namespace": "demo", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "endpoints": [
+            {"addresses": ["10.180.0.1"], "conditions": {"ready": true}, "nodeName": "node-a"},
+            {"addresses": ["10.180.0.2"], "conditions": {"ready": true}, "nodeName": "node-b"}
+        ],
+        "ports": [{"name": "http", "protocol": "TCP", "port": 8080}]
+    }))
+    .unwrap();
+    let ports = ports(&[service], &[slice]);
+    lab.node.run(|| backend.sync(&ports, true)).expect("sync");
+    let node_port: SocketAddr = format!("{NODE_IP}:30080").parse().unwrap();
+    let hits = ServiceLab::tcp_hits(&lab.client, node_port, 20);
+    assert_eq!(
+        hits.keys().collect::<Vec<_>>(),
+        ["pod-1"],
+        "only the local endpoint: {hits:?}"
+    );
+    let (_, seen) = ServiceLab::tcp_once(&lab.client, node_port).unwrap();
+    assert!(seen.contains("192.168.50.2"), "the client's address is kept: {seen}");
+    let from_node = ServiceLab::tcp_hits(&lab.node, node_port, 30);
+    assert_eq!(from_node.len(), 2, "the node's own traffic goes anywhere: {from_node:?}");
+    let (_, seen) = ServiceLab::tcp_once(&lab.node, node_port).unwrap();
+    assert!(seen.contains("169.254.1.1"), "and is masqueraded: {seen}");
+    let vip: SocketAddr = format!("{CLUSTER_IP}:80").parse().unwrap();
+    assert_eq!(
+        ServiceLab::tcp_hits(&lab.pods[0], vip, 30).len(),
+        2,
+        "the ClusterIP is cluster-wide"
+    );
+}
+
 fn serve_a_dual_stack_service(
     mut v4: Box<dyn tug_proxy::backend::RuleBackend>,
     mut v6: Box<dyn tug_proxy::backend::RuleBackend>,

@@ -191,6 +191,18 @@ pub(crate) fn local_destination() -> Vec<Expr> {
     ]
 }
 
+/// `fib saddr type local`: the node's own traffic.
+fn local_source() -> Vec<Expr> {
+    vec![
+        Expr::FibSaddrType { dreg: REG32 },
+        Expr::Cmp {
+            sreg: REG32,
+            eq: true,
+            data: RTN_LOCAL.to_ne_bytes().to_vec(),
+        },
+    ]
+}
+
 /// `l4proto . dport` looked up in `set` (a map's value into `dreg`).
 pub(crate) fn port_lookup(set: &str, dreg: Option<u32>) -> Vec<Expr> {
     vec![
@@ -893,6 +905,13 @@ fn chain_entries(
                 inside.push(verdict(goto(&service)));
                 rules.push(inside);
             }
+            // The node's own traffic has no source to keep: it goes to any endpoint,
+            // masqueraded, as upstream does.
+            let mut mark = local_source();
+            mark.push(verdict(jump("mark-for-masquerade")));
+            let mut to_service = local_source();
+            to_service.push(verdict(goto(&service)));
+            rules.extend([mark, to_service]);
             rules.push(vec![verdict(goto(&local_chain))]);
             fragment.chains.push(Chain {
                 name: local_chain.clone(),

@@ -155,6 +155,11 @@ pub enum Expr {
         /// Destination register.
         dreg: u32,
     },
+    /// Address type of the source (`fib saddr type`) into `dreg`.
+    FibSaddrType {
+        /// Destination register.
+        dreg: u32,
+    },
     /// Destination NAT to the address in `addr_reg` and port in `proto_reg`.
     Dnat {
         /// Family.
@@ -308,6 +313,14 @@ impl Expr {
                         attr_u32(d, 1, *dreg);
                         attr_u32(d, 2, 3 /* NFT_FIB_RESULT_ADDRTYPE */);
                         attr_u32(d, 3, 1 << 1 /* NFTA_FIB_F_DADDR */);
+                    }),
+                ),
+                Expr::FibSaddrType { dreg } => (
+                    "fib",
+                    Box::new(move |d| {
+                        attr_u32(d, 1, *dreg);
+                        attr_u32(d, 2, 3 /* NFT_FIB_RESULT_ADDRTYPE */);
+                        attr_u32(d, 3, 1 /* NFTA_FIB_F_SADDR */);
                     }),
                 ),
                 Expr::Dnat {
