@@ -195,10 +195,21 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             }
             list
         }
-        "nftables" => vec![
-            nft(ipv4_cidr_for_nft.clone(), false),
-            nft(ipv6_cidr_for_nft.clone(), true),
-        ],
+        "nftables" => {
+            let mut list = vec![nft(ipv4_cidr_for_nft.clone(), false)];
+            // IPv6 where the kernel can take the table (its IPv6 nf_tables expressions may be
+            // missing): programmed once empty to find out, as upstream probes before it runs
+            // dual-stack.
+            let mut v6 = nft(ipv6_cidr_for_nft.clone(), true);
+            match v6.sync(&[], true) {
+                Ok(_) => list.push(v6),
+                Err(error) => tracing::warn!(
+                    %error,
+                    "the kernel refuses an ip6 nftables table: IPv6 Services are not programmed"
+                ),
+            }
+            list
+        }
         "ipvs" => {
             vec![Box::new(tug_proxy::ipvs::IpvsBackend::new(ipvs_config)) as Box<dyn RuleBackend>]
         }

@@ -352,9 +352,16 @@ fn keep_external_traffic_local(mut backend: Box<dyn tug_proxy::backend::RuleBack
         "only the local endpoint: {hits:?}"
     );
     let (_, seen) = ServiceLab::tcp_once(&lab.client, node_port).unwrap();
-    assert!(seen.contains("192.168.50.2"), "the client's address is kept: {seen}");
+    assert!(
+        seen.contains("192.168.50.2"),
+        "the client's address is kept: {seen}"
+    );
     let from_node = ServiceLab::tcp_hits(&lab.node, node_port, 30);
-    assert_eq!(from_node.len(), 2, "the node's own traffic goes anywhere: {from_node:?}");
+    assert_eq!(
+        from_node.len(),
+        2,
+        "the node's own traffic goes anywhere: {from_node:?}"
+    );
     let (_, seen) = ServiceLab::tcp_once(&lab.node, node_port).unwrap();
     assert!(seen.contains("169.254.1.1"), "and is masqueraded: {seen}");
     let vip: SocketAddr = format!("{CLUSTER_IP}:80").parse().unwrap();

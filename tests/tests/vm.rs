@@ -55,6 +55,33 @@ spec:
   ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}]
 ";
 
+/// Shell functions for the guest's network: `netns NAME`, `in_ns NAME CMD...`, and `attach
+/// NAME x.y.z` (a namespace on a link of its own, the node x.y.z.1, the namespace x.y.z.2).
+const GUEST_NETWORK: &str = r#"
+ip link set lo up
+# Namespaces, each routed through the node on a link of its own: two endpoint pods and a client
+# pod inside the cluster CIDR, and one client outside it.
+netns() {
+  unshare -n sleep 100000 &
+  p=$!
+  eval "pid_$1=$p"
+  # The namespace exists once the process has left the node's.
+  until [ -e /proc/$p/ns/net ] && [ "$(readlink /proc/$p/ns/net)" != "$(readlink /proc/self/ns/net)" ]; do sleep 0.1; done
+}
+in_ns() { n=$1; shift; eval "nsenter -t \$pid_$n -n $*"; }
+attach() { # name subnet-prefix (x.y.z): the node is x.y.z.1, the namespace x.y.z.2
+  netns $1
+  eval "p=\$pid_$1"
+  # busybox ip names the peer itself (veth0, free again after each rename).
+  ip link add v-$1 type veth
+  ip link set veth0 name e-$1
+  ip link set e-$1 netns $p
+  ip addr add $2.1/24 dev v-$1
+  ip link set v-$1 up
+  nsenter -t $p -n sh -c "ip link set lo up; ip link set e-$1 name eth0; ip addr add $2.2/24 dev eth0; ip link set eth0 up; ip route add default via $2.1"
+}
+"#;
+
 /// The kubelet's `/pods` with the web pods at `ips`, all Ready.
 fn pods(ips: &[&str]) -> String {
     let items: Vec<serde_json::Value> = ips
@@ -82,29 +109,8 @@ fn pods(ips: &[&str]) -> String {
 #[ignore = "vm tier (root, qemu): run as root via ./scripts/test, or scripts/vm-assets then cargo test -p tug-tests --test vm -- --ignored"]
 fn ipvs_mode_balances_a_cluster_ip_and_a_node_port_in_a_guest() {
     require(Tier::Vm);
-    let script = r#"
-ip link set lo up
-# Namespaces, each routed through the node on a link of its own: two endpoint pods and a client
-# pod inside the cluster CIDR, and one client outside it.
-netns() {
-  unshare -n sleep 100000 &
-  p=$!
-  eval "pid_$1=$p"
-  # The namespace exists once the process has left the node's.
-  until [ -e /proc/$p/ns/net ] && [ "$(readlink /proc/$p/ns/net)" != "$(readlink /proc/self/ns/net)" ]; do sleep 0.1; done
-}
-in_ns() { n=$1; shift; eval "nsenter -t \$pid_$n -n $*"; }
-attach() { # name subnet-prefix (x.y.z): the node is x.y.z.1, the namespace x.y.z.2
-  netns $1
-  eval "p=\$pid_$1"
-  # busybox ip names the peer itself (veth0, free again after each rename).
-  ip link add v-$1 type veth
-  ip link set veth0 name e-$1
-  ip link set e-$1 netns $p
-  ip addr add $2.1/24 dev v-$1
-  ip link set v-$1 up
-  nsenter -t $p -n sh -c "ip link set lo up; ip link set e-$1 name eth0; ip addr add $2.2/24 dev eth0; ip link set eth0 up; ip route add default via $2.1"
-}
+    let script = GUEST_NETWORK.to_owned()
+        + r#"
 attach ep1 10.244.2
 attach ep2 10.244.3
 attach client 10.244.4
@@ -142,7 +148,7 @@ sleep 1
 echo "cleaned-vs=$(grep -c 0050 /proc/net/ip_vs || true)"
 if ip link show kube-ipvs0 >/dev/null 2>&1; then echo "cleaned-device=no"; else echo "cleaned-device=yes"; fi
 "#;
-    let mut spec = GuestSpec::new(script);
+    let mut spec = GuestSpec::new(&script);
     spec.memory_mib = 1024;
     spec.timeout = std::time::Duration::from_secs(400);
     spec.modules = [
@@ -200,4 +206,107 @@ if ip link show kube-ipvs0 >/dev/null 2>&1; then echo "cleaned-device=no"; else 
     assert_eq!(value("cleaned-vs"), "0", "console:\n{console}");
     assert_eq!(value("cleaned-device"), "yes", "console:\n{console}");
     eprintln!("IPVS guest ran in {:?}", run.elapsed);
+}
+
+/// SCTP Services, in nftables and IPVS modes, in a guest running Debian 12's own kernel, which
+/// has SCTP (this host's has none): real SCTP associations through the ClusterIP, from a pod and
+/// from the node, reach both endpoints in each mode, and so does TCP beside them.
+#[test]
+#[ignore = "vm tier (root, qemu): run as root via ./scripts/test, or scripts/vm-assets then cargo test -p tug-tests --test vm -- --ignored"]
+fn sctp_and_tcp_services_in_nftables_and_ipvs_modes_in_a_guest() {
+    require(Tier::Vm);
+    let script = GUEST_NETWORK.to_owned()
+        + r#"
+attach ep1 10.244.2
+attach ep2 10.244.3
+attach client 10.244.4
+# A node forwards for its pods (the CNI plugin sees to it on a real node) and has a default
+# route, which its own traffic to a ClusterIP takes until DNAT reroutes it.
+echo 1 > /proc/sys/net/ipv4/ip_forward
+ip route add default dev v-client
+for n in ep1 ep2; do in_ns $n /sctp-probe serve 9000 $n & done
+for n in ep1 ep2; do
+  mkdir -p /www/$n && echo $n > /www/$n/index.html
+  in_ns $n httpd -p 8080 -h /www/$n
+done
+mkdir -p /kubelet && cp /pods-both /kubelet/pods
+httpd -p 127.0.0.1:10255 -h /kubelet
+seen() { sort | uniq | tr '\n' ' '; }
+for mode in nftables ipvs; do
+  /tug proxy --proxy-mode $mode --standalone-services /services --standalone-kubelet 127.0.0.1:10255 \
+    --hostname-override guest --cluster-cidr 10.244.0.0/16 \
+    --healthz-bind-address 127.0.0.1:10256 --metrics-bind-address 127.0.0.1:10249 > /tmp/$mode.log 2>&1 &
+  i=0
+  until [ -n "$(in_ns client /sctp-probe get 10.96.0.20 90)" ]; do
+    i=$((i+1)); if [ $i -gt 60 ]; then echo "$mode never served"; cat /tmp/$mode.log; break; fi; sleep 1
+  done
+  echo "$mode-pod=$(for i in $(seq 1 20); do in_ns client /sctp-probe get 10.96.0.20 90; done | seen)"
+  echo "$mode-node=$(for i in $(seq 1 20); do /sctp-probe get 10.96.0.20 90; done | seen)"
+  echo "$mode-tcp=$(for i in $(seq 1 10); do in_ns client sh /get.sh 10.96.0.10 80; done | seen)"
+  kill $(pidof tug)
+  sleep 1
+  /tug proxy --cleanup --hostname-override guest > /tmp/cleanup.log 2>&1 || cat /tmp/cleanup.log
+done
+"#;
+    let mut spec = GuestSpec::new(&script);
+    spec.memory_mib = 1024;
+    spec.timeout = std::time::Duration::from_secs(400);
+    spec.modules = [
+        "sctp",
+        "ip_vs",
+        "ip_vs_rr",
+        "dummy",
+        "veth",
+        "nf_tables",
+        "nft_chain_nat",
+        "nft_nat",
+        "nft_numgen",
+        "nft_masq",
+        "nft_fib_ipv4",
+        "nft_reject_ipv4",
+        "nft_ct",
+        "nf_conntrack",
+        "nf_nat",
+    ]
+    .map(String::from)
+    .to_vec();
+    spec.files = vec![
+        (tug_tests::cni::tug_binary(), "/tug".into()),
+        (
+            env!("CARGO_BIN_EXE_sctp-probe").into(),
+            "/sctp-probe".into(),
+        ),
+    ];
+    spec.texts = vec![
+        (
+            "/services/echo.yaml".into(),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: default}\nspec:\n  clusterIP: 10.96.0.20\n  selector: {app: web}\n  ports: [{name: echo, port: 90, targetPort: 9000, protocol: SCTP}]\n".into(),
+        ),
+        ("/services/web.yaml".into(), WEB_SERVICE.into()),
+        ("/pods-both".into(), pods(&["10.244.2.2", "10.244.3.2"])),
+        (
+            "/get.sh".into(),
+            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 \"$1\" \"$2\" 2>/dev/null | tail -n 1\n"
+                .into(),
+        ),
+    ];
+    let run = boot(&spec);
+    let value = |key: &str| run.value(key).unwrap_or("").trim().to_owned();
+    let console = &run.console;
+    assert_eq!(value("guest-script-status"), "0", "console:\n{console}");
+    for mode in ["nftables", "ipvs"] {
+        for from in ["pod", "node"] {
+            assert_eq!(
+                value(&format!("{mode}-{from}")),
+                "ep1 ep2",
+                "{mode} mode, from the {from}: both endpoints answer over SCTP; console:\n{console}"
+            );
+        }
+        assert_eq!(
+            value(&format!("{mode}-tcp")),
+            "ep1 ep2",
+            "{mode} mode: TCP beside it; console:\n{console}"
+        );
+    }
+    eprintln!("SCTP guest ran in {:?}", run.elapsed);
 }
