@@ -141,6 +141,8 @@ until [ "$(for i in $(seq 1 10); do sh /get.sh 10.96.0.10 80; done | seen)" = "e
   i=$((i+1)); if [ $i -gt 30 ]; then break; fi; sleep 1
 done
 echo "after-removal=$(for i in $(seq 1 20); do sh /get.sh 10.96.0.10 80; done | seen)"
+# ep2's finished connections linger in IPVS a while: its destination drains at weight 0.
+echo "drained-weight=$(grep -i '0AF40302:1F90' /proc/net/ip_vs | awk '{print $4}' | head -n 1)"
 kill %1 2>/dev/null || true
 kill $(pidof tug) 2>/dev/null || true
 sleep 1
@@ -203,6 +205,11 @@ if ip link show kube-ipvs0 >/dev/null 2>&1; then echo "cleaned-device=no"; else 
     }
     assert_eq!(value("other-port"), "refused", "console:\n{console}");
     assert_eq!(value("after-removal"), "ep1", "console:\n{console}");
+    assert_eq!(
+        value("drained-weight"),
+        "0",
+        "a removed endpoint drains at weight 0 rather than cutting connections; console:\n{console}"
+    );
     assert_eq!(value("cleaned-vs"), "0", "console:\n{console}");
     assert_eq!(value("cleaned-device"), "yes", "console:\n{console}");
     eprintln!("IPVS guest ran in {:?}", run.elapsed);

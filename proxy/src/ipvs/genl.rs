@@ -44,6 +44,8 @@ const DEST_ATTR_FWD_METHOD: u16 = 3;
 const DEST_ATTR_WEIGHT: u16 = 4;
 const DEST_ATTR_U_THRESH: u16 = 5;
 const DEST_ATTR_L_THRESH: u16 = 6;
+const DEST_ATTR_ACTIVE_CONNS: u16 = 7;
+const DEST_ATTR_INACT_CONNS: u16 = 8;
 const DEST_ATTR_ADDR_FAMILY: u16 = 11;
 
 /// `IP_VS_SVC_F_PERSISTENT`: a client sticks to its destination for the service's timeout.
@@ -331,12 +333,24 @@ pub fn parse_service(body: &[u8]) -> Option<(VirtualServer, Scheduling)> {
 
 /// A destination as the kernel lists it.
 pub fn parse_dest(body: &[u8], family: u16) -> Option<Destination> {
+    parse_dest_connections(body, family).map(|(dest, _)| dest)
+}
+
+/// A destination as the kernel lists it, with its connections (active and inactive).
+pub fn parse_dest_connections(body: &[u8], family: u16) -> Option<(Destination, u32)> {
     let (_, dest) = attributes(body.get(4..)?)
         .into_iter()
         .find(|(k, _)| *k == CMD_ATTR_DEST)?;
     let (mut family, mut addr, mut port, mut weight) = (family, None, None, 0u32);
+    let mut connections = 0u32;
+    let number = |value: &[u8]| -> Option<u32> {
+        Some(u32::from_ne_bytes(value.get(..4)?.try_into().ok()?))
+    };
     for (kind, value) in attributes(dest) {
         match kind {
+            DEST_ATTR_ACTIVE_CONNS | DEST_ATTR_INACT_CONNS => {
+                connections = connections.saturating_add(number(value)?);
+            }
             DEST_ATTR_ADDR => addr = Some(value),
             DEST_ATTR_PORT => port = Some(u16::from_be_bytes([*value.first()?, *value.get(1)?])),
             DEST_ATTR_WEIGHT => {
@@ -348,11 +362,14 @@ pub fn parse_dest(body: &[u8], family: u16) -> Option<Destination> {
             _ => {}
         }
     }
-    Some(Destination {
-        address: addr_of(family, addr?)?,
-        port: port?,
-        weight,
-    })
+    Some((
+        Destination {
+            address: addr_of(family, addr?)?,
+            port: port?,
+            weight,
+        },
+        connections,
+    ))
 }
 
 /// An IPVS generic netlink socket in the calling thread's network namespace.
@@ -398,6 +415,18 @@ impl Ipvs {
 
     /// The destinations of `vs`.
     pub fn destinations(&mut self, vs: &VirtualServer) -> Result<Vec<Destination>, IpvsError> {
+        Ok(self
+            .connections(vs)?
+            .into_iter()
+            .map(|(dest, _)| dest)
+            .collect())
+    }
+
+    /// The destinations of `vs`, each with its number of connections (active and inactive).
+    pub fn connections(
+        &mut self,
+        vs: &VirtualServer,
+    ) -> Result<Vec<(Destination, u32)>, IpvsError> {
         let mut body = vec![CMD_GET_DEST, IPVS_GENL_VERSION, 0, 0];
         service_attr(&mut body, vs, None);
         let answers = self
@@ -406,7 +435,7 @@ impl Ipvs {
             .map_err(socket("list destinations"))?;
         Ok(answers
             .iter()
-            .filter_map(|a| parse_dest(a, af(&vs.address)))
+            .filter_map(|a| parse_dest_connections(a, af(&vs.address)))
             .collect())
     }
 

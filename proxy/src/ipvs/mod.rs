@@ -20,7 +20,7 @@ use genl::{Destination, Ipvs, IpvsError, Op, Scheduling, VirtualServer};
 use rules::{Inputs, RuleConfig};
 
 use crate::iptables::SyncReport;
-use crate::model::{Endpoint, ServicePort};
+use crate::model::{Endpoint, Protocol, ServicePort};
 use crate::nftables::netlink::{self as nft, FAMILY_IPV4, FAMILY_IPV6, NftError};
 
 /// How IPVS mode programs.
@@ -204,6 +204,51 @@ pub fn diff(current: &Table, wanted: &Table) -> Vec<Op> {
     ops
 }
 
+/// Destinations being drained: (virtual service, address, port).
+pub type Draining = BTreeSet<(VirtualServer, IpAddr, u16)>;
+
+/// Rewrites `ops` for graceful termination, as upstream does: a removed TCP or SCTP destination
+/// gets weight 0 and is remembered in `draining` instead of deleted, so it takes no new
+/// connections while its current ones finish; a destination that comes back while draining gets
+/// its weight back instead of being added again. UDP has no connections to wait for: its
+/// destinations go at once. A removed virtual service takes its drains with it.
+pub fn drain(ops: Vec<Op>, draining: &mut Draining) -> Vec<Op> {
+    ops.into_iter()
+        .map(|op| match op {
+            Op::DelDest(vs, dest) if vs.protocol != Protocol::Udp => {
+                draining.insert((vs, dest.address, dest.port));
+                Op::EditDest(vs, Destination { weight: 0, ..dest })
+            }
+            Op::AddDest(vs, dest) if draining.remove(&(vs, dest.address, dest.port)) => {
+                Op::EditDest(vs, dest)
+            }
+            Op::DelService(vs) => {
+                draining.retain(|(v, _, _)| *v != vs);
+                op
+            }
+            op => op,
+        })
+        .collect()
+}
+
+/// The draining destinations that are done: those without connections, given each one's
+/// connections as the kernel counts them (`None`: no longer in the kernel, only forgotten).
+pub fn drained(
+    draining: &mut Draining,
+    connections: &BTreeMap<(VirtualServer, IpAddr, u16), (Destination, u32)>,
+) -> Vec<Op> {
+    let mut ops = Vec::new();
+    draining.retain(|key| match connections.get(key) {
+        None => false,
+        Some((dest, 0)) => {
+            ops.push(Op::DelDest(key.0, *dest));
+            false
+        }
+        Some(_) => true,
+    });
+    ops
+}
+
 /// The node addresses NodePorts answer on: every address but loopback, IPv6 link-local and the
 /// VIP device's, inside `nodePortAddresses` when given.
 fn node_addresses(cidrs: &[ipnet::IpNet]) -> Vec<IpAddr> {
@@ -264,6 +309,8 @@ pub struct IpvsBackend {
     programmed: Option<Desired>,
     /// The nftables families whose table tug has written.
     tables: BTreeSet<u8>,
+    /// Removed destinations waiting for their connections to end.
+    draining: Draining,
 }
 
 impl IpvsBackend {
@@ -273,6 +320,7 @@ impl IpvsBackend {
             config,
             programmed: None,
             tables: BTreeSet::new(),
+            draining: Draining::new(),
         }
     }
 
@@ -320,8 +368,30 @@ impl IpvsBackend {
         let add: Vec<IpAddr> = wanted.vips.difference(&current_vips).copied().collect();
         let remove: Vec<IpAddr> = current_vips.difference(&wanted.vips).copied().collect();
         device.change(&add, &[])?;
-        let ops = diff(&current_table, &wanted.table);
+        let mut ops = drain(diff(&current_table, &wanted.table), &mut self.draining);
+        // A full sync may find a draining destination wanted again (and give it its weight).
+        self.draining.retain(|(vs, address, port)| {
+            !wanted.table.get(vs).is_some_and(|(_, dests)| {
+                dests
+                    .iter()
+                    .any(|d| d.address == *address && d.port == *port)
+            })
+        });
         ipvs.apply(&ops)?;
+        // Destinations whose connections have ended go now.
+        let mut counted = BTreeMap::new();
+        let services: BTreeSet<VirtualServer> =
+            self.draining.iter().map(|(vs, _, _)| *vs).collect();
+        for vs in services {
+            for (dest, connections) in ipvs.connections(&vs)? {
+                counted.insert((vs, dest.address, dest.port), (dest, connections));
+            }
+        }
+        let done = drained(&mut self.draining, &counted);
+        if !done.is_empty() {
+            ipvs.apply(&done)?;
+        }
+        ops.extend(done);
         device.change(&[], &remove)?;
         let mut rules_changed = 0;
         if current_inputs.as_ref() != Some(&wanted.inputs) {
@@ -504,5 +574,58 @@ mod tests {
             ]
         );
         assert!(diff(&after, &after).is_empty(), "nothing to do twice");
+    }
+
+    #[test]
+    fn removed_destinations_drain_before_they_go() {
+        let vs = VirtualServer {
+            protocol: Protocol::Tcp,
+            address: "10.96.0.10".parse().unwrap(),
+            port: 80,
+        };
+        let udp = VirtualServer {
+            protocol: Protocol::Udp,
+            ..vs
+        };
+        let dest = Destination {
+            address: "10.244.1.2".parse().unwrap(),
+            port: 8080,
+            weight: 1,
+        };
+        let mut draining = Draining::new();
+        let ops = drain(
+            vec![Op::DelDest(vs, dest), Op::DelDest(udp, dest)],
+            &mut draining,
+        );
+        assert_eq!(
+            ops,
+            [
+                Op::EditDest(vs, Destination { weight: 0, ..dest }),
+                Op::DelDest(udp, dest)
+            ],
+            "TCP drains at weight 0, UDP goes at once"
+        );
+        assert_eq!(draining.len(), 1);
+        // Still connected: it stays; once the kernel counts none, it goes.
+        let key = (vs, dest.address, dest.port);
+        let mut counted = BTreeMap::from([(key, (Destination { weight: 0, ..dest }, 3))]);
+        assert!(drained(&mut draining, &counted).is_empty());
+        counted.insert(key, (Destination { weight: 0, ..dest }, 0));
+        assert_eq!(
+            drained(&mut draining, &counted),
+            [Op::DelDest(vs, Destination { weight: 0, ..dest })]
+        );
+        assert!(draining.is_empty());
+        // Back while draining: its weight returns instead of a second add.
+        drain(vec![Op::DelDest(vs, dest)], &mut draining);
+        assert_eq!(
+            drain(vec![Op::AddDest(vs, dest)], &mut draining),
+            [Op::EditDest(vs, dest)]
+        );
+        assert!(draining.is_empty());
+        // A removed service forgets its drains.
+        drain(vec![Op::DelDest(vs, dest)], &mut draining);
+        drain(vec![Op::DelService(vs)], &mut draining);
+        assert!(draining.is_empty());
     }
 }
