@@ -80,6 +80,13 @@ attach() { # name subnet-prefix (x.y.z): the node is x.y.z.1, the namespace x.y.
   ip link set v-$1 up
   nsenter -t $p -n sh -c "ip link set lo up; ip link set e-$1 name eth0; ip addr add $2.2/24 dev eth0; ip link set eth0 up; ip route add default via $2.1"
 }
+# `serve_web NAME...`: each namespace answers HTTP on 8080 with its name.
+serve_web() {
+  for n in "$@"; do
+    mkdir -p /www/$n && echo $n > /www/$n/index.html
+    in_ns $n httpd -p 8080 -h /www/$n
+  done
+}
 "#;
 
 /// The kubelet's `/pods` with the web pods at `ips`, all Ready.
@@ -99,6 +106,45 @@ fn pods(ips: &[&str]) -> String {
     serde_json::json!({"kind": "PodList", "apiVersion": "v1", "items": items}).to_string()
 }
 
+/// A guest for `tug proxy`: the modules its modes need (and `extra`), the tug binary, the
+/// web Service's manifest, a kubelet `/pods` with both web pods (`/pods-both`) and `/get.sh
+/// ADDRESS PORT`, which prints the body of an HTTP GET.
+fn proxy_guest(script: &str, extra: &[&str]) -> GuestSpec {
+    let mut spec = GuestSpec::new(script);
+    spec.memory_mib = 1024;
+    spec.timeout = std::time::Duration::from_secs(400);
+    spec.modules = [
+        "ip_vs",
+        "ip_vs_rr",
+        "dummy",
+        "veth",
+        "nf_tables",
+        "nft_chain_nat",
+        "nft_masq",
+        "nft_fib_ipv4",
+        "nft_reject_ipv4",
+        "nft_ct",
+        "nf_conntrack",
+        "nf_nat",
+    ]
+    .iter()
+    .chain(extra)
+    .map(|m| (*m).to_owned())
+    .collect();
+    spec.files = vec![(tug_tests::cni::tug_binary(), "/tug".into())];
+    spec.texts = vec![
+        ("/services/web.yaml".into(), WEB_SERVICE.into()),
+        ("/pods-both".into(), pods(&["10.244.2.2", "10.244.3.2"])),
+        // busybox's wget crashes in the guest (static glibc's NSS); nc with numbers does not.
+        (
+            "/get.sh".into(),
+            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 \"$1\" \"$2\" 2>/dev/null | tail -n 1\n"
+                .into(),
+        ),
+    ];
+    spec
+}
+
 /// IPVS mode in a guest whose kernel has IPVS: tug proxy (standalone: the Service from a
 /// manifest, endpoints from a kubelet `/pods` served by busybox httpd) programs virtual services
 /// over generic netlink and the VIP on kube-ipvs0. Real HTTP through the ClusterIP from the node
@@ -115,10 +161,7 @@ attach ep1 10.244.2
 attach ep2 10.244.3
 attach client 10.244.4
 attach out 192.168.77
-for n in ep1 ep2; do
-  mkdir -p /www/$n && echo $n > /www/$n/index.html
-  in_ns $n httpd -p 8080 -h /www/$n
-done
+serve_web ep1 ep2
 mkdir -p /kubelet && cp /pods-both /kubelet/pods
 httpd -p 127.0.0.1:10255 -h /kubelet
 /tug proxy --proxy-mode ipvs --standalone-services /services --standalone-kubelet 127.0.0.1:10255 \
@@ -150,38 +193,8 @@ sleep 1
 echo "cleaned-vs=$(grep -c 0050 /proc/net/ip_vs || true)"
 if ip link show kube-ipvs0 >/dev/null 2>&1; then echo "cleaned-device=no"; else echo "cleaned-device=yes"; fi
 "#;
-    let mut spec = GuestSpec::new(&script);
-    spec.memory_mib = 1024;
-    spec.timeout = std::time::Duration::from_secs(400);
-    spec.modules = [
-        "ip_vs",
-        "ip_vs_rr",
-        "dummy",
-        "veth",
-        "bridge",
-        "nf_tables",
-        "nft_chain_nat",
-        "nft_masq",
-        "nft_fib_ipv4",
-        "nft_reject_ipv4",
-        "nft_ct",
-        "nf_conntrack",
-        "nf_nat",
-    ]
-    .map(String::from)
-    .to_vec();
-    spec.files = vec![(tug_tests::cni::tug_binary(), "/tug".into())];
-    spec.texts = vec![
-        ("/services/web.yaml".into(), WEB_SERVICE.into()),
-        ("/pods-both".into(), pods(&["10.244.2.2", "10.244.3.2"])),
-        ("/pods-one".into(), pods(&["10.244.2.2"])),
-        // busybox's wget crashes in the guest (static glibc's NSS); nc with numbers does not.
-        (
-            "/get.sh".into(),
-            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 \"$1\" \"$2\" 2>/dev/null | tail -n 1\n"
-                .into(),
-        ),
-    ];
+    let mut spec = proxy_guest(&script, &["bridge"]);
+    spec.texts.push(("/pods-one".into(), pods(&["10.244.2.2"])));
     let run = boot(&spec);
     let value = |key: &str| run.value(key).unwrap_or("").trim().to_owned();
     let console = &run.console;
@@ -232,10 +245,7 @@ attach client 10.244.4
 echo 1 > /proc/sys/net/ipv4/ip_forward
 ip route add default dev v-client
 for n in ep1 ep2; do in_ns $n /sctp-probe serve 9000 $n & done
-for n in ep1 ep2; do
-  mkdir -p /www/$n && echo $n > /www/$n/index.html
-  in_ns $n httpd -p 8080 -h /www/$n
-done
+serve_web ep1 ep2
 mkdir -p /kubelet && cp /pods-both /kubelet/pods
 httpd -p 127.0.0.1:10255 -h /kubelet
 seen() { sort | uniq | tr '\n' ' '; }
@@ -255,48 +265,15 @@ for mode in nftables ipvs; do
   /tug proxy --cleanup --hostname-override guest > /tmp/cleanup.log 2>&1 || cat /tmp/cleanup.log
 done
 "#;
-    let mut spec = GuestSpec::new(&script);
-    spec.memory_mib = 1024;
-    spec.timeout = std::time::Duration::from_secs(400);
-    spec.modules = [
-        "sctp",
-        "ip_vs",
-        "ip_vs_rr",
-        "dummy",
-        "veth",
-        "nf_tables",
-        "nft_chain_nat",
-        "nft_nat",
-        "nft_numgen",
-        "nft_masq",
-        "nft_fib_ipv4",
-        "nft_reject_ipv4",
-        "nft_ct",
-        "nf_conntrack",
-        "nf_nat",
-    ]
-    .map(String::from)
-    .to_vec();
-    spec.files = vec![
-        (tug_tests::cni::tug_binary(), "/tug".into()),
-        (
-            env!("CARGO_BIN_EXE_sctp-probe").into(),
-            "/sctp-probe".into(),
-        ),
-    ];
-    spec.texts = vec![
-        (
-            "/services/echo.yaml".into(),
-            "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: default}\nspec:\n  clusterIP: 10.96.0.20\n  selector: {app: web}\n  ports: [{name: echo, port: 90, targetPort: 9000, protocol: SCTP}]\n".into(),
-        ),
-        ("/services/web.yaml".into(), WEB_SERVICE.into()),
-        ("/pods-both".into(), pods(&["10.244.2.2", "10.244.3.2"])),
-        (
-            "/get.sh".into(),
-            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 \"$1\" \"$2\" 2>/dev/null | tail -n 1\n"
-                .into(),
-        ),
-    ];
+    let mut spec = proxy_guest(&script, &["sctp", "nft_nat", "nft_numgen"]);
+    spec.files.push((
+        env!("CARGO_BIN_EXE_sctp-probe").into(),
+        "/sctp-probe".into(),
+    ));
+    spec.texts.push((
+        "/services/echo.yaml".into(),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: default}\nspec:\n  clusterIP: 10.96.0.20\n  selector: {app: web}\n  ports: [{name: echo, port: 90, targetPort: 9000, protocol: SCTP}]\n".into(),
+    ));
     let run = boot(&spec);
     let value = |key: &str| run.value(key).unwrap_or("").trim().to_owned();
     let console = &run.console;
