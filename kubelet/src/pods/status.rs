@@ -43,6 +43,9 @@ pub struct Inputs<'a> {
     pub runtime_name: &'a str,
     /// The node's IPs.
     pub host_ips: &'a [String],
+    /// The sandbox addresses last seen while it was ready: a pod that finishes before its
+    /// status carried them still reports them, as upstream's pods keep their IPs.
+    pub last_ips: &'a [String],
     /// Now.
     pub now: &'a Time,
 }
@@ -402,12 +405,17 @@ pub fn pod_status(inputs: &Inputs<'_>) -> PodStatus {
             .map(|s| s.ips.clone())
             .unwrap_or_default()
     } else {
-        previous
+        let reported: Vec<String> = previous
             .pod_ips
             .iter()
             .flatten()
             .map(|p| p.ip.clone())
-            .collect()
+            .collect();
+        if reported.is_empty() {
+            inputs.last_ips.to_vec()
+        } else {
+            reported
+        }
     };
     PodStatus {
         phase: Some(phase.to_owned()),
@@ -550,6 +558,7 @@ mod tests {
             messages: &HashMap::new(),
             runtime_name: "containerd",
             host_ips: &["192.0.2.10".into()],
+            last_ips: &["10.244.1.7".into()],
             now: &now,
         })
     }
@@ -656,6 +665,12 @@ mod tests {
         let s = status_of(&p, &ok, &HashMap::new(), &BTreeMap::new());
         assert_eq!(s.phase.as_deref(), Some("Succeeded"));
         assert_eq!(cond(&s, "Ready").reason.as_deref(), Some("PodCompleted"));
+        // Finished, sandbox stopped, and no status ever carried the IP: it still shows.
+        let mut stopped = ok.clone();
+        stopped.sandboxes[0].ready = false;
+        stopped.sandboxes[0].ips.clear();
+        let s = status_of(&p, &stopped, &HashMap::new(), &BTreeMap::new());
+        assert_eq!(s.pod_ip.as_deref(), Some("10.244.1.7"), "the last seen IP");
         let failed = observed(vec![
             instance("a", 0, RunState::Exited, 0),
             instance("b", 0, RunState::Exited, 2),

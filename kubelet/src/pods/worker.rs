@@ -171,6 +171,8 @@ pub struct Worker {
     syncs: u64,
     /// The status in the API while the worker shows the pod evicted and the API does not yet.
     api_status: Option<PodStatus>,
+    /// The sandbox's addresses, as last seen while it was ready.
+    sandbox_ips: Vec<String>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -196,6 +198,7 @@ impl Worker {
             first_seen: Some(Instant::now()),
             syncs: 0,
             api_status: None,
+            sandbox_ips: Vec::new(),
             failures_tx,
             failures,
             written: None,
@@ -1251,6 +1254,9 @@ impl Worker {
         waiting.extend(self.backoff_waits.clone());
         let messages = volumes::termination_messages(&self.shared, pod, observed);
         let now = Time(jiff::Timestamp::now());
+        if let Some(sandbox) = observed.current().filter(|s| s.ready && !s.ips.is_empty()) {
+            self.sandbox_ips = sandbox.ips.clone();
+        }
         let new = status::pod_status(&status::Inputs {
             pod,
             observed,
@@ -1259,6 +1265,7 @@ impl Worker {
             messages: &messages,
             runtime_name: &runtime_name,
             host_ips: &self.shared.host_ips,
+            last_ips: &self.sandbox_ips,
             now: &now,
         });
         let mut shown = pod.clone();
