@@ -210,7 +210,8 @@ pub type Draining = BTreeSet<(VirtualServer, IpAddr, u16)>;
 /// Rewrites `ops` for graceful termination, as upstream does: a removed TCP or SCTP destination
 /// gets weight 0 and is remembered in `draining` instead of deleted, so it takes no new
 /// connections while its current ones finish; a destination that comes back while draining gets
-/// its weight back instead of being added again. UDP has no connections to wait for: its
+/// its weight back instead of being added again (or, in a full sync that reads the kernel, a
+/// weight-0 destination raised again stops draining). UDP has no connections to wait for: its
 /// destinations go at once. A removed virtual service takes its drains with it.
 pub fn drain(ops: Vec<Op>, draining: &mut Draining) -> Vec<Op> {
     ops.into_iter()
@@ -221,6 +222,11 @@ pub fn drain(ops: Vec<Op>, draining: &mut Draining) -> Vec<Op> {
             }
             Op::AddDest(vs, dest) if draining.remove(&(vs, dest.address, dest.port)) => {
                 Op::EditDest(vs, dest)
+            }
+            // A full sync finds a draining destination at weight 0 and gives its weight back.
+            Op::EditDest(vs, dest) if dest.weight > 0 => {
+                draining.remove(&(vs, dest.address, dest.port));
+                op
             }
             Op::DelService(vs) => {
                 draining.retain(|(v, _, _)| *v != vs);
@@ -369,14 +375,6 @@ impl IpvsBackend {
         let remove: Vec<IpAddr> = current_vips.difference(&wanted.vips).copied().collect();
         device.change(&add, &[])?;
         let mut ops = drain(diff(&current_table, &wanted.table), &mut self.draining);
-        // A full sync may find a draining destination wanted again (and give it its weight).
-        self.draining.retain(|(vs, address, port)| {
-            !wanted.table.get(vs).is_some_and(|(_, dests)| {
-                dests
-                    .iter()
-                    .any(|d| d.address == *address && d.port == *port)
-            })
-        });
         ipvs.apply(&ops)?;
         // Destinations whose connections have ended go now.
         let mut counted = BTreeMap::new();
@@ -621,6 +619,13 @@ mod tests {
         assert_eq!(
             drain(vec![Op::AddDest(vs, dest)], &mut draining),
             [Op::EditDest(vs, dest)]
+        );
+        assert!(draining.is_empty());
+        drain(vec![Op::DelDest(vs, dest)], &mut draining);
+        assert_eq!(
+            drain(vec![Op::EditDest(vs, dest)], &mut draining),
+            [Op::EditDest(vs, dest)],
+            "a full sync raises the weight: no longer draining"
         );
         assert!(draining.is_empty());
         // A removed service forgets its drains.

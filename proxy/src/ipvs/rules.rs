@@ -9,11 +9,11 @@
 use std::net::IpAddr;
 
 use crate::model::Protocol;
-use crate::nftables::netlink::{Element, Expr, REG32, SetSpec, Verdict};
+use crate::nftables::netlink::{Element, Expr, REG32, Verdict};
 use crate::nftables::{
-    Chain, Family, META_L4PROTO, Ruleset, addr_key, addr_set, ip_bytes, jump, local_destination,
-    loop_back_key, loop_back_rule, loop_back_set, mark_rules, outside, port_key, port_lookup,
-    port_set, verdict,
+    Chain, Family, META_L4PROTO, Ruleset, addr_key, addr_set, cluster_masquerade, ip_bytes, ip_set,
+    jump, local_destination, loop_back_key, loop_back_rule, loop_back_set, mark_rules, port_key,
+    port_lookup, port_set, verdict,
 };
 
 /// `ct state`, and its `new` bit.
@@ -65,14 +65,11 @@ pub fn render(config: &RuleConfig, inputs: &Inputs) -> Ruleset {
         rule
     };
     let mut mark = Vec::new();
-    let cluster_rule = match (&config.cluster_cidr, config.masquerade_all) {
-        (_, true) => Some(addr_lookup("cluster-ips")),
-        (Some(cidr), false) => outside(&family, cidr).map(|mut rule| {
-            rule.extend(addr_lookup("cluster-ips"));
-            rule
-        }),
-        (None, false) => None,
-    };
+    let cluster_rule = cluster_masquerade(
+        &family,
+        config.cluster_cidr.as_deref(),
+        config.masquerade_all,
+    );
     if let Some(rule) = cluster_rule {
         mark.push(then(rule, jump("mark-for-masquerade")));
     }
@@ -205,14 +202,7 @@ pub fn render(config: &RuleConfig, inputs: &Inputs) -> Ruleset {
             ),
         ),
         (
-            SetSpec {
-                name: "vips".into(),
-                key_type: family.addr_type(),
-                key_len: family.addr_len(),
-                verdict_map: false,
-                data: None,
-                timeout_ms: None,
-            },
+            ip_set("vips", &family),
             elements(inputs.vips.iter().filter(|ip| ours(ip)).map(ip_bytes)),
         ),
     ];

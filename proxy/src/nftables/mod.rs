@@ -26,11 +26,10 @@
 pub mod netlink;
 
 use std::collections::{BTreeMap, BTreeSet};
-
 use std::hash::BuildHasher;
+use std::net::IpAddr;
 
 use foldhash::{HashMap, HashSet, HashSetExt};
-use std::net::IpAddr;
 
 use netlink::{
     Batch, Element, Expr, FAMILY_IPV4, FAMILY_IPV6, NftError, REG_VERDICT, REG32, SetSpec, Verdict,
@@ -179,22 +178,22 @@ impl Family {
     }
 }
 
-/// `fib daddr type local`.
+/// `fib daddr type local`: traffic to the node.
 pub(crate) fn local_destination() -> Vec<Expr> {
-    vec![
-        Expr::FibDaddrType { dreg: REG32 },
-        Expr::Cmp {
-            sreg: REG32,
-            eq: true,
-            data: RTN_LOCAL.to_ne_bytes().to_vec(),
-        },
-    ]
+    local_address(false)
 }
 
 /// `fib saddr type local`: the node's own traffic.
 fn local_source() -> Vec<Expr> {
+    local_address(true)
+}
+
+fn local_address(source: bool) -> Vec<Expr> {
     vec![
-        Expr::FibSaddrType { dreg: REG32 },
+        Expr::FibAddrType {
+            dreg: REG32,
+            source,
+        },
         Expr::Cmp {
             sreg: REG32,
             eq: true,
@@ -328,6 +327,23 @@ pub(crate) fn outside(family: &Family, cidr: &str) -> Option<Vec<Expr>> {
     ])
 }
 
+/// The match for ClusterIP traffic that is masqueraded: to an address . port in the set
+/// `cluster-ips`, from outside `cluster_cidr` (from anywhere with `masquerade_all`). `None`:
+/// no ClusterIP traffic is.
+pub(crate) fn cluster_masquerade(
+    family: &Family,
+    cluster_cidr: Option<&str>,
+    masquerade_all: bool,
+) -> Option<Vec<Expr>> {
+    let mut rule = if masquerade_all {
+        Vec::new()
+    } else {
+        outside(family, cluster_cidr?)?
+    };
+    rule.extend(family.service_lookup("cluster-ips", None));
+    Some(rule)
+}
+
 /// Endpoint choice: endpoint i of n with probability 1/(n-i) given the earlier ones were not
 /// chosen, so each is chosen with probability 1/n.
 fn balance(chain_of: &dyn Fn(&Endpoint) -> String, endpoints: &[&Endpoint]) -> Vec<Vec<Expr>> {
@@ -364,6 +380,18 @@ fn chain_suffix(chain: &str) -> &str {
 /// Service ports with at most this many endpoints (and no session affinity and no
 /// `externalTrafficPolicy: Local`) take the flat path: map entries only, no chain of their own.
 pub const FLAT_MAX_ENDPOINTS: usize = 16;
+
+/// A set of addresses.
+pub(crate) fn ip_set(name: &str, family: &Family) -> SetSpec {
+    SetSpec {
+        name: name.to_owned(),
+        key_type: family.addr_type(),
+        key_len: family.addr_len(),
+        verdict_map: false,
+        data: None,
+        timeout_ms: None,
+    }
+}
 
 /// A set keyed by `daddr . l4proto . dport`.
 pub(crate) fn addr_set(name: &str, family: &Family) -> SetSpec {
@@ -510,19 +538,14 @@ pub fn base(config: &NftConfig, counts: &BTreeSet<u32>) -> Ruleset {
         family.service_lookup("service-chains", Some(REG_VERDICT)),
         node_port_lookup("nodeport-chains", Some(REG_VERDICT)),
     ];
-    let cluster_masquerade = if config.masquerade_all {
-        Some(addr_lookup("cluster-ips"))
-    } else {
-        config
-            .cluster_cidr
-            .as_deref()
-            .and_then(|c| outside(&family, c))
-            .map(|mut rule| {
-                rule.extend(addr_lookup("cluster-ips"));
-                rule
-            })
-    };
-    services.extend(cluster_masquerade.map(|rule| then(rule, jump("mark-for-masquerade"))));
+    services.extend(
+        cluster_masquerade(
+            &family,
+            config.cluster_cidr.as_deref(),
+            config.masquerade_all,
+        )
+        .map(|rule| then(rule, jump("mark-for-masquerade"))),
+    );
     services.push(then(
         addr_lookup("external-ips"),
         jump("mark-for-masquerade"),
@@ -531,12 +554,12 @@ pub fn base(config: &NftConfig, counts: &BTreeSet<u32>) -> Ruleset {
         node_port_lookup("external-nodeports", None),
         jump("mark-for-masquerade"),
     ));
-    let picks: Vec<(Vec<Expr>, Vec<Expr>)> = counts
+    let (cluster_picks, node_port_picks): (Vec<_>, Vec<_>) = counts
         .iter()
         .map(|count| pick_rules(config, &family, *count))
-        .collect();
-    services.extend(picks.iter().map(|(cluster, _)| cluster.clone()));
-    services.extend(picks.into_iter().map(|(_, node_port)| node_port));
+        .unzip();
+    services.extend(cluster_picks);
+    services.extend(node_port_picks);
     let base =
         |name: &str, hook: u32, priority: i32, kind: &'static str, rules: Vec<Vec<Expr>>| Chain {
             name: name.to_owned(),
@@ -648,17 +671,9 @@ pub fn base(config: &NftConfig, counts: &BTreeSet<u32>) -> Ruleset {
             .filter(|ip| ip.is_ipv6() == config.ipv6)
             .map(|ip| Element::key(ip_bytes(ip)))
             .collect();
-        ruleset.maps.push((
-            SetSpec {
-                name: "nodeport-ips".into(),
-                key_type: family.addr_type(),
-                key_len: family.addr_len(),
-                verdict_map: false,
-                data: None,
-                timeout_ms: None,
-            },
-            elements,
-        ));
+        ruleset
+            .maps
+            .push((ip_set("nodeport-ips", &family), elements));
     }
     ruleset
 }
@@ -940,12 +955,8 @@ fn chain_entries(
         let mut remember = Vec::new();
         if let Some(timeout) = port.affinity_timeout {
             fragment.sets.push(SetSpec {
-                name: affinity_set(endpoint),
-                key_type: family.addr_type(),
-                key_len: family.addr_len(),
-                verdict_map: false,
-                data: None,
                 timeout_ms: Some(u64::from(timeout) * 1000),
+                ..ip_set(&affinity_set(endpoint), &family)
             });
             remember.push(vec![
                 family.saddr(REG32),
@@ -1048,6 +1059,15 @@ pub fn render(ports: &[ServicePort], config: &NftConfig) -> Ruleset {
 }
 
 impl Ruleset {
+    /// Every set and map of the table.
+    fn set_specs(&self) -> Vec<&SetSpec> {
+        self.maps
+            .iter()
+            .map(|(spec, _)| spec)
+            .chain(&self.sets)
+            .collect()
+    }
+
     /// Adds keys to the set `name`.
     fn push_elements(&mut self, name: &str, keys: impl IntoIterator<Item = Vec<u8>>) {
         if let Some((_, elements)) = self.maps.iter_mut().find(|(spec, _)| spec.name == name) {
@@ -1062,10 +1082,7 @@ impl Ruleset {
         batch.add_table(TABLE);
         batch.del_table(TABLE);
         batch.add_table(TABLE);
-        for (spec, _) in &self.maps {
-            batch.add_set(TABLE, spec);
-        }
-        for spec in &self.sets {
+        for spec in self.set_specs() {
             batch.add_set(TABLE, spec);
         }
         for chain in &self.chains {
@@ -1091,15 +1108,7 @@ impl Ruleset {
 /// mentioned at all, so a change to one Service costs the same at 30,000 Services as at ten.
 pub fn update(old: &Ruleset, new: &Ruleset, family: u8) -> Batch {
     let mut batch = Batch::new(family);
-    let specs = |ruleset: &'_ Ruleset| -> Vec<SetSpec> {
-        ruleset
-            .maps
-            .iter()
-            .map(|(spec, _)| spec.clone())
-            .chain(ruleset.sets.iter().cloned())
-            .collect()
-    };
-    let (old_specs, new_specs) = (specs(old), specs(new));
+    let (old_specs, new_specs) = (old.set_specs(), new.set_specs());
     let old_names: BTreeSet<&str> = old_specs.iter().map(|s| s.name.as_str()).collect();
     let new_names: BTreeSet<&str> = new_specs.iter().map(|s| s.name.as_str()).collect();
     for spec in &new_specs {
@@ -1176,7 +1185,7 @@ pub fn update(old: &Ruleset, new: &Ruleset, family: u8) -> Batch {
 
 /// What was last programmed: each service port with its fragment, and the counts of what
 /// fragments share.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 struct Programmed {
     /// By the hash of service port name and protocol.
     ports: HashMap<u64, Entry>,
@@ -1193,7 +1202,7 @@ struct Programmed {
 /// A programmed service port. Ports are told apart and compared by 64-bit hashes (a collision
 /// among 30,000 ports has odds of about 1 in 10^11, and the periodic full sync rewrites all),
 /// so the backend keeps no copy of the ports and a sync reads each given port once.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Entry {
     hash: u64,
     seen: u64,
@@ -1313,42 +1322,28 @@ impl Nftables {
         let mut seen = 0;
         for port in ports {
             let (key, hash) = fingerprint(port);
-            let fragment = match state.ports.get_mut(&key) {
+            match state.ports.get_mut(&key) {
                 Some(entry) if entry.seen != generation && entry.hash == hash => {
                     entry.seen = generation;
                     seen += 1;
                     continue;
                 }
-                Some(entry) => {
-                    let fragment = render_port(port, &self.config);
-                    entry.hash = hash;
-                    if entry.seen != generation {
-                        entry.seen = generation;
-                        seen += 1;
-                    }
-                    gone.push(*std::mem::replace(
-                        &mut entry.fragment,
-                        Box::new(fragment.clone()),
-                    ));
-                    fragment
-                }
-                None => {
-                    let fragment = render_port(port, &self.config);
-                    seen += 1;
-                    state.ports.insert(
-                        key,
-                        Entry {
-                            hash,
-                            seen: generation,
-                            fragment: Box::new(fragment.clone()),
-                        },
-                    );
-                    fragment
-                }
-            };
+                // Seen already this sync: a port named twice; the later one wins.
+                Some(entry) if entry.seen == generation => {}
+                _ => seen += 1,
+            }
+            let fragment = render_port(port, &self.config);
             state.count_in(&fragment, &mut added);
             if incremental {
-                came.push(fragment);
+                came.push(fragment.clone());
+            }
+            let entry = Entry {
+                hash,
+                seen: generation,
+                fragment: Box::new(fragment),
+            };
+            if let Some(old) = state.ports.insert(key, entry) {
+                gone.push(*old.fragment);
             }
         }
         // What this sync did not see is gone.

@@ -150,15 +150,13 @@ pub enum Expr {
         /// Modulus.
         modulus: u32,
     },
-    /// Address type of the destination (`fib daddr type`) into `dreg`.
-    FibDaddrType {
+    /// Address type of the destination (`fib daddr type`), or of the source (`fib saddr
+    /// type`), into `dreg`.
+    FibAddrType {
         /// Destination register.
         dreg: u32,
-    },
-    /// Address type of the source (`fib saddr type`) into `dreg`.
-    FibSaddrType {
-        /// Destination register.
-        dreg: u32,
+        /// The source address (else the destination).
+        source: bool,
     },
     /// Destination NAT to the address in `addr_reg` and port in `proto_reg`.
     Dnat {
@@ -307,20 +305,13 @@ impl Expr {
                         attr_u32(d, 3, 1 /* NFT_NG_RANDOM */);
                     }),
                 ),
-                Expr::FibDaddrType { dreg } => (
+                Expr::FibAddrType { dreg, source } => (
                     "fib",
                     Box::new(move |d| {
                         attr_u32(d, 1, *dreg);
                         attr_u32(d, 2, 3 /* NFT_FIB_RESULT_ADDRTYPE */);
-                        attr_u32(d, 3, 1 << 1 /* NFTA_FIB_F_DADDR */);
-                    }),
-                ),
-                Expr::FibSaddrType { dreg } => (
-                    "fib",
-                    Box::new(move |d| {
-                        attr_u32(d, 1, *dreg);
-                        attr_u32(d, 2, 3 /* NFT_FIB_RESULT_ADDRTYPE */);
-                        attr_u32(d, 3, 1 /* NFTA_FIB_F_SADDR */);
+                        // NFTA_FIB_F_SADDR, NFTA_FIB_F_DADDR
+                        attr_u32(d, 3, if *source { 1 } else { 1 << 1 });
                     }),
                 ),
                 Expr::Dnat {
