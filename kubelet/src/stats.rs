@@ -636,66 +636,56 @@ pub fn resource_metrics(summary: &Value) -> String {
             f.3.push(line);
         }
     };
-    let node = &summary["node"];
-    add(
-        "node_cpu_usage_seconds_total",
-        format!(
-            "node_cpu_usage_seconds_total {} {}",
-            number(seconds(&node["cpu"]["usageCoreNanoSeconds"])),
-            millis(&node["cpu"]["time"])
-        ),
-    );
-    add(
-        "node_memory_working_set_bytes",
-        format!(
-            "node_memory_working_set_bytes {} {}",
-            node["memory"]["workingSetBytes"],
-            millis(&node["memory"]["time"])
-        ),
-    );
+    // `<level>_cpu_usage_seconds_total` and `<level>_memory_working_set_bytes` of one entry of
+    // the summary, as (family, line).
+    let usage = |level: &str, labels: &str, stats: &serde_json::Value| {
+        let (cpu, memory) = (
+            format!("{level}_cpu_usage_seconds_total"),
+            format!("{level}_memory_working_set_bytes"),
+        );
+        let series = |family: &str| {
+            if labels.is_empty() {
+                family.to_owned()
+            } else {
+                format!("{family}{{{labels}}}")
+            }
+        };
+        [
+            (
+                series(&cpu),
+                cpu,
+                number(seconds(&stats["cpu"]["usageCoreNanoSeconds"])),
+                millis(&stats["cpu"]["time"]),
+            ),
+            (
+                series(&memory),
+                memory,
+                stats["memory"]["workingSetBytes"].to_string(),
+                millis(&stats["memory"]["time"]),
+            ),
+        ]
+        .map(|(series, family, value, time)| (family, format!("{series} {value} {time}")))
+    };
+    for (family, line) in usage("node", "", &summary["node"]) {
+        add(&family, line);
+    }
     for pod in summary["pods"].as_array().into_iter().flatten() {
         let (namespace, name) = (
             escape(pod["podRef"]["namespace"].as_str().unwrap_or_default()),
             escape(pod["podRef"]["name"].as_str().unwrap_or_default()),
         );
         let labels = format!("namespace=\"{namespace}\",pod=\"{name}\"");
-        add(
-            "pod_cpu_usage_seconds_total",
-            format!(
-                "pod_cpu_usage_seconds_total{{{labels}}} {} {}",
-                number(seconds(&pod["cpu"]["usageCoreNanoSeconds"])),
-                millis(&pod["cpu"]["time"])
-            ),
-        );
-        add(
-            "pod_memory_working_set_bytes",
-            format!(
-                "pod_memory_working_set_bytes{{{labels}}} {} {}",
-                pod["memory"]["workingSetBytes"],
-                millis(&pod["memory"]["time"])
-            ),
-        );
+        for (family, line) in usage("pod", &labels, pod) {
+            add(&family, line);
+        }
         for c in pod["containers"].as_array().into_iter().flatten() {
             let labels = format!(
                 "container=\"{}\",{labels}",
                 escape(c["name"].as_str().unwrap_or_default())
             );
-            add(
-                "container_cpu_usage_seconds_total",
-                format!(
-                    "container_cpu_usage_seconds_total{{{labels}}} {} {}",
-                    number(seconds(&c["cpu"]["usageCoreNanoSeconds"])),
-                    millis(&c["cpu"]["time"])
-                ),
-            );
-            add(
-                "container_memory_working_set_bytes",
-                format!(
-                    "container_memory_working_set_bytes{{{labels}}} {} {}",
-                    c["memory"]["workingSetBytes"],
-                    millis(&c["memory"]["time"])
-                ),
-            );
+            for (family, line) in usage("container", &labels, c) {
+                add(&family, line);
+            }
             add(
                 "container_start_time_seconds",
                 format!(
