@@ -147,6 +147,29 @@ impl TestCluster {
         )
     }
 
+    /// A kube-proxy identity: a token for `kube-system/kube-proxy` (bound to
+    /// `system:node-proxier` by kubeadm), as a kubeconfig.
+    pub async fn proxy_kubeconfig(&self) -> String {
+        use k8s_openapi::api::authentication::v1::TokenRequest;
+        use k8s_openapi::api::core::v1::ServiceAccount;
+        let accounts: Api<ServiceAccount> = Api::namespaced(self.admin().await, "kube-system");
+        let account: ServiceAccount =
+            serde_json::from_value(json!({"metadata": {"name": "kube-proxy"}}))
+                .expect("a ServiceAccount");
+        let _ = accounts.create(&PostParams::default(), &account).await;
+        let request: TokenRequest =
+            serde_json::from_value(json!({"spec": {"expirationSeconds": 3600}}))
+                .expect("a TokenRequest");
+        let token = accounts
+            .create_token_request("kube-proxy", &PostParams::default(), &request)
+            .await
+            .expect("a token for kube-system/kube-proxy")
+            .status
+            .expect("token status")
+            .token;
+        self.token_kubeconfig(Some(&token))
+    }
+
     /// Creates a namespace of this test's own, deleted when the returned guard drops.
     pub async fn namespace(&self, prefix: &str) -> TestNamespace {
         let name = unique_name(prefix);

@@ -32,7 +32,16 @@ pub struct GuestSpec {
     pub files: Vec<(PathBuf, String)>,
     /// Text files to write in the guest: (guest path, content).
     pub texts: Vec<(String, String)>,
+    /// A network link to the host (qemu user networking): the guest's `eth0` is
+    /// [`GUEST_ADDRESS`], and [`HOST_ADDRESS`] reaches the host's loopback, so a server the
+    /// test runs on `127.0.0.1` is at `10.0.2.2` from inside the guest.
+    pub host_link: bool,
 }
+
+/// The host's loopback as the guest sees it over [`GuestSpec::host_link`].
+pub const HOST_ADDRESS: &str = "10.0.2.2";
+/// The guest's own address on [`GuestSpec::host_link`].
+pub const GUEST_ADDRESS: &str = "10.0.2.15";
 
 impl GuestSpec {
     /// A guest that runs `script` with 256 MiB and a generous timeout for software emulation.
@@ -44,6 +53,7 @@ impl GuestSpec {
             timeout: Duration::from_secs(180),
             files: Vec::new(),
             texts: Vec::new(),
+            host_link: false,
         }
     }
 }
@@ -78,6 +88,12 @@ pub fn kernel_release(substrate: &Substrate) -> String {
 
 /// Boots a guest, runs `spec.script` in it, and returns its console once it powers off.
 pub fn boot(spec: &GuestSpec) -> GuestRun {
+    boot_watching(spec, |_| {})
+}
+
+/// [`boot`], handing each console line to `on_line` as the guest prints it, so a test can act on
+/// the host side (change the API, say) when the script announces it is ready for the next step.
+pub fn boot_watching(spec: &GuestSpec, mut on_line: impl FnMut(&str)) -> GuestRun {
     let substrate = Substrate::from_env();
     let release = kernel_release(&substrate);
     let modules_root = substrate.vm_dir().join("root/lib/modules").join(&release);
@@ -104,53 +120,73 @@ pub fn boot(spec: &GuestSpec) -> GuestRun {
             "none",
             "-no-reboot",
         ])
-        .args(["-nic", "none"])
+        .args([
+            "-nic",
+            if spec.host_link {
+                "user,model=e1000e"
+            } else {
+                "none"
+            },
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start qemu-system-x86_64");
 
-    // Read the console on a thread so a chatty guest never blocks on a full pipe.
-    let mut stdout = child.stdout.take().expect("qemu stdout is piped");
+    // Read the console on a thread, line by line, so a chatty guest never blocks on a full pipe.
+    let stdout = child.stdout.take().expect("qemu stdout is piped");
+    let (lines, console_lines) = std::sync::mpsc::channel::<String>();
     let reader = std::thread::spawn(move || {
-        let mut console = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut stdout, &mut console);
-        console
+        let mut stdout = std::io::BufReader::new(stdout);
+        let mut line = Vec::new();
+        while std::io::BufRead::read_until(&mut stdout, b'\n', &mut line).unwrap_or(0) > 0 {
+            let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+            if lines.send(text).is_err() {
+                break;
+            }
+            line.clear();
+        }
     });
+    let mut console = String::new();
+    let mut take = |line: String, console: &mut String| {
+        on_line(&line);
+        console.push_str(&line);
+        console.push('\n');
+    };
     loop {
-        if let Some(status) = child.try_wait().expect("poll qemu") {
-            let console =
-                String::from_utf8_lossy(&reader.join().expect("console reader")).into_owned();
-            assert!(
-                status.success(),
-                "qemu exited with {status}; console:\n{console}\nstderr: {}",
-                child
-                    .stderr
-                    .take()
-                    .map(|mut e| {
-                        let mut s = String::new();
-                        let _ = std::io::Read::read_to_string(&mut e, &mut s);
-                        s
-                    })
-                    .unwrap_or_default()
-            );
-            return GuestRun {
-                console,
-                elapsed: started.elapsed(),
-            };
+        match console_lines.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => take(line, &mut console),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let status = child.wait().expect("wait for qemu");
+                let _ = reader.join();
+                let mut stderr = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+                }
+                assert!(
+                    status.success(),
+                    "qemu exited with {status}; console:\n{console}\nstderr: {stderr}"
+                );
+                return GuestRun {
+                    console,
+                    elapsed: started.elapsed(),
+                };
+            }
         }
         if started.elapsed() > spec.timeout {
             let _ = child.kill();
             let _ = child.wait();
-            let console =
-                String::from_utf8_lossy(&reader.join().expect("console reader")).into_owned();
+            let _ = reader.join();
+            while let Ok(line) = console_lines.try_recv() {
+                take(line, &mut console);
+            }
             panic!(
                 "guest did not power off within {:?}; console:\n{console}",
                 spec.timeout
             );
         }
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -172,7 +208,11 @@ fn build_initramfs(work: &Path, modules_root: &Path, spec: &GuestSpec) -> PathBu
         fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     }
 
-    let modules = module_load_order(modules_root, &spec.modules);
+    let mut names = spec.modules.clone();
+    if spec.host_link {
+        names.push("e1000e".into());
+    }
+    let modules = module_load_order(modules_root, &names);
     let mut inserts = String::new();
     for (i, module) in modules.iter().enumerate() {
         let file = format!(
@@ -197,12 +237,20 @@ fn build_initramfs(work: &Path, modules_root: &Path, spec: &GuestSpec) -> PathBu
          mount -t devtmpfs devtmpfs /dev\n\
          mount -t tmpfs tmpfs /run\n\
          {inserts}\
+         {link}\
          echo TUG-GUEST-START\n\
          ( set -e\n{script}\n)\n\
          echo \"guest-script-status=$?\"\n\
          echo {MARKER_DONE}\n\
          poweroff -f\n",
-        script = spec.script
+        script = spec.script,
+        link = if spec.host_link {
+            format!(
+                "ip link set eth0 up && ip addr add {GUEST_ADDRESS}/24 dev eth0 || echo \"host link failed\"\n"
+            )
+        } else {
+            String::new()
+        },
     );
     let init_path = root.join("init");
     fs::write(&init_path, init).expect("write /init");

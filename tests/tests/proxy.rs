@@ -444,29 +444,6 @@ fn iptables_mode_with_the_legacy_backend() {
     exercise_iptables("iptables-legacy");
 }
 
-/// A kube-proxy identity: a token for `kube-system/kube-proxy` (bound to `system:node-proxier`
-/// by kubeadm), as a kubeconfig.
-async fn proxy_kubeconfig() -> String {
-    use k8s_openapi::api::authentication::v1::TokenRequest;
-    use k8s_openapi::api::core::v1::ServiceAccount;
-    use kube::api::{Api, PostParams};
-    let admin = cluster().admin().await;
-    let accounts: Api<ServiceAccount> = Api::namespaced(admin, "kube-system");
-    let account: ServiceAccount =
-        serde_json::from_value(json!({"metadata": {"name": "kube-proxy"}})).unwrap();
-    let _ = accounts.create(&PostParams::default(), &account).await;
-    let request: TokenRequest =
-        serde_json::from_value(json!({"spec": {"expirationSeconds": 3600}})).unwrap();
-    let token = accounts
-        .create_token_request("kube-proxy", &PostParams::default(), &request)
-        .await
-        .expect("a token for kube-system/kube-proxy")
-        .status
-        .expect("token status")
-        .token;
-    cluster().token_kubeconfig(Some(&token))
-}
-
 fn http_get(ns: &Netns, addr: &str, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     ns.run(|| {
@@ -513,7 +490,7 @@ fn follow_the_api(mode: &str) {
     let relay = Relay::start("192.168.59.254:0".parse().unwrap(), &server);
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
-    let yaml = runtime.block_on(proxy_kubeconfig());
+    let yaml = runtime.block_on(cluster().proxy_kubeconfig());
     std::fs::write(
         &kubeconfig,
         redirect_kubeconfig(&yaml, &format!("https://{}", relay.addr()), "kubernetes"),

@@ -294,3 +294,165 @@ done
     }
     eprintln!("SCTP guest ran in {:?}", run.elapsed);
 }
+
+/// IPVS mode following the API, in a guest: `tug proxy` in the guest watches a Service and its
+/// EndpointSlice on the cluster (reached over the guest's link to the host, through a relay),
+/// programs both endpoints, moves traffic when the EndpointSlice loses one, and removes the
+/// virtual services and the VIP when the Service is deleted.
+#[test]
+#[ignore = "vm tier (root, qemu) with the cluster tier: run as root via ./scripts/test, or scripts/vm-assets then cargo test -p tug-tests --test vm -- --ignored"]
+fn ipvs_mode_follows_services_and_endpoint_slices_from_the_api_in_a_guest() {
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+    use serde_json::json;
+    use tug_tests::cluster::{cluster, unique_name};
+    use tug_tests::lan::{Relay, redirect_kubeconfig};
+    use tug_tests::vm::{HOST_ADDRESS, boot_watching};
+    require(Tier::Vm);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let admin = runtime.block_on(cluster().admin());
+    let ns = runtime.block_on(cluster().namespace("ipvs"));
+    let services: Api<Service> = Api::namespaced(admin.clone(), ns.name());
+    let slices: Api<EndpointSlice> = Api::namespaced(admin, ns.name());
+    let name = unique_name("web");
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"type": "NodePort", "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}]}
+    }))
+    .unwrap();
+    let created = runtime
+        .block_on(services.create(&PostParams::default(), &service))
+        .expect("create the Service")
+        .spec
+        .expect("a Service spec");
+    let cluster_ip: std::net::Ipv4Addr = created
+        .cluster_ip
+        .expect("a ClusterIP")
+        .parse()
+        .expect("an IPv4 ClusterIP");
+    let node_port = created.ports.expect("ports")[0]
+        .node_port
+        .expect("a NodePort");
+    let slice = |addresses: &[&str]| -> EndpointSlice {
+        let endpoints: Vec<_> = addresses
+            .iter()
+            .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}}))
+            .collect();
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("{name}-tug"), "labels": {"kubernetes.io/service-name": name, "endpointslice.kubernetes.io/managed-by": "tug-test"}},
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": [{"name": "http", "protocol": "TCP", "port": 8080}]
+        }))
+        .unwrap()
+    };
+    runtime
+        .block_on(slices.create(
+            &PostParams::default(),
+            &slice(&["10.244.2.2", "10.244.3.2"]),
+        ))
+        .expect("create the EndpointSlice");
+
+    // The guest reaches the host's loopback as 10.0.2.2: a relay there leads to the API.
+    let server = cluster()
+        .server_url()
+        .trim_start_matches("https://")
+        .to_owned();
+    let relay = Relay::start("127.0.0.1:0".parse().unwrap(), &server);
+    let kubeconfig = redirect_kubeconfig(
+        &runtime.block_on(cluster().proxy_kubeconfig()),
+        &format!("https://{HOST_ADDRESS}:{}", relay.addr().port()),
+        "kubernetes",
+    );
+
+    let vip_hex = format!("{:08X}:0050", u32::from(cluster_ip));
+    let script = GUEST_NETWORK.to_owned()
+        + &format!(
+            r#"
+attach ep1 10.244.2
+attach ep2 10.244.3
+attach client 10.244.4
+attach out 192.168.77
+serve_web ep1 ep2
+seen() {{ sort | uniq | tr '\n' ' '; }}
+from_pod() {{ for i in $(seq 1 $1); do in_ns client sh /get.sh {cluster_ip} 80; done | seen; }}
+/tug proxy --proxy-mode ipvs --kubeconfig /kubeconfig \
+  --hostname-override guest --cluster-cidr 10.244.0.0/16 \
+  --healthz-bind-address 127.0.0.1:10256 --metrics-bind-address 127.0.0.1:10249 > /tmp/proxy.log 2>&1 &
+i=0
+until [ "$(from_pod 10)" = "ep1 ep2 " ]; do
+  i=$((i+1)); if [ $i -gt 90 ]; then echo "never served"; cat /tmp/proxy.log; break; fi; sleep 1
+done
+echo "both=$(from_pod 30)"
+echo "nodeport=$(for i in $(seq 1 20); do in_ns out sh /get.sh 192.168.77.1 {node_port}; done | seen)"
+echo "tug-step=endpoints"
+i=0
+until [ "$(from_pod 10)" = "ep2 " ]; do
+  i=$((i+1)); if [ $i -gt 60 ]; then break; fi; sleep 1
+done
+echo "after-patch=$(from_pod 20)"
+echo "tug-step=delete"
+i=0
+while grep -q '{vip_hex}' /proc/net/ip_vs || ip -o addr show dev kube-ipvs0 | grep -q '{cluster_ip}/32'; do
+  i=$((i+1)); if [ $i -gt 60 ]; then break; fi; sleep 1
+done
+echo "vs-after-delete=$(grep -c '{vip_hex}' /proc/net/ip_vs || true)"
+echo "vip-after-delete=$(ip -o addr show dev kube-ipvs0 | grep -c '{cluster_ip}/32' || true)"
+grep -i error /tmp/proxy.log | head -n 5 || true
+"#
+        );
+    let mut spec = proxy_guest(&script, &["bridge"]);
+    spec.host_link = true;
+    spec.texts.push(("/kubeconfig".into(), kubeconfig));
+    let mut failure = None;
+    let run = boot_watching(&spec, |line| {
+        let result = match line.strip_prefix("tug-step=") {
+            Some("endpoints") => runtime
+                .block_on(slices.patch(
+                    &format!("{name}-tug"),
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"endpoints": [{"addresses": ["10.244.3.2"], "conditions": {"ready": true}}]})),
+                ))
+                .map(drop),
+            Some("delete") => runtime
+                .block_on(services.delete(&name, &DeleteParams::default()))
+                .map(drop),
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            failure.get_or_insert(format!("{line}: {e}"));
+        }
+    });
+    drop(relay);
+    assert_eq!(failure, None, "the API calls of each step succeed");
+    let value = |key: &str| run.value(key).unwrap_or("").trim().to_owned();
+    let console = &run.console;
+    assert_eq!(value("guest-script-status"), "0", "console:\n{console}");
+    assert_eq!(
+        value("both"),
+        "ep1 ep2",
+        "the ClusterIP from the API reaches both endpoints; console:\n{console}"
+    );
+    assert_eq!(
+        value("nodeport"),
+        "ep1 ep2",
+        "the NodePort the API allocated answers from outside; console:\n{console}"
+    );
+    assert_eq!(
+        value("after-patch"),
+        "ep2",
+        "traffic follows the EndpointSlice; console:\n{console}"
+    );
+    assert_eq!(
+        value("vs-after-delete"),
+        "0",
+        "the deleted Service's virtual service goes; console:\n{console}"
+    );
+    assert_eq!(
+        value("vip-after-delete"),
+        "0",
+        "the deleted Service's VIP leaves kube-ipvs0; console:\n{console}"
+    );
+    eprintln!("IPVS-from-the-API guest ran in {:?}", run.elapsed);
+}
