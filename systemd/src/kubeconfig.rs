@@ -25,3 +25,12 @@ pub async fn client(path: &Path) -> anyhow::Result<kube::Client> {
         .with_context(|| format!("load kubeconfig {}", path.display()))?;
     kube::Client::try_from(config).context("build the API client")
 }
+
+/// An API client from kubeconfig YAML.
+pub async fn client_from_yaml(yaml: &str) -> anyhow::Result<kube::Client> {
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(yaml).context("parse the kubeconfig")?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .context("load the kubeconfig")?;
+    kube::Client::try_from(config).context("build the API client")
+}

@@ -10,16 +10,15 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod join;
 mod kubeconfig;
 mod kubelet;
 mod netd;
 mod proxy;
+mod reset;
 mod shim;
 mod shutdown;
-
-/// Exit status for a component that exists in the command line but is not built yet
-/// (`EX_UNAVAILABLE` from sysexits.h), so scripts can tell it from a usage error (2).
-const NOT_BUILT: u8 = 69;
+mod units;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -64,36 +63,9 @@ enum Command {
     /// Act as the CNI plugin (what `tug-cni` runs when a CRI runtime execs it).
     Cni,
     /// Join an existing cluster with a bootstrap token and install tug's systemd units.
-    Join,
+    Join(join::JoinArgs),
     /// Undo `tug join`: stop the units, remove rules, routes, config and certificates.
-    Reset,
-}
-
-impl Command {
-    /// The issue that tracks a component which is not built yet.
-    fn tracking_issue(&self) -> u32 {
-        match self {
-            Command::Kubelet(_) => 7,
-            Command::Shim(_) | Command::ShimLogger { .. } | Command::PodInit => 5,
-            Command::Proxy(_) => 6,
-            Command::Netd(_) | Command::Cni => 4,
-            Command::Join | Command::Reset => 9,
-        }
-    }
-
-    fn name(&self) -> &'static str {
-        match self {
-            Command::Kubelet(_) => "kubelet",
-            Command::Shim(_) => "shim",
-            Command::ShimLogger { .. } => "shim-logger",
-            Command::PodInit => "pod-init",
-            Command::Proxy(_) => "proxy",
-            Command::Netd(_) => "netd",
-            Command::Cni => "cni",
-            Command::Join => "join",
-            Command::Reset => "reset",
-        }
-    }
+    Reset(reset::ResetArgs),
 }
 
 /// Rewrites `tug-cni <args>` into `tug cni <args>` so one binary serves both names.
@@ -113,12 +85,14 @@ fn main() -> ExitCode {
     let command = cli.command;
     match command {
         // The CNI protocol is environment + stdin + stdout; see tug_cni::plugin.
-        Command::Cni => return ExitCode::from(tug_cni::plugin::run()),
-        Command::Netd(args) => return run_async(netd::run(args)),
-        Command::Kubelet(args) => return run_async(kubelet::run(args)),
-        Command::Shim(args) => return run_async(shim::run(args)),
-        Command::Proxy(args) => return run_async(proxy::run(args)),
-        Command::PodInit => return ExitCode::from(tug_runtime_shim::pod_init::run()),
+        Command::Cni => ExitCode::from(tug_cni::plugin::run()),
+        Command::Netd(args) => run_async(netd::run(args)),
+        Command::Kubelet(args) => run_async(kubelet::run(args)),
+        Command::Shim(args) => run_async(shim::run(args)),
+        Command::Proxy(args) => run_async(proxy::run(args)),
+        Command::Join(args) => run_async(join::run(args)),
+        Command::Reset(args) => run_async(reset::run(args)),
+        Command::PodInit => ExitCode::from(tug_runtime_shim::pod_init::run()),
         Command::ShimLogger {
             path,
             stdout_fifo,
@@ -133,16 +107,9 @@ fn main() -> ExitCode {
                 },
                 None => tug_runtime_shim::logger::Inputs::Fds,
             };
-            return ExitCode::from(tug_runtime_shim::logger::run(&path, inputs));
+            ExitCode::from(tug_runtime_shim::logger::run(&path, inputs))
         }
-        _ => {}
     }
-    eprintln!(
-        "tug {}: this component is not built yet (tracked by issue #{}); nothing was started.",
-        command.name(),
-        command.tracking_issue()
-    );
-    ExitCode::from(NOT_BUILT)
 }
 
 /// Runs a long-lived component on a multi-threaded runtime with logging; errors print their

@@ -339,8 +339,165 @@ fn first_packet() {
     }
 }
 
+/// Runs `program` with `input` on its stdin (or `args` alone) and returns how long it took.
+fn timed(program: &str, args: &[&str], input: &str) -> Duration {
+    let began = Instant::now();
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    began.elapsed()
+}
+
+/// IPVS mode needs a kernel with IPVS, which this machine's lacks: the benchmark runs itself
+/// (`TUG_BENCH_MODE=ipvs-guest`) in a qemu guest on Debian's kernel, with `ipvsadm`, iproute2's
+/// `ip` and `nft` beside it, and prints what the guest measured.
+fn ipvs_mode() {
+    use tug_tests::vm::{GuestSpec, PROXY_MODULES, boot_watching};
+    let mut spec = GuestSpec::new("TUG_BENCH_MODE=ipvs-guest /bench\n");
+    spec.modules = PROXY_MODULES.iter().map(|m| (*m).to_owned()).collect();
+    spec.memory_mib = 3072;
+    spec.timeout = Duration::from_secs(3600);
+    spec.files = vec![
+        (
+            std::env::current_exe().expect("the bench binary"),
+            "/bench".into(),
+        ),
+        ("/usr/sbin/ipvsadm".into(), "/tools/ipvsadm".into()),
+        ("/usr/bin/ip".into(), "/tools/ip".into()),
+        ("/usr/sbin/nft".into(), "/tools/nft".into()),
+    ];
+    let run = boot_watching(&spec, |line| {
+        if let Some(figures) = line.strip_prefix("bench| ") {
+            println!("{figures}");
+        }
+    });
+    assert_eq!(
+        run.value("guest-script-status"),
+        Some("0"),
+        "console:\n{}",
+        run.console
+    );
+}
+
+/// The guest's half of [`ipvs_mode`]: tug's IPVS backend against the same virtual services
+/// through `ipvsadm -R`, the same VIPs through `ip -batch` and the same rules through `nft -f`.
+fn ipvs_guest() {
+    use tug_proxy::ipvs::{IpvsBackend, IpvsConfig};
+    let say = |line: String| println!("bench| {line}");
+    say(String::new());
+    say(
+        "IPVS mode (in a guest on Debian's kernel, software emulation): Services x 2 endpoints"
+            .into(),
+    );
+    say(format!(
+        "{:<22} {:>10} {:>12} {:>10} {:>10} {:>12} {:>8}",
+        "case", "tug", "ipvsadm -R", "ip -batch", "nft -f", "tools' sum", "speedup"
+    ));
+    let config = IpvsConfig {
+        cluster_cidrs: vec!["10.0.0.0/8".into()],
+        ..Default::default()
+    };
+    let ipvsadm = |input: &str| timed("/tools/ipvsadm", &["-R"], input);
+    for count in [1_000, 10_000, 30_000] {
+        let ports = services(count);
+        let mut backend = IpvsBackend::new(config.clone());
+        let began = Instant::now();
+        backend.sync(&ports, true).expect("IPVS sync");
+        let tug = began.elapsed();
+        let rules = Command::new("/tools/nft")
+            .args(["list", "table", "ip", "tug-proxy"])
+            .output()
+            .expect("list tug's rules");
+        let rules = String::from_utf8(rules.stdout).unwrap();
+        let mut changed = ports.clone();
+        let moved = &mut changed[count / 2];
+        let old = moved.cluster_endpoints[1].clone();
+        moved.cluster_endpoints[1].ip = IpAddr::V4(Ipv4Addr::new(11, 0, 0, 1));
+        moved.external_endpoints = moved.cluster_endpoints.clone();
+        let began = Instant::now();
+        backend.sync(&changed, false).expect("IPVS change");
+        let tug_change = began.elapsed();
+        backend.cleanup().expect("IPVS cleanup");
+
+        // The same state through the reference tools.
+        let mut virtual_services = String::new();
+        let mut addresses = String::from("link add kube-ipvs0 type dummy\n");
+        for port in &ports {
+            let vip = format!("{}:{}", port.cluster_ips[0], port.port);
+            virtual_services.push_str(&format!("-A -t {vip} -s rr\n"));
+            for endpoint in &port.cluster_endpoints {
+                virtual_services.push_str(&format!(
+                    "-a -t {vip} -r {}:{} -m -w 1\n",
+                    endpoint.ip, endpoint.port
+                ));
+            }
+            addresses.push_str(&format!(
+                "addr add {}/32 dev kube-ipvs0\n",
+                port.cluster_ips[0]
+            ));
+        }
+        let ipvsadm_time = ipvsadm(&virtual_services);
+        let ip_time = timed("/tools/ip", &["-batch", "-"], &addresses);
+        let nft_time = timed("/tools/nft", &["-f", "-"], &rules);
+        let sum = ipvsadm_time + ip_time + nft_time;
+        say(format!(
+            "{:<22} {:>10.1?} {:>12.1?} {:>10.1?} {:>10.1?} {:>12.1?} {:>7.1}x",
+            format!("{count} from scratch"),
+            tug,
+            ipvsadm_time,
+            ip_time,
+            nft_time,
+            sum,
+            sum.as_secs_f64() / tug.as_secs_f64()
+        ));
+        if count == 30_000 {
+            let vip = format!(
+                "{}:{}",
+                ports[count / 2].cluster_ips[0],
+                ports[count / 2].port
+            );
+            let change = format!(
+                "-d -t {vip} -r {}:{}\n-a -t {vip} -r 11.0.0.1:{} -m -w 1\n",
+                old.ip, old.port, old.port
+            );
+            let ipvsadm_change = ipvsadm(&change);
+            say(format!(
+                "{:<22} {:>10.1?} {:>12.1?} {:>10} {:>10} {:>12.1?} {:>7.1}x",
+                "one change at 30000",
+                tug_change,
+                ipvsadm_change,
+                "",
+                "",
+                ipvsadm_change,
+                ipvsadm_change.as_secs_f64() / tug_change.as_secs_f64()
+            ));
+        }
+        timed("/tools/ipvsadm", &["-C"], "");
+        timed("/tools/ip", &["link", "del", "kube-ipvs0"], "");
+        timed("/tools/nft", &["delete", "table", "ip", "tug-proxy"], "");
+    }
+}
+
 fn main() {
     match std::env::var("TUG_BENCH_MODE").as_deref() {
+        Ok("ipvs") => return ipvs_mode(),
+        Ok("ipvs-guest") => return ipvs_guest(),
         Ok("nftables") => return nftables_mode(),
         Ok("first-packet") => return first_packet(),
         _ => {}

@@ -38,6 +38,23 @@ pub struct GuestSpec {
     pub host_link: bool,
 }
 
+/// The kernel modules `tug proxy` needs in a guest, in every mode (IPVS, its nftables half, and
+/// nftables mode's NAT).
+pub const PROXY_MODULES: &[&str] = &[
+    "ip_vs",
+    "ip_vs_rr",
+    "dummy",
+    "veth",
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_masq",
+    "nft_fib_ipv4",
+    "nft_reject_ipv4",
+    "nft_ct",
+    "nf_conntrack",
+    "nf_nat",
+];
+
 /// The host's loopback as the guest sees it over [`GuestSpec::host_link`].
 pub const HOST_ADDRESS: &str = "10.0.2.2";
 /// The guest's own address on [`GuestSpec::host_link`].

@@ -2,7 +2,7 @@
 
 use tug_tests::substrate::Substrate;
 use tug_tests::tier::{Tier, require};
-use tug_tests::vm::{GuestSpec, boot, kernel_release};
+use tug_tests::vm::{GuestSpec, PROXY_MODULES, boot, kernel_release};
 
 #[test]
 #[ignore = "vm tier (root, qemu): run as root via ./scripts/test, or scripts/vm-assets then cargo test -p tug-tests --test vm -- --ignored"]
@@ -113,24 +113,11 @@ fn proxy_guest(script: &str, extra: &[&str]) -> GuestSpec {
     let mut spec = GuestSpec::new(script);
     spec.memory_mib = 1024;
     spec.timeout = std::time::Duration::from_secs(400);
-    spec.modules = [
-        "ip_vs",
-        "ip_vs_rr",
-        "dummy",
-        "veth",
-        "nf_tables",
-        "nft_chain_nat",
-        "nft_masq",
-        "nft_fib_ipv4",
-        "nft_reject_ipv4",
-        "nft_ct",
-        "nf_conntrack",
-        "nf_nat",
-    ]
-    .iter()
-    .chain(extra)
-    .map(|m| (*m).to_owned())
-    .collect();
+    spec.modules = PROXY_MODULES
+        .iter()
+        .chain(extra)
+        .map(|m| (*m).to_owned())
+        .collect();
     spec.files = vec![(tug_tests::cni::tug_binary(), "/tug".into())];
     spec.texts = vec![
         ("/services/web.yaml".into(), WEB_SERVICE.into()),

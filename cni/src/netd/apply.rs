@@ -434,6 +434,65 @@ async fn sync_routes6(
 }
 
 /// Sets a boolean sysctl to 1 unless it already is.
+/// Removes everything netd programs: its routes (IPv4 and IPv6, by route protocol), the VXLAN
+/// device, and the `tug-netd` table. What is already gone is fine. Returns what it removed.
+pub async fn cleanup(handle: &Handle, nft: &Path) -> Result<Vec<String>, ApplyError> {
+    let mut removed = Vec::new();
+    let mut ours: Vec<RouteMessage> = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("list routes"))?;
+    ours.extend(
+        handle
+            .route()
+            .get(RouteMessageBuilder::<std::net::Ipv6Addr>::new().build())
+            .execute()
+            .try_collect::<Vec<_>>()
+            .await
+            .map_err(nl("list IPv6 routes"))?,
+    );
+    for route in ours
+        .into_iter()
+        .filter(|r| r.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL))
+    {
+        let what = format!(
+            "route {:?}",
+            route
+                .attributes
+                .iter()
+                .find(|a| matches!(a, RouteAttribute::Destination(_)))
+        );
+        handle
+            .route()
+            .del(route)
+            .execute()
+            .await
+            .map_err(nl(format!("delete {what}")))?;
+        removed.push(what);
+    }
+    if let Some(link) = link_by_name(handle, VXLAN_DEVICE).await? {
+        handle
+            .link()
+            .del(link.header.index)
+            .execute()
+            .await
+            .map_err(nl(format!("delete {VXLAN_DEVICE}")))?;
+        removed.push(format!("device {VXLAN_DEVICE}"));
+    }
+    let deleted = std::process::Command::new(nft)
+        .args(["delete", "table", "ip", "tug-netd"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map_err(io(format!("run {}", nft.display())))?;
+    if deleted.success() {
+        removed.push("nftables table ip tug-netd".into());
+    }
+    Ok(removed)
+}
+
 fn enable_sysctl(path: &str) -> Result<(), ApplyError> {
     if std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "1") {
         return Ok(());

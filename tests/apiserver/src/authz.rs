@@ -428,6 +428,17 @@ pub fn default_policy() -> Vec<(Resource, Value)> {
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kubeadm:bootstrap-signer-clusterinfo"},
             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "system:anonymous"}]}),
         ),
+        (
+            ROLES,
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "kubeadm:kubelet-config", "namespace": "kube-system"},
+            "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["kubelet-config"], "verbs": ["get"]}]}),
+        ),
+        (
+            ROLEBINDINGS,
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "kubeadm:kubelet-config", "namespace": "kube-system"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kubeadm:kubelet-config"},
+            "subjects": [group("system:nodes"), group(node_token_group)]}),
+        ),
     ]
 }
 

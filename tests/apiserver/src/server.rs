@@ -259,6 +259,20 @@ fn seed(state: &ApiState, port: u16) {
         .create(resources::CONFIGMAPS, stamp(json!({"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": "cluster-info", "namespace": "kube-public"}, "data": {"kubeconfig": cluster_info}})))
         .expect("seed cluster-info");
+    // kubeadm's shared kubelet configuration, which `kubeadm join` (and `tug join`) fetch.
+    let kubelet_config = format!(
+        "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nauthentication:\n  anonymous:\n    enabled: false\n  webhook:\n    enabled: true\n  x509:\n    clientCAFile: /etc/kubernetes/pki/ca.crt\nauthorization:\n  mode: Webhook\ncgroupDriver: systemd\nclusterDNS:\n- {}\nclusterDomain: cluster.local\nrotateCertificates: true\nstaticPodPath: /etc/kubernetes/manifests\n",
+        state
+            .settings
+            .service_cidr
+            .hosts()
+            .nth(9)
+            .expect("service CIDR has ten hosts")
+    );
+    store
+        .create(resources::CONFIGMAPS, stamp(json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "kubelet-config", "namespace": "kube-system"}, "data": {"kubelet": kubelet_config}})))
+        .expect("seed kubelet-config");
     let first_ip = state
         .settings
         .service_cidr

@@ -1,0 +1,309 @@
+//! cluster tier: `tug join` against the test API server, or a real cluster with
+//! `TUG_TEST_KUBECONFIG`: token discovery, the TLS bootstrap and the node's identity, each
+//! failure's own message, and a rejoin after `tug reset`.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret};
+use kube::api::{Api, DeleteParams, PostParams};
+use serde_json::json;
+use tug_tests::cluster::{client_from_kubeconfig, cluster, unique_name};
+use tug_tests::cni::tug_binary;
+
+/// The cluster's CA pin, computed the way kubeadm's documentation tells operators to.
+fn ca_pin() -> String {
+    let script = "openssl x509 -pubkey -noout | openssl pkey -pubin -outform der | sha256sum";
+    let mut child = Command::new("sh")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run openssl");
+    std::io::Write::write_all(
+        &mut child.stdin.take().unwrap(),
+        cluster().ca_pem().as_bytes(),
+    )
+    .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let text = String::from_utf8(output.stdout).unwrap();
+    format!("sha256:{}", text.split_whitespace().next().expect("a hash"))
+}
+
+/// `host:port` of the API server.
+fn endpoint() -> String {
+    cluster()
+        .server_url()
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .to_owned()
+}
+
+/// Preflight checks that depend on this test machine rather than on the join: the test
+/// containerd's socket, ports other tests' kubelets hold, swap and forwarding.
+const MACHINE_CHECKS: &str =
+    "CRI,Port-10250,Port-10256,Swap,FileContent--proc-sys-net-ipv4-ip_forward";
+
+fn join(root: &Path, args: &[&str]) -> Output {
+    Command::new(tug_binary())
+        .arg("join")
+        .args(args)
+        .arg("--root")
+        .arg(root)
+        .args(["--no-start", "--ignore-preflight-errors", MACHINE_CHECKS])
+        .output()
+        .expect("run tug join")
+}
+
+fn report(output: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "cluster tier: run via ./scripts/test cluster, or cargo build -p tug && cargo test -p tug-tests --test join -- --ignored (TUG_TEST_KUBECONFIG=<admin kubeconfig> for a real cluster)"]
+async fn join_discovers_the_cluster_bootstraps_an_identity_and_rejoins_after_reset() {
+    let token = cluster().bootstrap_token().await;
+    let node = unique_name("joined");
+    let root = tempfile::tempdir().unwrap();
+    let args = [
+        endpoint(),
+        "--token".into(),
+        token.token(),
+        "--discovery-token-ca-cert-hash".into(),
+        ca_pin(),
+        "--node-name".into(),
+        node.clone(),
+        "--discovery-timeout".into(),
+        "60s".into(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = tokio::task::block_in_place(|| join(root.path(), &args));
+    assert!(output.status.success(), "{}", report(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("cluster CA verified"), "{stdout}");
+
+    // Files where kubeadm puts them, secrets readable by root only.
+    let at = |p: &str| root.path().join(p);
+    for (path, expected) in [
+        ("etc/kubernetes/bootstrap-kubelet.conf", 0o600),
+        ("etc/kubernetes/kubelet.conf", 0o600),
+        ("etc/kubernetes/pki/ca.crt", 0o644),
+        ("var/lib/kubelet/config.yaml", 0o644),
+        ("etc/systemd/system/tug-kubelet.service", 0o644),
+    ] {
+        assert_eq!(mode(&at(path)), expected, "{path}");
+    }
+    let pem = at("var/lib/kubelet/pki/kubelet-client-current.pem");
+    assert_eq!(mode(&std::fs::canonicalize(&pem).unwrap()), 0o600);
+    assert_eq!(
+        std::fs::read_to_string(at("etc/kubernetes/pki/ca.crt")).unwrap(),
+        cluster().ca_pem()
+    );
+    // The cluster's shared KubeletConfiguration, when it has one.
+    let admin = cluster().admin().await;
+    let shared = Api::<ConfigMap>::namespaced(admin.clone(), "kube-system")
+        .get_opt("kubelet-config")
+        .await
+        .unwrap()
+        .and_then(|c| c.data)
+        .and_then(|mut d| d.remove("kubelet"));
+    if let Some(shared) = shared {
+        assert_eq!(
+            std::fs::read_to_string(at("var/lib/kubelet/config.yaml")).unwrap(),
+            shared
+        );
+    }
+
+    // The issued identity is the node's: it may register its own Node.
+    let text = std::fs::read_to_string(at("etc/kubernetes/kubelet.conf")).unwrap();
+    let identity = client_from_kubeconfig(&text).await;
+    let nodes: Api<Node> = Api::all(identity);
+    let object: Node = serde_json::from_value(json!({"metadata": {"name": node}})).unwrap();
+    nodes
+        .create(&PostParams::default(), &object)
+        .await
+        .expect("the joined identity registers its Node");
+    let admin_nodes: Api<Node> = Api::all(admin);
+    let _ = admin_nodes.delete(&node, &DeleteParams::default()).await;
+
+    // Joining again over a joined machine is refused, naming the way out.
+    let again = tokio::task::block_in_place(|| join(root.path(), &args));
+    assert!(!again.status.success(), "{}", report(&again));
+    let text = report(&again);
+    assert!(
+        text.contains("FileAvailable") && text.contains("tug reset"),
+        "{text}"
+    );
+
+    // After `tug reset` (in a network namespace of its own: it clears rules and routes), the
+    // same machine joins again.
+    let reset = tokio::task::block_in_place(|| {
+        Command::new("unshare")
+            .arg("-n")
+            .arg(tug_binary())
+            .args(["reset", "--force", "--root"])
+            .arg(root.path())
+            .output()
+            .expect("run tug reset")
+    });
+    assert!(reset.status.success(), "{}", report(&reset));
+    for gone in [
+        "etc/kubernetes/kubelet.conf",
+        "etc/kubernetes/bootstrap-kubelet.conf",
+        "var/lib/kubelet/pki",
+        "etc/systemd/system/tug-kubelet.service",
+    ] {
+        assert!(!at(gone).exists(), "{gone} is removed by tug reset");
+    }
+    let rejoin = tokio::task::block_in_place(|| join(root.path(), &args));
+    assert!(rejoin.status.success(), "{}", report(&rejoin));
+}
+
+/// Runs a join that must fail, and returns its stderr.
+fn refused(args: &[&str]) -> String {
+    let root = tempfile::tempdir().unwrap();
+    let output = join(root.path(), args);
+    assert!(!output.status.success(), "{}", report(&output));
+    assert!(
+        !root.path().join("etc/kubernetes").exists(),
+        "a failed join writes nothing: {}",
+        report(&output)
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "cluster tier: run via ./scripts/test cluster, or cargo build -p tug && cargo test -p tug-tests --test join -- --ignored (TUG_TEST_KUBECONFIG=<admin kubeconfig> for a real cluster)"]
+async fn each_join_failure_has_its_own_message() {
+    let token = cluster().bootstrap_token().await;
+    let pin = ca_pin();
+    let endpoint = endpoint();
+    let quick = ["--discovery-timeout", "4s"];
+    let case = |token: &str, pin: Option<&str>, endpoint: &str| -> String {
+        let mut args = vec![endpoint, "--token", token];
+        if let Some(pin) = pin {
+            args.extend(["--discovery-token-ca-cert-hash", pin]);
+        }
+        args.extend(quick);
+        tokio::task::block_in_place(|| refused(&args))
+    };
+    let real = token.token();
+    let (id, secret) = real.split_once('.').unwrap();
+
+    let malformed = case("abc.def", Some(&pin), &endpoint);
+    assert!(
+        malformed.contains("malformed bootstrap token"),
+        "{malformed}"
+    );
+
+    let no_pin = case(&real, None, &endpoint);
+    assert!(
+        no_pin.contains("refusing to join without verifying the cluster CA"),
+        "{no_pin}"
+    );
+
+    let unknown = case("zzzzzz.0123456789abcdef", Some(&pin), &endpoint);
+    assert!(
+        unknown.contains("no signature for token id \"zzzzzz\"")
+            && unknown.contains("unknown to the cluster or has expired"),
+        "{unknown}"
+    );
+
+    let wrong_secret = format!("{id}.{}", secret.chars().rev().collect::<String>());
+    let mismatch = case(&wrong_secret, Some(&pin), &endpoint);
+    assert!(
+        mismatch.contains("does not match this token's secret"),
+        "{mismatch}"
+    );
+
+    let other_pin = format!("sha256:{}", "00".repeat(32));
+    let pinned = case(&real, Some(&other_pin), &endpoint);
+    assert!(
+        pinned.contains("matches none of the --discovery-token-ca-cert-hash")
+            && pinned.contains(&pin),
+        "{pinned}"
+    );
+
+    let unreachable = case(&real, Some(&pin), "127.0.0.1:1");
+    assert!(
+        unreachable.contains("cannot reach the API server at 127.0.0.1:1"),
+        "{unreachable}"
+    );
+
+    // A token the bootstrap signer vouches for but the API does not accept for authentication:
+    // discovery passes and the API's 401 gets its own message.
+    let admin = cluster().admin().await;
+    let secrets: Api<Secret> = Api::namespaced(admin, "kube-system");
+    let signing_id: String = (0..6)
+        .map(|_| char::from(b'a' + rand::random_range(0..26u8)))
+        .collect();
+    let object: Secret = serde_json::from_value(json!({
+        "metadata": {"name": format!("bootstrap-token-{signing_id}")},
+        "type": "bootstrap.kubernetes.io/token",
+        "stringData": {"token-id": signing_id, "token-secret": "0123456789abcdef",
+            "usage-bootstrap-signing": "true", "usage-bootstrap-authentication": "false"}
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &object)
+        .await
+        .expect("create a signing-only token");
+    let rejected = case(
+        &format!("{signing_id}.0123456789abcdef"),
+        Some(&pin),
+        &endpoint,
+    );
+    let _ = secrets
+        .delete(
+            &format!("bootstrap-token-{signing_id}"),
+            &DeleteParams::default(),
+        )
+        .await;
+    assert!(
+        rejected.contains("refused bootstrap token") && rejected.contains("401"),
+        "{rejected}"
+    );
+
+    // A clock two hours ahead of the API server's.
+    let skewed = tokio::task::block_in_place(|| {
+        let root = tempfile::tempdir().unwrap();
+        Command::new("faketime")
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+            .args(["-f", "+2h"])
+            .arg(tug_binary())
+            .args([
+                "join",
+                &endpoint,
+                "--token",
+                &real,
+                "--discovery-token-ca-cert-hash",
+                &pin,
+            ])
+            .args(quick)
+            .arg("--root")
+            .arg(root.path())
+            .args(["--no-start", "--ignore-preflight-errors", MACHINE_CHECKS])
+            .output()
+            .expect("run tug join under faketime")
+    });
+    let text = report(&skewed);
+    assert!(!skewed.status.success(), "{text}");
+    assert!(
+        text.contains("ahead of the API server's") && text.contains("time synchronisation"),
+        "{text}"
+    );
+}
