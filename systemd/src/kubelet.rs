@@ -296,6 +296,10 @@ pub async fn run(args: KubeletArgs) -> anyhow::Result<()> {
         sync_frequency: file.sync_period()?,
         eviction: file.eviction()?,
     };
+    crate::notify::spawn(match config.healthz {
+        Some(address) => crate::notify::Probe::Http(address, "/healthz"),
+        None => crate::notify::Probe::Now,
+    });
     serve(config, client, crate::shutdown::signalled())
         .await
         .context("kubelet")?;

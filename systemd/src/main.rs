@@ -14,6 +14,7 @@ mod join;
 mod kubeconfig;
 mod kubelet;
 mod netd;
+mod notify;
 mod proxy;
 mod reset;
 mod shim;

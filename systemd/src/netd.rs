@@ -66,6 +66,12 @@ pub async fn run(args: NetdArgs) -> anyhow::Result<()> {
         resync: Duration::from_secs(args.resync_seconds.max(1)),
     };
     tracing::info!(node = %config.node_name, "tug netd starting");
+    crate::notify::spawn(crate::notify::Probe::File(
+        config
+            .dataplane
+            .cni_conf_dir
+            .join(&config.dataplane.cni_conf_name),
+    ));
     if !args.pod_cidr.is_empty() {
         tracing::info!(pod_cidrs = ?args.pod_cidr, "standalone: no API server");
         return tug_cni::netd::run_standalone(config, args.pod_cidr, crate::shutdown::signalled())

@@ -264,6 +264,10 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         }
         None => Source::Cluster(crate::kubeconfig::client(&kubeconfig).await?),
     };
+    crate::notify::spawn(match config.healthz_address {
+        Some(address) => crate::notify::Probe::Http(address, "/healthz"),
+        None => crate::notify::Probe::Now,
+    });
     tracing::info!(node = %config.node_name, mode = %if mode.is_empty() { "iptables" } else { mode.as_str() }, "tug proxy starting");
     serve(config, source, crate::shutdown::signalled())
         .await

@@ -65,6 +65,7 @@ pub async fn run(args: ShimArgs) -> anyhow::Result<()> {
             .or_default()
             .push(url.to_owned());
     }
+    crate::notify::spawn(crate::notify::Probe::Unix(args.listen.clone()));
     let logger = std::env::current_exe().context("find the tug binary (the log writer)")?;
     serve(
         ShimConfig {

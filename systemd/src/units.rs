@@ -38,25 +38,25 @@ pub fn render(config: &UnitConfig) -> Vec<(String, String)> {
         (
             "tug-shim.service".to_owned(),
             format!(
-                "[Unit]\nDescription=tug CRI runtime shim (CRI v1 over containerd)\nDocumentation=man:tug(8)\nAfter=containerd.service network-online.target\nRequires=containerd.service\nWants=network-online.target\n\n[Service]\nType=notify\nExecStart={binary} shim\n{common}# Containers live under containerd's shims: a restart of tug-shim must not touch them.\nKillMode=process\nDelegate=yes\nLimitNOFILE=1048576\nOOMScoreAdjust=-999\n\n{install}"
+                "[Unit]\nDescription=tug CRI runtime shim (CRI v1 over containerd)\nAfter=containerd.service network-online.target\nRequires=containerd.service\nWants=network-online.target\n\n[Service]\nType=notify\nExecStart={binary} shim\n{common}# Containers live under containerd's shims: a restart of tug-shim must not touch them.\nKillMode=process\nDelegate=yes\nLimitNOFILE=1048576\nOOMScoreAdjust=-999\n\n{install}"
             ),
         ),
         (
             "tug-kubelet.service".to_owned(),
             format!(
-                "[Unit]\nDescription=tug kubelet (registers the node, runs its pods)\nDocumentation=man:tug(8)\nAfter=tug-shim.service network-online.target\nWants=tug-shim.service network-online.target\n\n[Service]\nType=notify\nExecStart={binary} kubelet --config /var/lib/kubelet/config.yaml --kubeconfig /etc/kubernetes/kubelet.conf --bootstrap-kubeconfig /etc/kubernetes/bootstrap-kubelet.conf --hostname-override {node_name} --container-runtime-endpoint unix:///run/tug/cri.sock\n{common}# Pods outlive a kubelet restart; the kubelet adopts them again.\nKillMode=process\nDelegate=yes\nOOMScoreAdjust=-999\n\n{install}"
+                "[Unit]\nDescription=tug kubelet (registers the node, runs its pods)\nAfter=tug-shim.service network-online.target\nWants=tug-shim.service network-online.target\n\n[Service]\nType=notify\nExecStart={binary} kubelet --config /var/lib/kubelet/config.yaml --kubeconfig /etc/kubernetes/kubelet.conf --bootstrap-kubeconfig /etc/kubernetes/bootstrap-kubelet.conf --hostname-override {node_name} --container-runtime-endpoint unix:///run/tug/cri.sock\n{common}# Pods outlive a kubelet restart; the kubelet adopts them again.\nKillMode=process\nDelegate=yes\nOOMScoreAdjust=-999\n\n{install}"
             ),
         ),
         (
             "tug-proxy.service".to_owned(),
             format!(
-                "[Unit]\nDescription=tug kube-proxy (Services to netfilter or IPVS rules)\nDocumentation=man:tug(8)\nAfter=network-online.target\nWants=network-online.target\n\n[Service]\nType=notify\nExecStart={binary} proxy --kubeconfig /etc/kubernetes/kubelet.conf --hostname-override {node_name} --cluster-cidr {cluster_cidr}\n{common}CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW CAP_SYS_MODULE\nAmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW CAP_SYS_MODULE\nNoNewPrivileges=yes\nProtectSystem=strict\nProtectHome=yes\nPrivateTmp=yes\nReadWritePaths=-/run/xtables.lock\nProtectKernelLogs=yes\nProtectControlGroups=yes\nRestrictNamespaces=yes\nLockPersonality=yes\nRestrictRealtime=yes\nRestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK\nSystemCallArchitectures=native\n\n{install}"
+                "[Unit]\nDescription=tug kube-proxy (Services to netfilter or IPVS rules)\nAfter=network-online.target\nWants=network-online.target\n\n[Service]\nType=notify\nExecStart={binary} proxy --kubeconfig /etc/kubernetes/kubelet.conf --hostname-override {node_name} --cluster-cidr {cluster_cidr}\n{common}CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW CAP_SYS_MODULE\nAmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW CAP_SYS_MODULE\nNoNewPrivileges=yes\nProtectSystem=strict\nProtectHome=yes\nPrivateTmp=yes\nReadWritePaths=-/run/xtables.lock\nProtectKernelLogs=yes\nProtectControlGroups=yes\nRestrictNamespaces=yes\nLockPersonality=yes\nRestrictRealtime=yes\nRestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK\nSystemCallArchitectures=native\n\n{install}"
             ),
         ),
         (
             "tug-netd.service".to_owned(),
             format!(
-                "[Unit]\nDescription=tug node network agent (pod CIDR, CNI config, routes to other nodes)\nDocumentation=man:tug(8)\nAfter=network-online.target\nWants=network-online.target\n\n[Service]\nType=notify\nExecStart={binary} netd --kubeconfig /etc/kubernetes/kubelet.conf --node-name {node_name} --cluster-cidr {cluster_cidr}\n{common}CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW\nAmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW\nNoNewPrivileges=yes\nProtectSystem=strict\nProtectHome=yes\nPrivateTmp=yes\nReadWritePaths=/etc/cni/net.d /var/lib/tug -/run/xtables.lock\nProtectKernelLogs=yes\nProtectControlGroups=yes\nLockPersonality=yes\nRestrictRealtime=yes\nRestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK\nSystemCallArchitectures=native\n\n{install}"
+                "[Unit]\nDescription=tug node network agent (pod CIDR, CNI config, routes to other nodes)\nAfter=network-online.target\nWants=network-online.target\n\n[Service]\nType=notify\nExecStart={binary} netd --kubeconfig /etc/kubernetes/kubelet.conf --node-name {node_name} --cluster-cidr {cluster_cidr}\n{common}CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW\nAmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW\nNoNewPrivileges=yes\nProtectSystem=strict\nProtectHome=yes\nPrivateTmp=yes\nReadWritePaths=/etc/cni/net.d /var/lib/tug -/run/xtables.lock\nProtectKernelLogs=yes\nProtectControlGroups=yes\nLockPersonality=yes\nRestrictRealtime=yes\nRestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK\nSystemCallArchitectures=native\n\n{install}"
             ),
         ),
     ];

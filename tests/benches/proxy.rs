@@ -369,7 +369,11 @@ fn timed(program: &str, args: &[&str], input: &str) -> Duration {
 /// `ip` and `nft` beside it, and prints what the guest measured.
 fn ipvs_mode() {
     use tug_tests::vm::{GuestSpec, PROXY_MODULES, boot_watching};
-    let mut spec = GuestSpec::new("TUG_BENCH_MODE=ipvs-guest /bench\n");
+    // TUG_BENCH_SIZES (e.g. "30000") picks the sizes; a guest under emulation takes minutes.
+    let sizes = std::env::var("TUG_BENCH_SIZES").unwrap_or_else(|_| "1000,10000,30000".into());
+    let mut spec = GuestSpec::new(&format!(
+        "TUG_BENCH_MODE=ipvs-guest TUG_BENCH_SIZES={sizes} /bench\n"
+    ));
     spec.modules = PROXY_MODULES.iter().map(|m| (*m).to_owned()).collect();
     spec.memory_mib = 3072;
     spec.timeout = Duration::from_secs(3600);
@@ -414,7 +418,12 @@ fn ipvs_guest() {
         ..Default::default()
     };
     let ipvsadm = |input: &str| timed("/tools/ipvsadm", &["-R"], input);
-    for count in [1_000, 10_000, 30_000] {
+    let sizes: Vec<usize> = std::env::var("TUG_BENCH_SIZES")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .collect();
+    for count in sizes {
         let ports = services(count);
         let mut backend = IpvsBackend::new(config.clone());
         let began = Instant::now();

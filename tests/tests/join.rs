@@ -128,6 +128,33 @@ async fn join_discovers_the_cluster_bootstraps_an_identity_and_rejoins_after_res
         );
     }
 
+    // The units pass systemd's own checks (with ExecStart pointing at this build's binary,
+    // as the host has none at /usr/local/bin).
+    let checked = tempfile::tempdir().unwrap();
+    let units: Vec<std::path::PathBuf> = ["tug-shim", "tug-kubelet", "tug-proxy", "tug-netd"]
+        .iter()
+        .map(|unit| {
+            let text = std::fs::read_to_string(at(&format!("etc/systemd/system/{unit}.service")))
+                .unwrap()
+                .replace("/usr/local/bin/tug", &tug_binary().display().to_string());
+            let path = checked.path().join(format!("{unit}.service"));
+            std::fs::write(&path, text).unwrap();
+            path
+        })
+        .collect();
+    let verify = tokio::task::block_in_place(|| {
+        Command::new("systemd-analyze")
+            .arg("verify")
+            .args(&units)
+            .output()
+            .expect("run systemd-analyze verify")
+    });
+    assert!(
+        verify.status.success() && verify.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        report(&verify)
+    );
+
     // The issued identity is the node's: it may register its own Node.
     let text = std::fs::read_to_string(at("etc/kubernetes/kubelet.conf")).unwrap();
     let identity = client_from_kubeconfig(&text).await;

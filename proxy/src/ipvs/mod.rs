@@ -313,8 +313,9 @@ pub struct IpvsBackend {
     /// What the last successful sync programmed; `None` forces a full sync that reads the
     /// kernel's state.
     programmed: Option<Desired>,
-    /// The nftables families whose table tug has written.
-    tables: BTreeSet<u8>,
+    /// The nftables families whose table tug has written, with what was written (the next
+    /// incremental sync changes only the difference).
+    tables: BTreeMap<u8, Option<crate::nftables::Ruleset>>,
     /// Removed destinations waiting for their connections to end.
     draining: Draining,
 }
@@ -325,7 +326,7 @@ impl IpvsBackend {
         IpvsBackend {
             config,
             programmed: None,
-            tables: BTreeSet::new(),
+            tables: BTreeMap::new(),
             draining: Draining::new(),
         }
     }
@@ -402,10 +403,9 @@ impl IpvsBackend {
                         .cluster_cidrs
                         .iter()
                         .any(|c| c.contains(':') == ipv6);
-                if !needed && !self.tables.contains(&family) {
+                if !needed && !self.tables.contains_key(&family) {
                     continue;
                 }
-                self.tables.insert(family);
                 let config = RuleConfig {
                     ipv6,
                     cluster_cidr: self
@@ -416,9 +416,16 @@ impl IpvsBackend {
                         .cloned(),
                     masquerade_all: self.config.masquerade_all,
                 };
-                let batch = rules::render(&config, &wanted.inputs).replace(family);
+                let ruleset = rules::render(&config, &wanted.inputs);
+                let batch = match self.tables.remove(&family).flatten() {
+                    Some(before) if !full => crate::nftables::update(&before, &ruleset, family),
+                    _ => ruleset.replace(family),
+                };
                 rules_changed += batch.len();
+                // Until it is known to be in place, the next sync replaces the table.
+                self.tables.insert(family, None);
                 nft::apply(batch)?;
+                self.tables.insert(family, Some(ruleset));
             }
         }
         let services = wanted.table.len();
