@@ -54,29 +54,7 @@ fn config() -> IptablesConfig {
 }
 
 fn raw_restore(ns: &Netns, program: &str, input: &str) -> Duration {
-    ns.run(|| {
-        let began = Instant::now();
-        let mut child = Command::new(program)
-            .args(["-w", "5", "--noflush"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run iptables-restore");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        let output = child.wait_with_output().unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        began.elapsed()
-    })
+    ns.run(|| timed(program, &["-w", "5", "--noflush"], input))
 }
 
 fn nft_load(ns: &Netns, text: &str) -> Duration {

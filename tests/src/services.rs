@@ -220,3 +220,22 @@ impl Drop for ServiceLab {
         }
     }
 }
+
+/// The EndpointSlice `<service>-tug` of Service `service`: one ready endpoint per address, port
+/// `http`/TCP/8080 (what a test creates in place of the EndpointSlice controller).
+pub fn http_endpoint_slice(
+    service: &str,
+    addresses: &[String],
+) -> k8s_openapi::api::discovery::v1::EndpointSlice {
+    let endpoints: Vec<_> = addresses
+        .iter()
+        .map(|ip| serde_json::json!({"addresses": [ip], "conditions": {"ready": true}}))
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": format!("{service}-tug"), "labels": {"kubernetes.io/service-name": service, "endpointslice.kubernetes.io/managed-by": "tug-test"}},
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"name": "http", "protocol": "TCP", "port": 8080}]
+    }))
+    .expect("EndpointSlice JSON")
+}

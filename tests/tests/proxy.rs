@@ -512,17 +512,8 @@ fn follow_the_api(mode: &str) {
         .expect("create the Service");
     let cluster_ip = created.spec.unwrap().cluster_ip.expect("a ClusterIP");
     let slice_for = |pods: &[u8]| -> EndpointSlice {
-        let endpoints: Vec<_> = pods
-            .iter()
-            .map(|i| json!({"addresses": [format!("10.180.0.{i}")], "conditions": {"ready": true}}))
-            .collect();
-        serde_json::from_value(json!({
-            "metadata": {"name": format!("{name}-tug"), "labels": {"kubernetes.io/service-name": name, "endpointslice.kubernetes.io/managed-by": "tug-test"}},
-            "addressType": "IPv4",
-            "endpoints": endpoints,
-            "ports": [{"name": "http", "protocol": "TCP", "port": 8080}]
-        }))
-        .unwrap()
+        let addresses: Vec<String> = pods.iter().map(|i| format!("10.180.0.{i}")).collect();
+        tug_tests::services::http_endpoint_slice(&name, &addresses)
     };
     runtime
         .block_on(slices.create(&PostParams::default(), &slice_for(&[1, 2])))

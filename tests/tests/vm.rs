@@ -322,17 +322,8 @@ fn ipvs_mode_follows_services_and_endpoint_slices_from_the_api_in_a_guest() {
         .node_port
         .expect("a NodePort");
     let slice = |addresses: &[&str]| -> EndpointSlice {
-        let endpoints: Vec<_> = addresses
-            .iter()
-            .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}}))
-            .collect();
-        serde_json::from_value(json!({
-            "metadata": {"name": format!("{name}-tug"), "labels": {"kubernetes.io/service-name": name, "endpointslice.kubernetes.io/managed-by": "tug-test"}},
-            "addressType": "IPv4",
-            "endpoints": endpoints,
-            "ports": [{"name": "http", "protocol": "TCP", "port": 8080}]
-        }))
-        .unwrap()
+        let addresses: Vec<String> = addresses.iter().map(|a| (*a).to_owned()).collect();
+        tug_tests::services::http_endpoint_slice(&name, &addresses)
     };
     runtime
         .block_on(slices.create(
