@@ -281,23 +281,39 @@ fn route_message(route: &PeerRoute, vxlan_index: Option<u32>) -> RouteMessage {
     }
 }
 
+/// The routes of one family that carry tug's route protocol.
+async fn tug_routes(handle: &Handle, ipv6: bool) -> Result<Vec<RouteMessage>, ApplyError> {
+    let (query, what) = if ipv6 {
+        (
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+            "list IPv6 routes",
+        )
+    } else {
+        (
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            "list routes",
+        )
+    };
+    let all: Vec<RouteMessage> = handle
+        .route()
+        .get(query)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl(what))?;
+    Ok(all
+        .into_iter()
+        .filter(|r| r.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL))
+        .collect())
+}
+
 async fn sync_routes(
     handle: &Handle,
     routes: &[PeerRoute],
     vxlan_index: Option<u32>,
     changes: &mut Vec<String>,
 ) -> Result<(), ApplyError> {
-    let existing: Vec<RouteMessage> = handle
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute()
-        .try_collect()
-        .await
-        .map_err(nl("list routes"))?;
-    let ours: Vec<&RouteMessage> = existing
-        .iter()
-        .filter(|r| r.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL))
-        .collect();
+    let ours = tug_routes(handle, false).await?;
     let wanted: BTreeSet<Ipv4Net> = routes.iter().map(PeerRoute::cidr).collect();
     for stale in ours
         .iter()
@@ -305,7 +321,7 @@ async fn sync_routes(
     {
         handle
             .route()
-            .del((*stale).clone())
+            .del(stale.clone())
             .execute()
             .await
             .map_err(nl(format!("delete route {:?}", route_destination(stale))))?;
@@ -369,13 +385,7 @@ async fn sync_routes6(
     routes: &[(ipnet::Ipv6Net, std::net::Ipv6Addr)],
     changes: &mut Vec<String>,
 ) -> Result<(), ApplyError> {
-    let existing: Vec<RouteMessage> = handle
-        .route()
-        .get(RouteMessageBuilder::<std::net::Ipv6Addr>::new().build())
-        .execute()
-        .try_collect()
-        .await
-        .map_err(nl("list IPv6 routes"))?;
+    let ours = tug_routes(handle, true).await?;
     let destination = |r: &RouteMessage| {
         r.attributes.iter().find_map(|a| match a {
             RouteAttribute::Destination(RouteAddress::Inet6(ip)) => {
@@ -393,17 +403,13 @@ async fn sync_routes6(
             }
         })
     };
-    let ours: Vec<&RouteMessage> = existing
-        .iter()
-        .filter(|r| r.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL))
-        .collect();
     for stale in ours
         .iter()
         .filter(|r| destination(r).is_none_or(|d| !routes.iter().any(|(cidr, _)| *cidr == d)))
     {
         handle
             .route()
-            .del((*stale).clone())
+            .del(stale.clone())
             .execute()
             .await
             .map_err(nl(format!("delete route {:?}", destination(stale))))?;
@@ -438,26 +444,9 @@ async fn sync_routes6(
 /// device, and the `tug-netd` table. What is already gone is fine. Returns what it removed.
 pub async fn cleanup(handle: &Handle, nft: &Path) -> Result<Vec<String>, ApplyError> {
     let mut removed = Vec::new();
-    let mut ours: Vec<RouteMessage> = handle
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute()
-        .try_collect()
-        .await
-        .map_err(nl("list routes"))?;
-    ours.extend(
-        handle
-            .route()
-            .get(RouteMessageBuilder::<std::net::Ipv6Addr>::new().build())
-            .execute()
-            .try_collect::<Vec<_>>()
-            .await
-            .map_err(nl("list IPv6 routes"))?,
-    );
-    for route in ours
-        .into_iter()
-        .filter(|r| r.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL))
-    {
+    let mut ours = tug_routes(handle, false).await?;
+    ours.extend(tug_routes(handle, true).await?);
+    for route in ours {
         let what = format!(
             "route {:?}",
             route
