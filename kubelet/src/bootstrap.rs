@@ -210,6 +210,20 @@ pub fn store_pair(
     Ok(current)
 }
 
+/// The PEM client certificate a kubeconfig user authenticates with, from its file or its
+/// inline data; `None` when the user has no client certificate.
+pub fn client_certificate(user: &kube::config::AuthInfo) -> Option<Result<Vec<u8>, String>> {
+    match (&user.client_certificate, &user.client_certificate_data) {
+        (Some(file), _) => Some(std::fs::read(file).map_err(|e| format!("read {file}: {e}"))),
+        (None, Some(data)) => Some(
+            STANDARD
+                .decode(data)
+                .map_err(|e| format!("client-certificate-data is not base64: {e}")),
+        ),
+        (None, None) => None,
+    }
+}
+
 /// Whether the kubeconfig at `path` has a client certificate that is valid for another hour.
 pub fn usable(path: &Path) -> bool {
     let Ok(config) = kube::config::Kubeconfig::read_from(path) else {
@@ -218,12 +232,11 @@ pub fn usable(path: &Path) -> bool {
     let Some(user) = config.auth_infos.first().and_then(|a| a.auth_info.clone()) else {
         return false;
     };
-    let pem = match (&user.client_certificate, &user.client_certificate_data) {
-        (Some(file), _) => std::fs::read(file).ok(),
-        (None, Some(data)) => STANDARD.decode(data).ok(),
-        _ => return user.token.is_some() || user.token_file.is_some(),
+    let pem = match client_certificate(&user) {
+        None => return user.token.is_some() || user.token_file.is_some(),
+        Some(pem) => pem,
     };
-    let Some(pem) = pem else { return false };
+    let Ok(pem) = pem else { return false };
     let Ok((_, block)) = x509_parser::pem::parse_x509_pem(&pem) else {
         return false;
     };
@@ -235,6 +248,12 @@ pub fn usable(path: &Path) -> bool {
 }
 
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), BootstrapError> {
+    write_atomic(path, bytes, 0o600)
+}
+
+/// Writes `bytes` to `path` with permissions `mode`, atomically: a new file beside it, renamed
+/// over it, so a reader sees the old content or the new one, never a part.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), BootstrapError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
@@ -242,13 +261,53 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), BootstrapEr
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(mode)
         .open(&tmp)
         .map_err(|e| BootstrapError::Io(format!("write {}: {e}", tmp.display())))?;
     file.write_all(bytes)
         .map_err(|e| BootstrapError::Io(format!("write {}: {e}", tmp.display())))?;
     std::fs::rename(&tmp, path)
         .map_err(|e| BootstrapError::Io(format!("write {}: {e}", path.display())))
+}
+
+/// The server and the CA certificate (PEM, from inline data or its file) of a kubeconfig's
+/// current context's cluster (or its first context's).
+pub fn server_and_ca(file: &kube::config::Kubeconfig) -> Result<(String, String), String> {
+    let context_name = file.current_context.clone().unwrap_or_default();
+    let context = file
+        .contexts
+        .iter()
+        .find(|c| c.name == context_name)
+        .or(file.contexts.first())
+        .and_then(|c| c.context.clone())
+        .ok_or("no context")?;
+    let cluster = file
+        .clusters
+        .iter()
+        .find(|c| c.name == context.cluster)
+        .and_then(|c| c.cluster.clone())
+        .ok_or_else(|| format!("no cluster {:?}", context.cluster))?;
+    let server = cluster.server.ok_or("the cluster has no server")?;
+    let ca = match (
+        cluster.certificate_authority_data,
+        cluster.certificate_authority,
+    ) {
+        (Some(data), _) => STANDARD
+            .decode(data.trim())
+            .ok()
+            .and_then(|pem| String::from_utf8(pem).ok())
+            .ok_or("the cluster's certificate-authority-data is not base64 PEM")?,
+        (None, Some(path)) => {
+            std::fs::read_to_string(&path).map_err(|e| format!("read {path}: {e}"))?
+        }
+        (None, None) => {
+            return Err(
+                "the cluster has no certificate authority (refusing to bootstrap without one)"
+                    .into(),
+            );
+        }
+    };
+    Ok((server, ca))
 }
 
 /// Makes sure `kubeconfig` holds a usable client identity, bootstrapping it with
@@ -267,39 +326,8 @@ pub async fn ensure(
         message,
     };
     let file = kube::config::Kubeconfig::read_from(bootstrap).map_err(|e| fail(e.to_string()))?;
-    let context_name = file.current_context.clone().unwrap_or_default();
-    let context = file
-        .contexts
-        .iter()
-        .find(|c| c.name == context_name)
-        .or(file.contexts.first())
-        .and_then(|c| c.context.clone())
-        .ok_or_else(|| fail("no context".into()))?;
-    let cluster = file
-        .clusters
-        .iter()
-        .find(|c| c.name == context.cluster)
-        .and_then(|c| c.cluster.clone())
-        .ok_or_else(|| fail(format!("no cluster {:?}", context.cluster)))?;
-    let server = cluster
-        .server
-        .clone()
-        .ok_or_else(|| fail("the cluster has no server".into()))?;
-    let ca = match (
-        &cluster.certificate_authority_data,
-        &cluster.certificate_authority,
-    ) {
-        (Some(data), _) => data.clone(),
-        (None, Some(path)) => {
-            STANDARD.encode(std::fs::read(path).map_err(|e| fail(format!("read {path}: {e}")))?)
-        }
-        (None, None) => {
-            return Err(fail(
-                "the cluster has no certificate authority (refusing to bootstrap without one)"
-                    .into(),
-            ));
-        }
-    };
+    let (server, ca_pem) = server_and_ca(&file).map_err(fail)?;
+    let ca = STANDARD.encode(ca_pem);
     let config = kube::Config::from_custom_kubeconfig(file, &Default::default())
         .await
         .map_err(|e| fail(e.to_string()))?;

@@ -107,13 +107,9 @@ fn node_of(kubeconfig: &Path) -> anyhow::Result<String> {
         .first()
         .and_then(|a| a.auth_info.clone())
         .context("the kubeconfig has no user")?;
-    let pem = match (user.client_certificate, user.client_certificate_data) {
-        (Some(file), _) => std::fs::read(&file).with_context(|| format!("read {file}"))?,
-        (None, Some(data)) => {
-            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, data)?
-        }
-        _ => anyhow::bail!("the kubeconfig has no client certificate"),
-    };
+    let pem = tug_kubelet::bootstrap::client_certificate(&user)
+        .context("the kubeconfig has no client certificate")?
+        .map_err(anyhow::Error::msg)?;
     let (_, block) = x509_parser::pem::parse_x509_pem(&pem)?;
     let cert = block.parse_x509()?;
     let cn = cert

@@ -307,30 +307,8 @@ fn kubeconfig(discovered: &Discovered, user: &str, user_name: &str) -> String {
 fn from_file(path: &Path) -> anyhow::Result<Discovered> {
     let parsed = kube::config::Kubeconfig::read_from(path)
         .with_context(|| format!("--discovery-file {}", path.display()))?;
-    let cluster = parsed
-        .clusters
-        .first()
-        .and_then(|c| c.cluster.clone())
-        .with_context(|| format!("--discovery-file {}: names no cluster", path.display()))?;
-    let server = cluster.server.with_context(|| {
-        format!(
-            "--discovery-file {}: the cluster has no server",
-            path.display()
-        )
-    })?;
-    let ca_pem = match (
-        cluster.certificate_authority_data,
-        cluster.certificate_authority,
-    ) {
-        (Some(data), _) => String::from_utf8(STANDARD.decode(data.trim())?)?,
-        (None, Some(file)) => {
-            std::fs::read_to_string(&file).with_context(|| format!("read {file}"))?
-        }
-        (None, None) => anyhow::bail!(
-            "--discovery-file {}: the cluster has no certificate authority",
-            path.display()
-        ),
-    };
+    let (server, ca_pem) = tug_kubelet::bootstrap::server_and_ca(&parsed)
+        .map_err(|e| anyhow::anyhow!("--discovery-file {}: {e}", path.display()))?;
     let pin = Pin::of_certificate(ca_pem.as_bytes()).map_err(anyhow::Error::msg)?;
     Ok(Discovered {
         server,
@@ -394,23 +372,15 @@ rotateCertificates: true
 staticPodPath: /etc/kubernetes/manifests
 ";
 
-/// Writes `text` to `path` with `mode`, atomically (a temporary file renamed over it).
+/// Writes `text` to `path` with `mode`, atomically, creating its directory.
 fn write_file(path: &Path, mode: u32, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let parent = path.parent().context("a file path has a parent")?;
     std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
-    let tmp = path.with_extension("tug-tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("write {}", tmp.display()))?;
-    file.write_all(text.as_bytes())
-        .with_context(|| format!("write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))
+    Ok(tug_kubelet::bootstrap::write_atomic(
+        path,
+        text.as_bytes(),
+        mode,
+    )?)
 }
 
 /// Copies the running binary to `target` (unless it is that file already) and links the CNI
