@@ -20,15 +20,18 @@ pub fn node_name(name: Option<String>) -> anyhow::Result<String> {
 pub async fn client(path: &Path) -> anyhow::Result<kube::Client> {
     let kubeconfig = kube::config::Kubeconfig::read_from(path)
         .with_context(|| format!("read kubeconfig {}", path.display()))?;
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+    from_kubeconfig(kubeconfig)
         .await
-        .with_context(|| format!("load kubeconfig {}", path.display()))?;
-    kube::Client::try_from(config).context("build the API client")
+        .with_context(|| format!("kubeconfig {}", path.display()))
 }
 
 /// An API client from kubeconfig YAML.
 pub async fn client_from_yaml(yaml: &str) -> anyhow::Result<kube::Client> {
-    let kubeconfig = kube::config::Kubeconfig::from_yaml(yaml).context("parse the kubeconfig")?;
+    from_kubeconfig(kube::config::Kubeconfig::from_yaml(yaml).context("parse the kubeconfig")?)
+        .await
+}
+
+async fn from_kubeconfig(kubeconfig: kube::config::Kubeconfig) -> anyhow::Result<kube::Client> {
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
         .await
         .context("load the kubeconfig")?;

@@ -55,8 +55,9 @@ spec:
   ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}]
 ";
 
-/// Shell functions for the guest's network: `netns NAME`, `in_ns NAME CMD...`, and `attach
-/// NAME x.y.z` (a namespace on a link of its own, the node x.y.z.1, the namespace x.y.z.2).
+/// Shell functions for the guest's network: `netns NAME`, `in_ns NAME CMD...`, `attach
+/// NAME x.y.z` (a namespace on a link of its own, the node x.y.z.1, the namespace x.y.z.2),
+/// `attach_pods` and `serve_web NAME...`.
 const GUEST_NETWORK: &str = r#"
 ip link set lo up
 # Namespaces, each routed through the node on a link of its own: two endpoint pods and a client
@@ -79,6 +80,13 @@ attach() { # name subnet-prefix (x.y.z): the node is x.y.z.1, the namespace x.y.
   ip addr add $2.1/24 dev v-$1
   ip link set v-$1 up
   nsenter -t $p -n sh -c "ip link set lo up; ip link set e-$1 name eth0; ip addr add $2.2/24 dev eth0; ip link set eth0 up; ip route add default via $2.1"
+}
+# `attach_pods`: the endpoint pods ep1 (10.244.2.2) and ep2 (10.244.3.2), and a client pod
+# (10.244.4.2).
+attach_pods() {
+  attach ep1 10.244.2
+  attach ep2 10.244.3
+  attach client 10.244.4
 }
 # `serve_web NAME...`: each namespace answers HTTP on 8080 with its name.
 serve_web() {
@@ -144,9 +152,7 @@ fn ipvs_mode_balances_a_cluster_ip_and_a_node_port_in_a_guest() {
     require(Tier::Vm);
     let script = GUEST_NETWORK.to_owned()
         + r#"
-attach ep1 10.244.2
-attach ep2 10.244.3
-attach client 10.244.4
+attach_pods
 attach out 192.168.77
 serve_web ep1 ep2
 mkdir -p /kubelet && cp /pods-both /kubelet/pods
@@ -224,9 +230,7 @@ fn sctp_and_tcp_services_in_nftables_and_ipvs_modes_in_a_guest() {
     require(Tier::Vm);
     let script = GUEST_NETWORK.to_owned()
         + r#"
-attach ep1 10.244.2
-attach ep2 10.244.3
-attach client 10.244.4
+attach_pods
 # A node forwards for its pods (the CNI plugin sees to it on a real node) and has a default
 # route, which its own traffic to a ClusterIP takes until DNAT reroutes it.
 echo 1 > /proc/sys/net/ipv4/ip_forward
@@ -348,9 +352,7 @@ fn ipvs_mode_follows_services_and_endpoint_slices_from_the_api_in_a_guest() {
     let script = GUEST_NETWORK.to_owned()
         + &format!(
             r#"
-attach ep1 10.244.2
-attach ep2 10.244.3
-attach client 10.244.4
+attach_pods
 attach out 192.168.77
 serve_web ep1 ep2
 seen() {{ sort | uniq | tr '\n' ' '; }}
