@@ -115,11 +115,6 @@ struct Planned {
     secret: bool,
 }
 
-/// Output for the operator (stdout: the command's report, not a log).
-macro_rules! say {
-    ($($arg:tt)*) => { println!($($arg)*) };
-}
-
 /// Runs `tug join`.
 pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
     let token: Token = args.token.parse()?;
@@ -131,7 +126,7 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
     let node_name = crate::kubeconfig::node_name(args.node_name.clone())?;
     let root = &args.root;
 
-    say!("[preflight] checking this machine");
+    println!("[preflight] checking this machine");
     let report = preflight::run(root);
     let failed = preflight::print_and_judge(&report, &args.ignore_preflight_errors);
     if !failed.is_empty() && !args.dry_run {
@@ -149,7 +144,7 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
                 .api_server_endpoint
                 .clone()
                 .context("the API server endpoint is required for token discovery")?;
-            say!("[discovery] reading cluster-info from {endpoint}");
+            println!("[discovery] reading cluster-info from {endpoint}");
             Discovery {
                 endpoint,
                 token: token.clone(),
@@ -161,10 +156,9 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
             .await?
         }
     };
-    say!(
+    println!(
         "[discovery] cluster CA verified ({}); API server {}",
-        discovered.pin,
-        discovered.server
+        discovered.pin, discovered.server
     );
 
     let bootstrap_kubeconfig = kubeconfig(
@@ -176,11 +170,15 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
     check_token(&bootstrap_client, &token).await?;
     let kubelet_config = match fetch_kubelet_config(&bootstrap_client).await {
         Some(config) => {
-            say!("[kubelet] using the cluster's KubeletConfiguration (kube-system/kubelet-config)");
+            println!(
+                "[kubelet] using the cluster's KubeletConfiguration (kube-system/kubelet-config)"
+            );
             config
         }
         None => {
-            say!("[kubelet] the cluster shares no KubeletConfiguration; writing tug's defaults");
+            println!(
+                "[kubelet] the cluster shares no KubeletConfiguration; writing tug's defaults"
+            );
             DEFAULT_KUBELET_CONFIG.to_owned()
         }
     };
@@ -228,25 +226,25 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
     }
 
     if args.dry_run {
-        say!("[dry-run] would write:");
+        println!("[dry-run] would write:");
         for file in &plan {
-            say!("--- {} (mode {:o})", file.path.display(), file.mode);
+            println!("--- {} (mode {:o})", file.path.display(), file.mode);
             if file.secret {
-                say!("<redacted: holds the bootstrap token>");
+                println!("<redacted: holds the bootstrap token>");
             } else {
-                say!("{}", file.text.trim_end());
+                println!("{}", file.text.trim_end());
             }
         }
-        say!(
+        println!(
             "--- {} (mode 600): the node's kubeconfig, after the TLS bootstrap",
             root.join(KUBECONFIG).display()
         );
-        say!(
+        println!(
             "--- {}/kubelet-client-current.pem (mode 600): the node's certificate and key",
             root.join(CERT_DIR).display()
         );
-        say!("--- {} (this binary)", root.join(BINARY).display());
-        say!("[dry-run] would then start: {}", units::SERVICES.join(", "));
+        println!("--- {} (this binary)", root.join(BINARY).display());
+        println!("[dry-run] would then start: {}", units::SERVICES.join(", "));
         if !failed.is_empty() {
             anyhow::bail!("preflight checks failed: {}", failed.join(", "));
         }
@@ -262,7 +260,7 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
     }
     install_binary(&root.join(BINARY))?;
 
-    say!(
+    println!(
         "[kubelet-start] TLS bootstrap: requesting a client certificate for system:node:{node_name}"
     );
     tug_kubelet::bootstrap::ensure(
@@ -273,22 +271,22 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
     )
     .await
     .context("the kubelet TLS bootstrap failed")?;
-    say!(
+    println!(
         "[kubelet-start] certificate issued; wrote {}",
         root.join(KUBECONFIG).display()
     );
 
     if args.no_start {
-        say!(
+        println!(
             "[units] installed; not started (--no-start): systemctl enable --now {}",
             units::SERVICES.join(" ")
         );
     } else if Path::new("/run/systemd/system").exists() && root == Path::new("/") {
         start_units()?;
     } else {
-        say!("[units] installed; systemd is not running here, so nothing was started");
+        println!("[units] installed; systemd is not running here, so nothing was started");
     }
-    say!(
+    println!(
         "\nThis node has joined the cluster as {node_name}. On the control plane, `kubectl get node {node_name}` shows it once the kubelet registers."
     );
     Ok(())
@@ -431,7 +429,7 @@ fn start_units() -> anyhow::Result<()> {
         .collect();
     args.extend(names.iter().map(String::as_str));
     systemctl(&args)?;
-    say!("[units] started: {}", units::SERVICES.join(", "));
+    println!("[units] started: {}", units::SERVICES.join(", "));
     Ok(())
 }
 
