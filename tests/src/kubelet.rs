@@ -91,10 +91,18 @@ impl TugKubelet {
             .port();
         let client_ca = dir.path().join("client-ca.crt");
         std::fs::write(&client_ca, cluster().ca_pem()).expect("write the client CA");
+        // Test kubelets share the build machine's disk, whose free space depends on what else
+        // was built there: only memory pressure evicts, unless a test sets its own thresholds
+        // (a partial evictionHard disables the signals it leaves out, as upstream).
+        let eviction = if options.config.contains("evictionHard:") {
+            ""
+        } else {
+            "evictionHard:\n  memory.available: 100Mi\n"
+        };
         std::fs::write(
             &config_path,
             format!(
-                "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nclusterDNS: [10.96.0.10]\nclusterDomain: cluster.local\npodLogsDir: {}\nhealthzPort: 0\nsyncFrequency: 2s\ncontainerRuntimeEndpoint: unix://{}\naddress: 127.0.0.1\nport: {api_port}\nauthentication:\n  x509:\n    clientCAFile: {}\n{}",
+                "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nclusterDNS: [10.96.0.10]\nclusterDomain: cluster.local\npodLogsDir: {}\nhealthzPort: 0\nsyncFrequency: 2s\ncontainerRuntimeEndpoint: unix://{}\naddress: 127.0.0.1\nport: {api_port}\nauthentication:\n  x509:\n    clientCAFile: {}\n{eviction}{}",
                 logs_dir.display(),
                 endpoint.display(),
                 client_ca.display(),
