@@ -66,7 +66,7 @@ pub enum Serving {
         key: PathBuf,
     },
     /// Issued by the cluster and rotated (`serverTLSBootstrap`).
-    Bootstrap(crate::serving::Bootstrap),
+    Bootstrap(crate::rotation::Managed),
 }
 
 /// Who made a request.

@@ -108,19 +108,22 @@ pub async fn request_client_certificate(
         &["digital signature", "client auth"],
         key,
         pem,
+        None,
         wait,
     )
     .await
 }
 
-/// Creates a CertificateSigningRequest for `signer` from `pem` and waits until it is issued
-/// (or denied, or failed); returns the certificate (PEM), the key (PEM) and the CSR's name.
+/// Creates a CertificateSigningRequest for `signer` from `pem` (asking for a certificate valid
+/// for `expiration` when given; the signer may shorten it) and waits until it is issued (or
+/// denied, or failed); returns the certificate (PEM), the key (PEM) and the CSR's name.
 pub async fn request_certificate(
     client: kube::Client,
     signer: &str,
     usages: &[&str],
     key: rcgen::KeyPair,
     pem: String,
+    expiration: Option<Duration>,
     wait: Duration,
 ) -> Result<(String, String, String), BootstrapError> {
     let csrs: Api<CertificateSigningRequest> = Api::all(client);
@@ -140,6 +143,7 @@ pub async fn request_certificate(
             request: k8s_openapi::ByteString(pem.into_bytes()),
             signer_name: signer.into(),
             usages: Some(usages.iter().map(|u| (*u).to_owned()).collect()),
+            expiration_seconds: expiration.map(|e| e.as_secs().try_into().unwrap_or(i32::MAX)),
             ..Default::default()
         },
         status: None,
@@ -224,7 +228,9 @@ pub fn client_certificate(user: &kube::config::AuthInfo) -> Option<Result<Vec<u8
     }
 }
 
-/// Whether the kubeconfig at `path` has a client certificate that is valid for another hour.
+/// Whether the kubeconfig at `path` has a client certificate that has not expired (as
+/// upstream's kubelet decides whether to bootstrap again; one about to expire is renewed by
+/// rotation with its own identity, which needs no bootstrap token that may be gone by then).
 pub fn usable(path: &Path) -> bool {
     let Ok(config) = kube::config::Kubeconfig::read_from(path) else {
         return false;
@@ -244,7 +250,7 @@ pub fn usable(path: &Path) -> bool {
         return false;
     };
     let not_after = cert.validity().not_after.timestamp();
-    not_after > jiff::Timestamp::now().as_second() + 3600
+    not_after > jiff::Timestamp::now().as_second()
 }
 
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), BootstrapError> {
@@ -310,6 +316,17 @@ pub fn server_and_ca(file: &kube::config::Kubeconfig) -> Result<(String, String)
     Ok((server, ca))
 }
 
+/// The node's kubeconfig, as upstream's kubelet writes it after the TLS bootstrap: the cluster's
+/// server and CA, and the client certificate and key in the file `current` (the cert dir's
+/// `kubelet-client-current.pem`, which rotation replaces).
+pub fn node_kubeconfig(server: &str, ca_pem: &str, current: &Path) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: default-cluster\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: default-auth\n  user:\n    client-certificate: {cert}\n    client-key: {cert}\ncontexts:\n- name: default-context\n  context:\n    cluster: default-cluster\n    namespace: default\n    user: default-auth\ncurrent-context: default-context\n",
+        ca = STANDARD.encode(ca_pem),
+        cert = current.display()
+    )
+}
+
 /// Makes sure `kubeconfig` holds a usable client identity, bootstrapping it with
 /// `bootstrap` when it does not.
 pub async fn ensure(
@@ -327,7 +344,6 @@ pub async fn ensure(
     };
     let file = kube::config::Kubeconfig::read_from(bootstrap).map_err(|e| fail(e.to_string()))?;
     let (server, ca_pem) = server_and_ca(&file).map_err(fail)?;
-    let ca = STANDARD.encode(ca_pem);
     let config = kube::Config::from_custom_kubeconfig(file, &Default::default())
         .await
         .map_err(|e| fail(e.to_string()))?;
@@ -335,10 +351,7 @@ pub async fn ensure(
     let (cert, key, csr) =
         request_client_certificate(client, node, Duration::from_secs(300)).await?;
     let current = store_pair(cert_dir, "kubelet-client", &cert, &key)?;
-    let text = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: default-cluster\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: default-auth\n  user:\n    client-certificate: {cert}\n    client-key: {cert}\ncontexts:\n- name: default-context\n  context:\n    cluster: default-cluster\n    namespace: default\n    user: default-auth\ncurrent-context: default-context\n",
-        cert = current.display()
-    );
+    let text = node_kubeconfig(&server, &ca_pem, &current);
     if let Some(parent) = kubeconfig.parent() {
         std::fs::create_dir_all(parent)
             .map_err(|e| BootstrapError::Io(format!("create {}: {e}", parent.display())))?;

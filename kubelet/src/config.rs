@@ -56,6 +56,9 @@ pub struct KubeletConfiguration {
     /// instead of `tlsCertFile` or a self-signed one.
     #[serde(rename = "serverTLSBootstrap")]
     pub server_tls_bootstrap: bool,
+    /// Renew the node's client certificate (`<cert-dir>/kubelet-client-current.pem`) before it
+    /// expires (kubeadm turns this on).
+    pub rotate_certificates: bool,
     /// Hard eviction thresholds (signal → `100Mi` or `10%`); unset: upstream's defaults.
     pub eviction_hard: Option<BTreeMap<String, String>>,
     /// How long a pressure condition holds after its threshold was last crossed (`5m`).
@@ -160,6 +163,7 @@ impl Default for KubeletConfiguration {
             tls_cert_file: String::new(),
             tls_private_key_file: String::new(),
             server_tls_bootstrap: false,
+            rotate_certificates: false,
             eviction_hard: None,
             eviction_pressure_transition_period: "5m".into(),
             authentication: Authentication::default(),
@@ -196,7 +200,7 @@ pub enum ConfigError {
 }
 
 /// Fields upstream defines that tug reads under another name or does not need to act on.
-const IGNORED_QUIETLY: &[&str] = &["staticPodURL", "rotateCertificates"];
+const IGNORED_QUIETLY: &[&str] = &["staticPodURL"];
 
 impl KubeletConfiguration {
     /// Parses and checks the file.
@@ -329,12 +333,13 @@ mod tests {
     #[test]
     fn a_kubeadm_style_file_loads_and_reports_what_tug_ignores() {
         let config = KubeletConfiguration::parse(
-            "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nclusterDNS: [10.96.0.10]\nclusterDomain: cluster.local\ncgroupDriver: systemd\nmaxPods: 50\nserverTLSBootstrap: true\nauthentication:\n  anonymous:\n    enabled: false\nevictionHard:\n  memory.available: 100Mi\nregisterWithTaints:\n- key: dedicated\n  value: infra\n  effect: NoSchedule\n",
+            "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nclusterDNS: [10.96.0.10]\nclusterDomain: cluster.local\ncgroupDriver: systemd\nmaxPods: 50\nserverTLSBootstrap: true\nrotateCertificates: true\nauthentication:\n  anonymous:\n    enabled: false\nevictionHard:\n  memory.available: 100Mi\nregisterWithTaints:\n- key: dedicated\n  value: infra\n  effect: NoSchedule\n",
         )
         .unwrap();
         assert_eq!(config.cluster_dns, ["10.96.0.10"]);
         assert_eq!(config.max_pods, 50);
         assert!(config.server_tls_bootstrap);
+        assert!(config.rotate_certificates);
         assert_eq!(config.cgroup_driver, "systemd");
         assert!(config.seccomp_default);
         assert_eq!(

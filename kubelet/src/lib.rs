@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod node;
 pub mod pods;
 pub mod register;
+pub mod rotation;
 pub mod run;
 pub mod runtime;
 pub mod serving;

@@ -112,6 +112,12 @@ const FAMILIES: &[(&str, &str, Kind, Endpoint)] = &[
         Endpoint::Kubelet,
     ),
     (
+        "kubelet_certificate_manager_client_ttl_seconds",
+        "Seconds until the kubelet's client certificate expires.",
+        Kind::Gauge,
+        Endpoint::Kubelet,
+    ),
+    (
         "kubelet_certificate_manager_server_ttl_seconds",
         "Seconds until the kubelet's serving certificate expires.",
         Kind::Gauge,

@@ -42,6 +42,8 @@ pub struct KubeletConfig {
     pub api: Option<crate::api::ApiConfig>,
     /// Node-pressure eviction.
     pub eviction: crate::eviction::EvictionConfig,
+    /// The client certificate to renew before it expires (`rotateCertificates`).
+    pub client_rotation: Option<crate::rotation::Managed>,
 }
 
 type Routes = Arc<dyn Fn(&str) -> Option<(&'static str, String)> + Send + Sync>;
@@ -184,7 +186,7 @@ pub async fn run(
                     let (bootstrap, serving, metrics) =
                         (bootstrap.clone(), serving.clone(), cri.metrics().clone());
                     async move {
-                        crate::serving::rotate(client, bootstrap, serving, metrics).await;
+                        crate::rotation::rotate(client, bootstrap, Some(serving), metrics).await;
                         Ok(())
                     }
                 }));
@@ -204,6 +206,16 @@ pub async fn run(
         servers.push(tokio::spawn(async move {
             let _ = api.await;
             Ok(())
+        }));
+    }
+    if let (Some(managed), Some(client)) = (&config.client_rotation, &client) {
+        servers.push(tokio::spawn({
+            let (managed, client, metrics) =
+                (managed.clone(), client.clone(), cri.metrics().clone());
+            async move {
+                crate::rotation::rotate(client, managed, None, metrics).await;
+                Ok(())
+            }
         }));
     }
     servers.push(tokio::spawn({

@@ -154,7 +154,8 @@ fn api_config(
         .clone()
         .unwrap_or_else(|| args.root_dir.join("pki"));
     let serving = if file.server_tls_bootstrap {
-        tug_kubelet::api::Serving::Bootstrap(tug_kubelet::serving::Bootstrap {
+        tug_kubelet::api::Serving::Bootstrap(tug_kubelet::rotation::Managed {
+            kind: tug_kubelet::rotation::Kind::Serving,
             cert_dir,
             node: name.to_owned(),
             dns: vec![name.to_owned()],
@@ -200,6 +201,31 @@ fn api_config(
     }))
 }
 
+/// The client certificate `rotateCertificates` renews: `<cert-dir>/kubelet-client-current.pem`,
+/// which the kubeconfig at `path` must name (as the TLS bootstrap writes it), since tug's
+/// services follow the file their kubeconfig names.
+fn client_rotation(
+    path: &std::path::Path,
+    cert_dir: &std::path::Path,
+    name: &str,
+) -> Option<tug_kubelet::rotation::Managed> {
+    let managed = tug_kubelet::rotation::Managed::client(cert_dir.to_owned(), name.to_owned());
+    let named = kube::config::Kubeconfig::read_from(path)
+        .ok()
+        .and_then(|k| k.auth_infos.into_iter().next())
+        .and_then(|a| a.auth_info)
+        .and_then(|u| u.client_certificate);
+    if named.as_deref().map(std::path::Path::new) == Some(managed.current().as_path()) {
+        return Some(managed);
+    }
+    tracing::warn!(
+        kubeconfig = %path.display(),
+        expected = %managed.current().display(),
+        "rotateCertificates: the kubeconfig's client certificate is not the cert dir's current one, so it is not rotated"
+    );
+    None
+}
+
 /// Runs the kubelet until a signal.
 pub async fn run(args: KubeletArgs) -> anyhow::Result<()> {
     let file = config_from(&args)?;
@@ -221,15 +247,19 @@ pub async fn run(args: KubeletArgs) -> anyhow::Result<()> {
     } else {
         ResolvConf::parse(&std::fs::read_to_string(&file.resolv_conf).unwrap_or_default())
     };
+    let cert_dir = args
+        .cert_dir
+        .clone()
+        .unwrap_or_else(|| args.root_dir.join("pki"));
     if let (Some(path), Some(bootstrap)) = (&args.kubeconfig, &args.bootstrap_kubeconfig) {
-        let cert_dir = args
-            .cert_dir
-            .clone()
-            .unwrap_or_else(|| args.root_dir.join("pki"));
         tug_kubelet::bootstrap::ensure(path, bootstrap, &cert_dir, &name)
             .await
             .context("TLS bootstrap")?;
     }
+    let client_rotation = match &args.kubeconfig {
+        Some(path) if file.rotate_certificates => client_rotation(path, &cert_dir, &name),
+        _ => None,
+    };
     let client = match &args.kubeconfig {
         Some(path) => Some(kubeconfig::client(path).await?),
         None => {
@@ -295,6 +325,7 @@ pub async fn run(args: KubeletArgs) -> anyhow::Result<()> {
             .then(|| PathBuf::from(&file.static_pod_path)),
         sync_frequency: file.sync_period()?,
         eviction: file.eviction()?,
+        client_rotation,
     };
     crate::notify::spawn(match config.healthz {
         Some(address) => crate::notify::Probe::Http(address, "/healthz"),

@@ -31,6 +31,13 @@ pub struct Options {
     /// Files to put in the cert dir (`<root-dir>/pki`) before the kubelet starts, made for
     /// the node's name.
     pub pki: Option<PkiFiles>,
+    /// Start with a client certificate asked for with this lifetime (`expirationSeconds`, at
+    /// least 600) through the bootstrap token, already in the cert dir and the kubeconfig, as
+    /// a kubelet that bootstrapped earlier finds them.
+    pub client_cert_seconds: Option<u32>,
+    /// Run the kubelet with libfaketime's offset (e.g. `+9m`): its wall clock ahead of the
+    /// cluster's, as if that much time had passed (monotonic time is left alone).
+    pub faketime: Option<&'static str>,
 }
 
 /// A running `tug kubelet`.
@@ -110,6 +117,38 @@ impl TugKubelet {
             ),
         )
         .expect("write the kubelet config");
+        if let (Some(seconds), Some(token)) = (options.client_cert_seconds, &token) {
+            let bootstrap =
+                client_from_kubeconfig(&cluster().token_kubeconfig(Some(&token.token()))).await;
+            let (key, pem) = tug_kubelet::bootstrap::client_csr(&name).expect("a CSR");
+            let (cert, key, _) = tug_kubelet::bootstrap::request_certificate(
+                bootstrap,
+                tug_kubelet::bootstrap::SIGNER_CLIENT,
+                &["digital signature", "client auth"],
+                key,
+                pem,
+                Some(Duration::from_secs(seconds.into())),
+                Duration::from_secs(60),
+            )
+            .await
+            .expect("a client certificate for the node");
+            let current = tug_kubelet::bootstrap::store_pair(
+                &root_dir.join("pki"),
+                "kubelet-client",
+                &cert,
+                &key,
+            )
+            .expect("store the client certificate");
+            std::fs::write(
+                &kubeconfig_path,
+                tug_kubelet::bootstrap::node_kubeconfig(
+                    cluster().server_url(),
+                    cluster().ca_pem(),
+                    &current,
+                ),
+            )
+            .expect("write the node's kubeconfig");
+        }
         for (name, bytes) in options.pki.map(|make| make(&name)).unwrap_or_default() {
             let file = root_dir.join("pki").join(name);
             std::fs::create_dir_all(file.parent().unwrap()).expect("create the cert dir");
@@ -167,7 +206,16 @@ impl TugKubelet {
     }
 
     fn spawn(&mut self) {
-        let child = Command::new(tug_binary())
+        let mut command = Command::new(tug_binary());
+        if let Some(offset) = self.options.faketime {
+            // libfaketime preloaded into the kubelet itself (not the `faketime` wrapper, which
+            // would stand between the test and the process it kills).
+            command
+                .env("LD_PRELOAD", libfaketime())
+                .env("FAKETIME", offset)
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
+        let child = command
             .args(&self.args)
             .env("RUST_LOG", "info,tug_kubelet=debug")
             .stdout(Stdio::null())
@@ -236,6 +284,17 @@ impl TugKubelet {
         self.spawn();
         self.wait_ready().await;
     }
+}
+
+/// The multi-threaded libfaketime (Debian's `faketime` package).
+fn libfaketime() -> PathBuf {
+    std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|dir| dir.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|path| path.exists())
+        .expect("libfaketime (apt package faketime) is installed")
 }
 
 impl Drop for TugKubelet {

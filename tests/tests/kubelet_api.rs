@@ -704,3 +704,121 @@ async fn the_serving_certificate_is_issued_by_the_cluster_and_rotated() {
         "the TTL of the issued certificate: {metrics}"
     );
 }
+
+#[tokio::test]
+#[ignore = "containerd tier (root) with the cluster tier: run as root via ./scripts/test, or scripts/substrate up && cargo build -p tug && cargo test -p tug-tests --test kubelet_api -- --ignored"]
+async fn the_client_certificate_is_renewed_before_it_expires_and_the_node_goes_on_with_it() {
+    use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+    use k8s_openapi::api::coordination::v1::Lease;
+    use tug_kubelet::rotation::facts;
+    use tug_tests::eventually::eventually;
+    use tug_tests::kubelet::Options;
+    require(Tier::Containerd);
+    let shim = TugShim::start("kubelet-client-rotation", "10.254.18.0/24").await;
+    // The node starts with a client certificate of 600 s, the shortest a signer issues, and
+    // its clock 570 s ahead of the cluster's: more than 90 % of that certificate's life has
+    // passed for the kubelet, so its renewal is due at once.
+    let kubelet = TugKubelet::start_with(
+        "tug-rotate",
+        &shim.socket,
+        "192.0.2.27",
+        Options {
+            config: "rotateCertificates: true\n".into(),
+            client_cert_seconds: Some(600),
+            faketime: Some("+570"),
+            ..Default::default()
+        },
+    )
+    .await;
+    let pki = kubelet.root_dir.join("pki");
+    let current = pki.join("kubelet-client-current.pem");
+    // The pairs in the cert dir, the one expiring first first: the one the node started with,
+    // then the renewal.
+    let pairs = || {
+        let mut pairs: Vec<_> = std::fs::read_dir(&pki)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                name.starts_with("kubelet-client-2") && name.ends_with(".pem")
+            })
+            .filter_map(|p| Some((facts(&std::fs::read(&p).ok()?).ok()?, p)))
+            .collect();
+        pairs.sort_by_key(|(facts, _)| facts.not_after);
+        pairs
+    };
+    let ((first, first_file), (renewed, renewed_file)) = eventually(
+        "the kubelet to renew its client certificate",
+        Duration::from_secs(60),
+        || {
+            let (pairs, current) = (pairs(), current.clone());
+            async move {
+                let [first, renewed] = <[_; 2]>::try_from(pairs).ok()?;
+                (std::fs::read_link(&current).ok()? == renewed.1).then_some((first, renewed))
+            }
+        },
+    )
+    .await;
+    assert!(
+        first.not_after - first.not_before <= 900,
+        "the node did not start with the short certificate: {first:?}"
+    );
+    assert!(
+        renewed.not_after > first.not_after + 3600,
+        "the renewed certificate is not the signer's full term: {renewed:?}"
+    );
+    let first_pem = std::fs::read_to_string(&first_file).unwrap();
+    let renewed_pem = std::fs::read_to_string(&renewed_file).unwrap();
+    let key = |pem: &str| pem[pem.find("-----BEGIN PRIVATE KEY").expect("a key")..].to_owned();
+    assert_ne!(
+        key(&renewed_pem),
+        key(&first_pem),
+        "a renewal makes a new key"
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&renewed_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "the key is readable by root only");
+
+    // The node asked for it with its own identity, and the cluster approved it by itself.
+    let admin = cluster().admin().await;
+    let csrs: Api<CertificateSigningRequest> = Api::all(admin.clone());
+    let user = format!("system:node:{}", kubelet.name);
+    let csr = csrs
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|c| {
+            c.spec.username.as_deref() == Some(user.as_str())
+                && c.spec.signer_name == "kubernetes.io/kube-apiserver-client-kubelet"
+        })
+        .expect("a client CSR made by the node itself");
+    let approved = csr
+        .status
+        .and_then(|s| s.conditions)
+        .unwrap_or_default()
+        .iter()
+        .any(|c| c.type_ == "Approved" && c.status == "True");
+    assert!(approved, "the renewal CSR was not auto-approved");
+
+    // The node goes on: its Lease keeps being renewed.
+    let leases: Api<Lease> = Api::namespaced(admin, "kube-node-lease");
+    let renew_time = |lease: Lease| lease.spec.and_then(|s| s.renew_time).map(|t| t.0);
+    let before = renew_time(leases.get(&kubelet.name).await.unwrap());
+    eventually(
+        "the node's Lease renewed after the rotation",
+        Duration::from_secs(40),
+        || {
+            let (leases, name, before) = (leases.clone(), kubelet.name.clone(), before);
+            async move {
+                let now = renew_time(leases.get(&name).await.ok()?);
+                (now != before).then_some(())
+            }
+        },
+    )
+    .await;
+}
