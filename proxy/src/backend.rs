@@ -27,6 +27,9 @@ pub trait RuleBackend: Send + std::fmt::Debug {
     fn sync(&mut self, ports: &[ServicePort], full: bool) -> Result<SyncReport, BackendError>;
     /// Removes everything this backend programmed.
     fn cleanup(&mut self) -> Result<(), BackendError>;
+    /// The proxy mode it implements (`iptables`, `nftables`, `ipvs`), as upstream's
+    /// `/proxyMode` names it.
+    fn mode(&self) -> &'static str;
 }
 
 impl RuleBackend for Iptables {
@@ -35,6 +38,9 @@ impl RuleBackend for Iptables {
     }
     fn cleanup(&mut self) -> Result<(), BackendError> {
         Ok(Iptables::cleanup(self)?)
+    }
+    fn mode(&self) -> &'static str {
+        "iptables"
     }
 }
 
@@ -51,6 +57,9 @@ impl RuleBackend for Nftables {
     fn cleanup(&mut self) -> Result<(), BackendError> {
         Ok(Nftables::cleanup(self)?)
     }
+    fn mode(&self) -> &'static str {
+        "nftables"
+    }
 }
 
 impl RuleBackend for IpvsBackend {
@@ -59,5 +68,8 @@ impl RuleBackend for IpvsBackend {
     }
     fn cleanup(&mut self) -> Result<(), BackendError> {
         Ok(IpvsBackend::cleanup(self)?)
+    }
+    fn mode(&self) -> &'static str {
+        "ipvs"
     }
 }

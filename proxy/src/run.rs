@@ -218,6 +218,7 @@ async fn serve_http(
     address: SocketAddr,
     stats: Shared,
     sync_period: Duration,
+    mode: &'static str,
 ) -> Result<tokio::task::JoinHandle<()>, ProxyError> {
     let listener = tokio::net::TcpListener::bind(address)
         .await
@@ -247,6 +248,7 @@ async fn serve_http(
                             (status, "application/json", body)
                         }
                         "/metrics" => (200, "text/plain; version=0.0.4", metrics_text(&stats)),
+                        "/proxyMode" => (200, "text/plain", mode.to_owned()),
                         _ => (404, "text/plain", "404 page not found\n".to_owned()),
                     }
                 };
@@ -295,7 +297,8 @@ pub async fn run(
         .into_iter()
         .flatten()
     {
-        servers.push(serve_http(address, stats.clone(), config.sync_period).await?);
+        let mode = config.backends.first().map_or("none", |b| b.mode());
+        servers.push(serve_http(address, stats.clone(), config.sync_period, mode).await?);
     }
     let (recorder, mut service_events, mut slice_events) = match source {
         Source::Cluster(client) => (

@@ -19,6 +19,7 @@ mod proxy;
 mod reset;
 mod shim;
 mod shutdown;
+mod status;
 mod units;
 
 #[derive(Debug, Parser)]
@@ -67,6 +68,8 @@ enum Command {
     Join(join::JoinArgs),
     /// Undo `tug join`: stop the units, remove rules, routes, config and certificates.
     Reset(reset::ResetArgs),
+    /// One screen on this node: its services, its Node's Ready condition, pods, rules, routes.
+    Status(status::StatusArgs),
 }
 
 /// Rewrites `tug-cni <args>` into `tug cni <args>` so one binary serves both names.
@@ -93,6 +96,7 @@ fn main() -> ExitCode {
         Command::Proxy(args) => run_async(proxy::run(args)),
         Command::Join(args) => run_async(join::run(args)),
         Command::Reset(args) => run_async(reset::run(args)),
+        Command::Status(args) => run_async(status::run(args)),
         Command::PodInit => ExitCode::from(tug_runtime_shim::pod_init::run()),
         Command::ShimLogger {
             path,

@@ -100,7 +100,7 @@ async fn delete_node(kubeconfig: &Path) -> anyhow::Result<String> {
 }
 
 /// The node name in the client certificate the kubeconfig uses (`CN=system:node:<name>`).
-fn node_of(kubeconfig: &Path) -> anyhow::Result<String> {
+pub fn node_of(kubeconfig: &Path) -> anyhow::Result<String> {
     let parsed = kube::config::Kubeconfig::read_from(kubeconfig)?;
     let user = parsed
         .auth_infos

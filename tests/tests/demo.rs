@@ -38,6 +38,7 @@ fn the_demo_runs_a_standalone_node_that_serves_its_service_and_cleans_up() {
         "the ClusterIP reaches both web pods",
         "the NodePort reaches both web pods",
         "CrashLoopBackOff",
+        "tug status reports every service healthy",
     ] {
         assert!(
             stdout.lines().any(|l| l.contains("ok") && l.contains(line)),

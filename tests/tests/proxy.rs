@@ -576,6 +576,12 @@ fn follow_the_api(mode: &str) {
     assert_eq!(status, 200, "{body}");
     let (_, metrics) = http_get(&lab.node, "127.0.0.1:10249", "/metrics").expect("metrics answer");
     assert!(metrics.contains("tug_proxy_syncs_total"), "{metrics}");
+    let (_, proxy_mode) =
+        http_get(&lab.node, "127.0.0.1:10249", "/proxyMode").expect("/proxyMode answers");
+    assert_eq!(
+        proxy_mode, mode,
+        "/proxyMode names the mode, as upstream's does"
+    );
 
     // The EndpointSlice loses pod 1: traffic follows.
     let patch =

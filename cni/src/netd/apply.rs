@@ -281,8 +281,9 @@ fn route_message(route: &PeerRoute, vxlan_index: Option<u32>) -> RouteMessage {
     }
 }
 
-/// The routes of one family that carry tug's route protocol.
-async fn tug_routes(handle: &Handle, ipv6: bool) -> Result<Vec<RouteMessage>, ApplyError> {
+/// The routes of one family that carry tug's route protocol (netd's routes to other nodes'
+/// pod CIDRs).
+pub async fn tug_routes(handle: &Handle, ipv6: bool) -> Result<Vec<RouteMessage>, ApplyError> {
     let (query, what) = if ipv6 {
         (
             RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
