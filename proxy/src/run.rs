@@ -267,6 +267,33 @@ async fn serve_http(
     }))
 }
 
+/// The ClusterRole that lets a proxy read what it needs (upstream's, bound to kube-proxy's
+/// service account by kubeadm).
+pub const PROXIER_ROLE: &str = "system:node-proxier";
+
+/// The one command that lets every node's own identity act as a proxy.
+pub const BIND_NODES_AS_PROXIERS: &str = "kubectl create clusterrolebinding tug-node-proxier --clusterrole=system:node-proxier --group=system:nodes";
+
+/// Logs a failed list or watch; a refusal names the permission and the fix, since retrying
+/// alone never heals it.
+fn watch_failed(what: &str, error: &watcher::Error) {
+    let status = match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => Some(status.code),
+        watcher::Error::WatchError(status) => Some(status.code),
+        _ => None,
+    };
+    if status == Some(403) {
+        tracing::error!(
+            %error,
+            "this proxy's identity may not list and watch {what}, so no rules are synced until it can: bind the {PROXIER_ROLE} ClusterRole to it (for node identities, on the control plane: {BIND_NODES_AS_PROXIERS}); retrying with back-off"
+        );
+    } else {
+        tracing::warn!(%error, "watching {what} failed; retrying with back-off, rules stay as they are");
+    }
+}
+
 /// Where the proxy's Services and EndpointSlices come from.
 pub enum Source {
     /// Watches on an API server.
@@ -351,12 +378,12 @@ pub async fn run(
             () = &mut shutdown => break,
             event = service_events.next() => match event {
                 Some(Ok(event)) => dirty |= services.apply(event),
-                Some(Err(error)) => tracing::warn!(%error, "watching Services failed; retrying with back-off, rules stay as they are"),
+                Some(Err(error)) => watch_failed("Services", &error),
                 None => break,
             },
             event = slice_events.next() => match event {
                 Some(Ok(event)) => dirty |= slices.apply(event),
-                Some(Err(error)) => tracing::warn!(%error, "watching EndpointSlices failed; retrying with back-off, rules stay as they are"),
+                Some(Err(error)) => watch_failed("EndpointSlices", &error),
                 None => break,
             },
             _ = periodic.tick() => dirty = true,

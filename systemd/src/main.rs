@@ -90,13 +90,13 @@ fn main() -> ExitCode {
     match command {
         // The CNI protocol is environment + stdin + stdout; see tug_cni::plugin.
         Command::Cni => ExitCode::from(tug_cni::plugin::run()),
-        Command::Netd(args) => run_async(netd::run(args)),
-        Command::Kubelet(args) => run_async(kubelet::run(args)),
-        Command::Shim(args) => run_async(shim::run(args)),
-        Command::Proxy(args) => run_async(proxy::run(args)),
-        Command::Join(args) => run_async(join::run(args)),
-        Command::Reset(args) => run_async(reset::run(args)),
-        Command::Status(args) => run_async(status::run(args)),
+        Command::Netd(args) => run_async(SERVICE_LOG, netd::run(args)),
+        Command::Kubelet(args) => run_async(SERVICE_LOG, kubelet::run(args)),
+        Command::Shim(args) => run_async(SERVICE_LOG, shim::run(args)),
+        Command::Proxy(args) => run_async(SERVICE_LOG, proxy::run(args)),
+        Command::Join(args) => run_async(COMMAND_LOG, join::run(args)),
+        Command::Reset(args) => run_async(COMMAND_LOG, reset::run(args)),
+        Command::Status(args) => run_async(COMMAND_LOG, status::run(args)),
         Command::PodInit => ExitCode::from(tug_runtime_shim::pod_init::run()),
         Command::ShimLogger {
             path,
@@ -117,10 +117,20 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs a long-lived component on a multi-threaded runtime with logging; errors print their
-/// whole chain and exit 1.
-fn run_async(component: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    shutdown::init_logging();
+/// The services log what they do (`RUST_LOG` overrides).
+const SERVICE_LOG: &str = "info";
+/// The operator's commands (join, reset, status) report on stdout themselves and log only
+/// problems, without the API client's notice that join's first, unverified read skips
+/// certificate checks (join verifies that read with the token's signature and the CA pin).
+const COMMAND_LOG: &str = "warn,kube_client::client::tls=error";
+
+/// Runs a component or command on a multi-threaded runtime with logging (`log` is the default
+/// filter); errors print their whole chain and exit 1.
+fn run_async(
+    log: &str,
+    component: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> ExitCode {
+    shutdown::init_logging(log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

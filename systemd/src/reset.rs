@@ -59,11 +59,20 @@ pub async fn run(args: ResetArgs) -> anyhow::Result<()> {
         step("delete the Node", delete_node(&root.join(KUBECONFIG)).await);
     }
     let live = root == Path::new("/");
-    if live && Path::new("/run/systemd/system").exists() {
-        step("stop the units", stop_units());
+    let systemd = live && Path::new("/run/systemd/system").exists();
+    // The kubelet stops first, so that it starts no pod again; the pods go through the shim
+    // while it still runs; then the other services stop.
+    if systemd {
+        step("stop the kubelet", stop_units(&["tug-kubelet"]));
     }
     if live {
         step("remove the pods", remove_pods(&args.cri_socket).await);
+    }
+    if systemd {
+        step(
+            "stop the other units",
+            stop_units(&["tug-netd", "tug-proxy", "tug-shim"]),
+        );
     }
     step("remove the proxy's rules", proxy_cleanup());
     step("remove netd's routes and devices", netd_cleanup().await);
@@ -72,6 +81,9 @@ pub async fn run(args: ResetArgs) -> anyhow::Result<()> {
         unmount_below(&root.join("var/lib/kubelet")),
     );
     step("remove files", remove_files(root));
+    if systemd {
+        step("reload systemd", daemon_reload());
+    }
     if problems.is_empty() {
         println!(
             "[reset] done: tug's services, rules, routes and files are gone (the tug binary stays)"
@@ -123,12 +135,22 @@ pub fn node_of(kubeconfig: &Path) -> anyhow::Result<String> {
         .with_context(|| format!("the certificate is {cn:?}, not a node's"))
 }
 
-fn stop_units() -> anyhow::Result<String> {
-    let mut names: Vec<String> = units::SERVICES
-        .iter()
-        .rev()
-        .map(|s| format!("{s}.service"))
-        .collect();
+/// `systemctl daemon-reload`, so that systemd forgets the removed units.
+fn daemon_reload() -> anyhow::Result<String> {
+    let status = std::process::Command::new("systemctl")
+        .arg("daemon-reload")
+        .status()
+        .context("run systemctl")?;
+    anyhow::ensure!(
+        status.success(),
+        "systemctl daemon-reload failed ({status})"
+    );
+    Ok("the removed units are unloaded".into())
+}
+
+/// Disables and stops `services` (those installed).
+fn stop_units(services: &[&str]) -> anyhow::Result<String> {
+    let mut names: Vec<String> = services.iter().map(|s| format!("{s}.service")).collect();
     names.retain(|n| Path::new("/etc/systemd/system").join(n).exists());
     if names.is_empty() {
         return Ok("none installed".into());

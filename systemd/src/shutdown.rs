@@ -28,12 +28,14 @@ pub async fn signalled() {
     });
 }
 
-/// Logs to stderr (journald picks it up under systemd); `RUST_LOG` filters, default `info`.
-pub fn init_logging() {
+/// Logs to stderr (journald picks it up under systemd); `RUST_LOG` filters, default `default`.
+pub fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colours only on a terminal: journald stores the escapes verbatim.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
 }

@@ -49,8 +49,13 @@ pub fn cluster() -> &'static TestCluster {
                 (text, None, true)
             }
             _ => {
-                let server = TestApiServer::start(ServerConfig::default())
-                    .expect("start the test API server");
+                // qemu guests reach the host's loopback at the slirp host address: the
+                // server's certificate names it too, so a guest can verify it there.
+                let server = TestApiServer::start(ServerConfig {
+                    extra_ips: vec![crate::vm::HOST_ADDRESS.parse().expect("an IP")],
+                    ..ServerConfig::default()
+                })
+                .expect("start the test API server");
                 (server.admin_kubeconfig(), Some(server), false)
             }
         };
@@ -108,6 +113,26 @@ pub fn unique_name(prefix: &str) -> String {
 }
 
 impl TestCluster {
+    /// The CA's pin for `tug join --discovery-token-ca-cert-hash`, computed the way kubeadm's
+    /// documentation tells operators to (openssl over the CA's public key).
+    pub fn ca_pin(&self) -> String {
+        let script = "openssl x509 -pubkey -noout | openssl pkey -pubin -outform der | sha256sum";
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", script])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run openssl");
+        std::io::Write::write_all(
+            &mut child.stdin.take().expect("openssl's stdin"),
+            self.ca_pem.as_bytes(),
+        )
+        .expect("feed openssl");
+        let output = child.wait_with_output().expect("openssl");
+        let text = String::from_utf8(output.stdout).expect("openssl prints text");
+        format!("sha256:{}", text.split_whitespace().next().expect("a hash"))
+    }
+
     /// Whether this is a real cluster (`TUG_TEST_KUBECONFIG`) rather than the test server.
     pub fn is_real(&self) -> bool {
         self.real

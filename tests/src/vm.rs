@@ -5,6 +5,11 @@
 //! per boot: busybox-static, the kernel modules the test names (with their dependencies, inserted in
 //! order), and the test's shell script. The script's console output comes back as a string; the
 //! guest powers off when the script ends.
+//!
+//! A [`GuestSpec::systemd`] guest boots further: the initramfs mounts the Debian root disk that
+//! `scripts/vm-assets` builds (opened as a snapshot, so every boot starts from the same disk),
+//! copies the test's files onto it, and hands over to systemd as PID 1. The test's script then
+//! runs as a oneshot service once the network is online, as an operator's shell would.
 
 use std::collections::HashMap;
 use std::fs;
@@ -36,6 +41,11 @@ pub struct GuestSpec {
     /// [`GUEST_ADDRESS`], and [`HOST_ADDRESS`] reaches the host's loopback, so a server the
     /// test runs on `127.0.0.1` is at `10.0.2.2` from inside the guest.
     pub host_link: bool,
+    /// Boot the Debian root disk with systemd as PID 1, and run the script (POSIX `sh`) as a
+    /// service once the network is online.
+    pub systemd: bool,
+    /// Virtual CPUs.
+    pub cpus: u32,
 }
 
 /// The kernel modules `tug proxy` needs in a guest, in every mode (IPVS, its nftables half, and
@@ -71,6 +81,21 @@ impl GuestSpec {
             files: Vec::new(),
             texts: Vec::new(),
             host_link: false,
+            systemd: false,
+            cpus: 1,
+        }
+    }
+
+    /// A guest that boots Debian with systemd (1.5 GiB, two CPUs, 15 minutes) and runs `script`
+    /// as a service on it.
+    pub fn systemd(script: &str) -> GuestSpec {
+        GuestSpec {
+            memory_mib: 1536,
+            cpus: 2,
+            timeout: Duration::from_secs(900),
+            systemd: true,
+            host_link: true,
+            ..GuestSpec::new(script)
         }
     }
 }
@@ -118,16 +143,33 @@ pub fn boot_watching(spec: &GuestSpec, mut on_line: impl FnMut(&str)) -> GuestRu
     let initramfs = build_initramfs(&work.0, &modules_root, spec);
 
     let started = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "1",
-        ])
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-machine", "q35", "-accel", "tcg", "-cpu", "max"])
+        .args(["-smp", &spec.cpus.to_string()])
         .args(["-m", &spec.memory_mib.to_string()])
         .arg("-kernel")
         .arg(substrate.vm_kernel())
         .arg("-initrd")
-        .arg(&initramfs)
-        .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3"])
+        .arg(&initramfs);
+    if spec.systemd {
+        let disk = substrate.vm_dir().join("systemd-root.img");
+        assert!(
+            disk.exists(),
+            "{} is missing (run scripts/vm-assets)",
+            disk.display()
+        );
+        qemu.arg("-drive").arg(format!(
+            "file={},format=raw,if=virtio,snapshot=on",
+            disk.display()
+        ));
+        qemu.args([
+            "-append",
+            "console=ttyS0 panic=-1 quiet loglevel=3 systemd.show_status=false",
+        ]);
+    } else {
+        qemu.args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3"]);
+    }
+    let mut child = qemu
         .args([
             "-display",
             "none",
@@ -209,6 +251,9 @@ pub fn boot_watching(spec: &GuestSpec, mut on_line: impl FnMut(&str)) -> GuestRu
 
 const MARKER_DONE: &str = "TUG-GUEST-DONE";
 
+/// The systemd guest's test service: the script's output goes to the serial console.
+const TEST_UNIT: &str = "[Unit]\nDescription=tug VM test script\nAfter=network-online.target containerd.service\nWants=network-online.target\n\n[Service]\nType=oneshot\nExecStart=/bin/sh /usr/local/sbin/tug-vm-test\nStandardOutput=tty\nStandardError=tty\nTTYPath=/dev/ttyS0\nTimeoutStartSec=infinity\n";
+
 fn build_initramfs(work: &Path, modules_root: &Path, spec: &GuestSpec) -> PathBuf {
     let root = work.join("root");
     for dir in ["bin", "dev", "proc", "sys", "tmp", "run", "lib/modules"] {
@@ -216,18 +261,48 @@ fn build_initramfs(work: &Path, modules_root: &Path, spec: &GuestSpec) -> PathBu
     }
     fs::copy("/bin/busybox", root.join("bin/busybox")).expect("copy /bin/busybox (busybox-static)");
 
+    // A systemd guest's files go onto its root disk: they wait in /payload until it is mounted.
+    let files_root = if spec.systemd {
+        root.join("payload")
+    } else {
+        root.clone()
+    };
     for (host, guest) in &spec.files {
-        add_file(&root, host, guest);
+        // The Debian root disk has the host's libraries already (the same release).
+        add_file(&files_root, host, guest, !spec.systemd);
     }
-    for (guest, text) in &spec.texts {
-        let path = root.join(guest.trim_start_matches('/'));
+    let mut texts = spec.texts.clone();
+    if spec.systemd {
+        texts.push((
+            "/usr/local/sbin/tug-vm-test".into(),
+            wrap_script(&spec.script, "systemctl --force --force poweroff"),
+        ));
+        texts.push((
+            "/etc/systemd/system/tug-vm-test.service".into(),
+            TEST_UNIT.into(),
+        ));
+    }
+    for (guest, text) in &texts {
+        let path = files_root.join(guest.trim_start_matches('/'));
         fs::create_dir_all(path.parent().expect("a parent")).expect("create text file dir");
         fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+    if spec.systemd {
+        let wants = files_root.join("etc/systemd/system/multi-user.target.wants");
+        fs::create_dir_all(&wants).expect("create the target's wants");
+        std::os::unix::fs::symlink(
+            "/etc/systemd/system/tug-vm-test.service",
+            wants.join("tug-vm-test.service"),
+        )
+        .expect("enable the test service");
     }
 
     let mut names = spec.modules.clone();
     if spec.host_link {
         names.push("e1000e".into());
+    }
+    if spec.systemd {
+        names.extend(["virtio_pci", "virtio_blk", "ext4"].map(String::from));
     }
     let modules = module_load_order(modules_root, &names);
     let mut inserts = String::new();
@@ -246,29 +321,41 @@ fn build_initramfs(work: &Path, modules_root: &Path, spec: &GuestSpec) -> PathBu
         ));
     }
 
-    let init = format!(
-        "#!/bin/busybox sh\n\
-         /bin/busybox --install -s /bin\n\
-         mount -t proc proc /proc\n\
-         mount -t sysfs sysfs /sys\n\
-         mount -t devtmpfs devtmpfs /dev\n\
-         mount -t tmpfs tmpfs /run\n\
-         {inserts}\
-         {link}\
-         echo TUG-GUEST-START\n\
-         ( set -e\n{script}\n)\n\
-         echo \"guest-script-status=$?\"\n\
-         echo {MARKER_DONE}\n\
-         poweroff -f\n",
-        script = spec.script,
-        link = if spec.host_link {
-            format!(
-                "ip link set eth0 up && ip addr add {GUEST_ADDRESS}/24 dev eth0 || echo \"host link failed\"\n"
-            )
-        } else {
-            String::new()
-        },
-    );
+    let init = if spec.systemd {
+        format!(
+            "#!/bin/busybox sh\n\
+             /bin/busybox --install -s /bin\n\
+             mount -t proc proc /proc\n\
+             mount -t sysfs sysfs /sys\n\
+             mount -t devtmpfs devtmpfs /dev\n\
+             {inserts}\
+             mkdir -p /newroot\n\
+             mount -t ext4 /dev/vda /newroot || {{ echo \"cannot mount the root disk\"; poweroff -f; }}\n\
+             cp -a /payload/. /newroot/\n\
+             umount /proc /sys /dev\n\
+             exec switch_root /newroot /lib/systemd/systemd\n"
+        )
+    } else {
+        format!(
+            "#!/bin/busybox sh\n\
+             /bin/busybox --install -s /bin\n\
+             mount -t proc proc /proc\n\
+             mount -t sysfs sysfs /sys\n\
+             mount -t devtmpfs devtmpfs /dev\n\
+             mount -t tmpfs tmpfs /run\n\
+             {inserts}\
+             {link}\
+             {script}",
+            link = if spec.host_link {
+                format!(
+                    "ip link set eth0 up && ip addr add {GUEST_ADDRESS}/24 dev eth0 || echo \"host link failed\"\n"
+                )
+            } else {
+                String::new()
+            },
+            script = wrap_script(&spec.script, "poweroff -f"),
+        )
+    };
     let init_path = root.join("init");
     fs::write(&init_path, init).expect("write /init");
     fs::set_permissions(
@@ -302,9 +389,17 @@ fn build_initramfs(work: &Path, modules_root: &Path, spec: &GuestSpec) -> PathBu
     image
 }
 
-/// Copies `host` to `guest` under `root`; an executable is stripped of debug symbols and brings
-/// the shared libraries `ldd` names.
-fn add_file(root: &Path, host: &Path, guest: &str) {
+/// The test's script in a subshell that stops at the first failure, between the console
+/// markers, with its exit status, then `poweroff`.
+fn wrap_script(script: &str, poweroff: &str) -> String {
+    format!(
+        "echo TUG-GUEST-START\n( set -e\n{script}\n)\necho \"guest-script-status=$?\"\necho {MARKER_DONE}\n{poweroff}\n"
+    )
+}
+
+/// Copies `host` to `guest` under `root`; an executable is stripped of debug symbols and, with
+/// `libraries`, brings the shared libraries `ldd` names.
+fn add_file(root: &Path, host: &Path, guest: &str, libraries: bool) {
     let target = root.join(guest.trim_start_matches('/'));
     fs::create_dir_all(target.parent().expect("a parent")).expect("create guest dir");
     fs::copy(host, &target).unwrap_or_else(|e| panic!("copy {}: {e}", host.display()));
@@ -319,6 +414,9 @@ fn add_file(root: &Path, host: &Path, guest: &str) {
         .arg("--strip-debug")
         .arg(&target)
         .status();
+    if !libraries {
+        return;
+    }
     let Ok(ldd) = Command::new("ldd").arg(host).output() else {
         return;
     };

@@ -12,25 +12,6 @@ use serde_json::json;
 use tug_tests::cluster::{client_from_kubeconfig, cluster, unique_name};
 use tug_tests::cni::tug_binary;
 
-/// The cluster's CA pin, computed the way kubeadm's documentation tells operators to.
-fn ca_pin() -> String {
-    let script = "openssl x509 -pubkey -noout | openssl pkey -pubin -outform der | sha256sum";
-    let mut child = Command::new("sh")
-        .args(["-c", script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("run openssl");
-    std::io::Write::write_all(
-        &mut child.stdin.take().unwrap(),
-        cluster().ca_pem().as_bytes(),
-    )
-    .unwrap();
-    let output = child.wait_with_output().unwrap();
-    let text = String::from_utf8(output.stdout).unwrap();
-    format!("sha256:{}", text.split_whitespace().next().expect("a hash"))
-}
-
 /// `host:port` of the API server.
 fn endpoint() -> String {
     cluster()
@@ -84,7 +65,7 @@ async fn join_discovers_the_cluster_bootstraps_an_identity_and_rejoins_after_res
         "--token".into(),
         token.token(),
         "--discovery-token-ca-cert-hash".into(),
-        ca_pin(),
+        cluster().ca_pin(),
         "--node-name".into(),
         node.clone(),
         "--discovery-timeout".into(),
@@ -95,6 +76,29 @@ async fn join_discovers_the_cluster_bootstraps_an_identity_and_rejoins_after_res
     assert!(output.status.success(), "{}", report(&output));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("cluster CA verified"), "{stdout}");
+
+    // Whether the node's identity may feed its proxy decides whether join warns, with the fix.
+    let admin = cluster().admin().await;
+    let review: k8s_openapi::api::authorization::v1::SubjectAccessReview =
+        serde_json::from_value(json!({"spec": {
+            "user": format!("system:node:{node}"),
+            "groups": ["system:nodes", "system:authenticated"],
+            "resourceAttributes": {"group": "discovery.k8s.io", "resource": "endpointslices", "verb": "list"}
+        }}))
+        .unwrap();
+    let allowed = Api::all(admin.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .unwrap()
+        .status
+        .is_some_and(|s| s.allowed);
+    let warned = stdout.contains("[proxy] WARNING: this node's identity may not")
+        && stdout.contains("list endpointslices")
+        && stdout.contains("kubectl create clusterrolebinding tug-node-proxier");
+    assert_eq!(
+        warned, !allowed,
+        "join must warn exactly when nodes may not list EndpointSlices (allowed: {allowed}):\n{stdout}"
+    );
 
     // Files where kubeadm puts them, secrets readable by root only.
     let at = |p: &str| root.path().join(p);
@@ -107,6 +111,12 @@ async fn join_discovers_the_cluster_bootstraps_an_identity_and_rejoins_after_res
     ] {
         assert_eq!(mode(&at(path)), expected, "{path}");
     }
+    // The binary in place, and the CNI plugin a CRI runtime execs by name linked to it.
+    assert!(at("usr/local/bin/tug").is_file());
+    assert_eq!(
+        std::fs::read_link(at("opt/cni/bin/tug-cni")).unwrap(),
+        Path::new("/usr/local/bin/tug")
+    );
     let pem = at("var/lib/kubelet/pki/kubelet-client-current.pem");
     assert_eq!(mode(&std::fs::canonicalize(&pem).unwrap()), 0o600);
     assert_eq!(
@@ -114,17 +124,23 @@ async fn join_discovers_the_cluster_bootstraps_an_identity_and_rejoins_after_res
         cluster().ca_pem()
     );
     // The cluster's shared KubeletConfiguration, when it has one.
-    let admin = cluster().admin().await;
     let shared = Api::<ConfigMap>::namespaced(admin.clone(), "kube-system")
         .get_opt("kubelet-config")
         .await
         .unwrap()
         .and_then(|c| c.data)
         .and_then(|mut d| d.remove("kubelet"));
+    // (tug shim drives cgroupfs: a systemd driver in the cluster's copy is the one change.)
     if let Some(shared) = shared {
+        let expected = shared.replace("cgroupDriver: systemd", "cgroupDriver: cgroupfs");
         assert_eq!(
             std::fs::read_to_string(at("var/lib/kubelet/config.yaml")).unwrap(),
-            shared
+            expected
+        );
+        assert_eq!(
+            stdout.contains("this node's copy says cgroupDriver: cgroupfs"),
+            expected != shared,
+            "{stdout}"
         );
     }
 
@@ -217,7 +233,7 @@ fn refused(args: &[&str]) -> String {
 #[ignore = "cluster tier: run via ./scripts/test cluster, or cargo build -p tug && cargo test -p tug-tests --test join -- --ignored (TUG_TEST_KUBECONFIG=<admin kubeconfig> for a real cluster)"]
 async fn each_join_failure_has_its_own_message() {
     let token = cluster().bootstrap_token().await;
-    let pin = ca_pin();
+    let pin = cluster().ca_pin();
     let endpoint = endpoint();
     let quick = ["--discovery-timeout", "4s"];
     let case = |token: &str, pin: Option<&str>, endpoint: &str| -> String {

@@ -436,3 +436,230 @@ grep -i error /tmp/proxy.log | head -n 5 || true
     );
     eprintln!("IPVS-from-the-API guest ran in {:?}", run.elapsed);
 }
+
+/// The guest's shell: join, wait for every unit, check the node, reset, and report what is left.
+const JOIN_SCRIPT: &str = r#"
+sysctl -qw net.ipv4.ip_forward=1
+units_report() {
+  for unit in tug-shim tug-kubelet tug-proxy tug-netd; do
+    systemctl status "$unit" --no-pager || true
+    journalctl -u "$unit" --no-pager -o cat | grep -v 'watch\|lease\|Lease' | tail -60
+  done
+}
+/root/tug join "$ENDPOINT" --token "$TOKEN" --discovery-token-ca-cert-hash "$PIN" --node-name "$NODE" \
+  || { units_report; exit 1; }
+echo tug-step=joined
+# A static pod, from an image loaded into containerd (the guest has no registry), with a
+# memory-backed volume: a mount, a veth and an IP for reset to take away.
+ctr -n k8s.io images import --all-platforms /root/http.tar
+image=$(ctr -n k8s.io images ls -q | grep 'tug-test/http' | head -1)
+echo "imported=$image"
+[ "$image" = docker.io/tug-test/http:latest ] || ctr -n k8s.io images tag "$image" docker.io/tug-test/http:latest >/dev/null
+cat >/etc/kubernetes/manifests/web.yaml <<'POD'
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: default}
+spec:
+  containers:
+  - name: web
+    image: tug-test/http:latest
+    imagePullPolicy: Never
+    volumeMounts: [{name: scratch, mountPath: /scratch}]
+  volumes: [{name: scratch, emptyDir: {medium: Memory}}]
+POD
+for unit in tug-shim tug-kubelet tug-proxy tug-netd; do
+  n=0
+  until systemctl is-active --quiet "$unit"; do
+    n=$((n + 1))
+    if [ "$n" -gt 300 ]; then units_report; exit 1; fi
+    sleep 1
+  done
+  echo "unit-$unit=$(systemctl is-active "$unit") $(systemctl show -p Type --value "$unit")"
+done
+deadline=$(($(date +%s) + 150))
+until tug status >/tmp/status 2>&1 && grep -qE '^default +web-[^ ]+ +Ready +1/1 ' /tmp/status; do
+  if [ "$(date +%s)" -gt "$deadline" ]; then
+    cat /tmp/status
+    ctr -n k8s.io images ls -q
+    echo tug-step=pod-stuck
+    sleep 5
+    units_report
+    exit 1
+  fi
+  sleep 1
+done
+sed 's/^/status: /' /tmp/status
+echo "mounts-before=$(grep -c ' /var/lib/kubelet' /proc/mounts || true)"
+echo "veths-before=$(ip -o link show type veth | wc -l)"
+echo tug-step=ready
+# The host looks at the Node and the mirror pod now.
+sleep 15
+tug reset --force --delete-node
+echo tug-step=reset
+left=""
+for path in /etc/kubernetes/kubelet.conf /etc/kubernetes/bootstrap-kubelet.conf /etc/kubernetes/pki/ca.crt     /var/lib/kubelet /var/lib/tug /run/tug /etc/cni/net.d/10-tug.conflist /opt/cni/bin/tug-cni     /etc/systemd/system/tug-shim.service /etc/systemd/system/tug-kubelet.service     /etc/systemd/system/tug-proxy.service /etc/systemd/system/tug-netd.service; do
+  if [ -e "$path" ] || [ -L "$path" ]; then left="$left $path"; fi
+done
+echo "leftover-files=$left"
+echo "leftover-units=$(systemctl list-units --all --no-legend tug-shim.service tug-kubelet.service tug-proxy.service tug-netd.service | wc -l)"
+echo "leftover-processes=$(pgrep -fc '^/usr/local/bin/tug ' || true)"
+echo "leftover-iptables=$( (iptables-nft-save; iptables-legacy-save) 2>/dev/null | grep -c 'KUBE-' || true)"
+echo "leftover-nft-tables=$(nft list tables | grep -v 'table ip filter\|table ip nat\|table ip mangle\|table ip6' | tr '
+' ' ')"
+echo "leftover-routes=$(ip route show proto 199 | wc -l)"
+echo "leftover-links=$(ip -o link show | grep -c 'tug-vxlan\|kube-ipvs0' || true)"
+echo "leftover-mounts=$(grep -c ' /var/lib/kubelet' /proc/mounts || true)"
+echo "leftover-veths=$(ip -o link show type veth | wc -l)"
+echo "leftover-containers=$(ctr -n k8s.io containers ls -q | wc -l)"
+"#;
+
+#[test]
+#[ignore = "vm tier with the cluster tier (root, qemu): run as root via ./scripts/test vm, or scripts/vm-assets && cargo build -p tug && cargo test -p tug-tests --test vm -- --ignored"]
+fn tug_join_on_a_systemd_guest_starts_every_unit_and_reset_leaves_nothing() {
+    use k8s_openapi::api::core::v1::Node;
+    use kube::Api;
+    use tug_tests::cluster::{cluster, unique_name};
+    use tug_tests::cni::tug_binary;
+    use tug_tests::vm::{HOST_ADDRESS, boot_watching};
+    require(Tier::Vm);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let token = runtime.block_on(cluster().bootstrap_token());
+    let node = unique_name("vm-node");
+    // The README's one-time step on the control plane: nodes' identities may act as proxies.
+    let bindings: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> =
+        Api::all(runtime.block_on(cluster().admin()));
+    let binding: k8s_openapi::api::rbac::v1::ClusterRoleBinding =
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "tug-node-proxier"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:node-proxier"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:nodes"}]
+        }))
+        .unwrap();
+    let created_binding = runtime
+        .block_on(bindings.create(&Default::default(), &binding))
+        .is_ok();
+    // The guest reaches the host's loopback at the slirp host address.
+    let endpoint = cluster()
+        .server_url()
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .replace("127.0.0.1", HOST_ADDRESS)
+        .replace("localhost", HOST_ADDRESS);
+    let script = format!(
+        "ENDPOINT={endpoint}\nTOKEN={}\nNODE={node}\nPIN={}\n{JOIN_SCRIPT}",
+        token.token(),
+        cluster().ca_pin()
+    );
+    let mut spec = GuestSpec::systemd(&script);
+    spec.files.push((tug_binary(), "/root/tug".into()));
+    spec.files.push((
+        tug_tests::substrate::Substrate::from_env().image_archive("http"),
+        "/root/http.tar".into(),
+    ));
+
+    let nodes: Api<Node> = Api::all(runtime.block_on(cluster().admin()));
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(runtime.block_on(cluster().admin()), "default");
+    let mirror = format!("web-{node}");
+    let mut mirror_phase = None;
+    let mut ready_in_api = None;
+    let run = boot_watching(&spec, |line| {
+        if line == "tug-step=pod-stuck" {
+            let pod = runtime.block_on(pods.get_opt(&mirror));
+            eprintln!("the mirror pod while the guest waits: {pod:#?}");
+        }
+        if line == "tug-step=ready" {
+            // The kubelet reports the running container within a few seconds.
+            for _ in 0..20 {
+                mirror_phase = runtime
+                    .block_on(pods.get_opt(&mirror))
+                    .ok()
+                    .flatten()
+                    .and_then(|p| p.status?.phase);
+                if mirror_phase.as_deref() == Some("Running") {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+            // The node as the cluster sees it, while the guest waits for nothing.
+            let seen = runtime.block_on(nodes.get_opt(&node)).ok().flatten();
+            ready_in_api = Some(seen.map(|n| {
+                let status = n.status.unwrap_or_default();
+                let ready = status
+                    .conditions
+                    .unwrap_or_default()
+                    .into_iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                let internal = status
+                    .addresses
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find(|a| a.type_ == "InternalIP")
+                    .map(|a| a.address);
+                (ready, internal)
+            }));
+        }
+    });
+    if created_binding {
+        let _ = runtime.block_on(bindings.delete("tug-node-proxier", &Default::default()));
+    }
+    let console = &run.console;
+    assert_eq!(
+        run.value("guest-script-status"),
+        Some("0"),
+        "the guest's join script failed:\n{console}"
+    );
+    for unit in ["tug-shim", "tug-kubelet", "tug-proxy", "tug-netd"] {
+        assert_eq!(
+            run.value(&format!("unit-{unit}")),
+            Some("active notify"),
+            "{unit} is not an active notify service:\n{console}"
+        );
+    }
+    assert!(
+        console.contains("status: NODE  ") && console.contains("Ready=True"),
+        "tug status does not show the Node Ready:\n{console}"
+    );
+    assert_eq!(
+        ready_in_api,
+        Some(Some((true, Some(tug_tests::vm::GUEST_ADDRESS.to_owned())))),
+        "the cluster did not see the guest's Node Ready at its address:\n{console}"
+    );
+    assert_eq!(
+        mirror_phase.as_deref(),
+        Some("Running"),
+        "the static pod's mirror pod is not Running in the API:\n{console}"
+    );
+    assert_ne!(
+        run.value("mounts-before"),
+        Some("0"),
+        "the pod's volume was not mounted:\n{console}"
+    );
+    assert_ne!(
+        run.value("veths-before"),
+        Some("0"),
+        "the pod has no veth:\n{console}"
+    );
+    assert!(
+        runtime.block_on(nodes.get_opt(&node)).unwrap().is_none(),
+        "tug reset --delete-node left the Node object"
+    );
+    for (what, nothing) in [
+        ("leftover-files", ""),
+        ("leftover-units", "0"),
+        ("leftover-processes", "0"),
+        ("leftover-iptables", "0"),
+        ("leftover-nft-tables", ""),
+        ("leftover-routes", "0"),
+        ("leftover-links", "0"),
+        ("leftover-mounts", "0"),
+        ("leftover-veths", "0"),
+        ("leftover-containers", "0"),
+    ] {
+        assert_eq!(
+            run.value(what).map(str::trim),
+            Some(nothing),
+            "tug reset left something behind ({what}):\n{console}"
+        );
+    }
+}

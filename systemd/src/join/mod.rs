@@ -173,6 +173,12 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
             println!(
                 "[kubelet] using the cluster's KubeletConfiguration (kube-system/kubelet-config)"
             );
+            let (config, changed) = cgroupfs_driver(&config);
+            if changed {
+                println!(
+                    "[kubelet] the cluster's KubeletConfiguration asks for cgroupDriver: systemd; tug shim drives cgroups directly (cgroupfs), so this node's copy says cgroupDriver: cgroupfs"
+                );
+            }
             config
         }
         None => {
@@ -258,7 +264,7 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(root.join(dir))
             .with_context(|| format!("create {}", root.join(dir).display()))?;
     }
-    install_binary(&root.join(BINARY))?;
+    install_binary(root)?;
 
     println!(
         "[kubelet-start] TLS bootstrap: requesting a client certificate for system:node:{node_name}"
@@ -276,13 +282,30 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
         root.join(KUBECONFIG).display()
     );
 
+    let proxy_ready = match proxy_access(&root.join(KUBECONFIG)).await {
+        Ok(missing) if missing.is_empty() => true,
+        Ok(missing) => {
+            println!(
+                "[proxy] WARNING: this node's identity may not {}, so tug-proxy programs no rules and does not report ready until it may. On the control plane, run once for all nodes:\n    {}",
+                missing.join(", "),
+                tug_proxy::run::BIND_NODES_AS_PROXIERS
+            );
+            false
+        }
+        Err(error) => {
+            println!("[proxy] could not check the proxy's permissions: {error:#}");
+            true
+        }
+    };
+
     if args.no_start {
         println!(
             "[units] installed; not started (--no-start): systemctl enable --now {}",
             units::SERVICES.join(" ")
         );
     } else if Path::new("/run/systemd/system").exists() && root == Path::new("/") {
-        start_units()?;
+        // A proxy that cannot be ready yet must not hold the command until systemd gives up.
+        start_units(proxy_ready)?;
     } else {
         println!("[units] installed; systemd is not running here, so nothing was started");
     }
@@ -290,6 +313,29 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
         "\nThis node has joined the cluster as {node_name}. On the control plane, `kubectl get node {node_name}` shows it once the kubelet registers."
     );
     Ok(())
+}
+
+/// `config` with `cgroupDriver: systemd` replaced by `cgroupfs` (tug shim creates pod and
+/// container cgroups itself; it does not yet ask systemd for slices), and whether it changed.
+pub fn cgroupfs_driver(config: &str) -> (String, bool) {
+    let mut changed = false;
+    let lines: Vec<String> = config
+        .lines()
+        .map(|line| {
+            let value = line.strip_prefix("cgroupDriver:").map(str::trim);
+            if matches!(value, Some("systemd" | "\"systemd\"")) {
+                changed = true;
+                "cgroupDriver: cgroupfs".to_owned()
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect();
+    let mut text = lines.join("\n");
+    if config.ends_with('\n') {
+        text.push('\n');
+    }
+    (text, changed)
 }
 
 /// The kubeconfig of `discovered` with `user` (YAML lines under `user:`).
@@ -383,7 +429,9 @@ fn write_file(path: &Path, mode: u32, text: &str) -> anyhow::Result<()> {
 
 /// Copies the running binary to `target` (unless it is that file already) and links the CNI
 /// plugin name to it.
-fn install_binary(target: &Path) -> anyhow::Result<()> {
+fn install_binary(root: &Path) -> anyhow::Result<()> {
+    let target = root.join(BINARY);
+    let target = target.as_path();
     let me = std::env::current_exe().context("find the running tug binary")?;
     let same = std::fs::canonicalize(&me).ok() == std::fs::canonicalize(target).ok();
     if !same {
@@ -395,10 +443,6 @@ fn install_binary(target: &Path) -> anyhow::Result<()> {
         std::fs::rename(&tmp, target).with_context(|| format!("install {}", target.display()))?;
     }
     // The CRI runtime execs CNI plugins by name from /opt/cni/bin.
-    let root = target
-        .ancestors()
-        .nth(3)
-        .context("the binary is installed at <root>/usr/local/bin")?;
     let cni = root.join("opt/cni/bin/tug-cni");
     std::fs::create_dir_all(cni.parent().context("a parent")?)?;
     let _ = std::fs::remove_file(&cni);
@@ -407,8 +451,44 @@ fn install_binary(target: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `systemctl daemon-reload` then `enable --now` each unit.
-fn start_units() -> anyhow::Result<()> {
+/// What the node's identity may not do of what its proxy needs (list and watch Services and
+/// EndpointSlices in every namespace), asked with SelfSubjectAccessReviews.
+async fn proxy_access(kubeconfig: &Path) -> anyhow::Result<Vec<String>> {
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+    };
+    let client = crate::kubeconfig::client(kubeconfig).await?;
+    let reviews: kube::Api<SelfSubjectAccessReview> = kube::Api::all(client);
+    let mut missing = Vec::new();
+    for (group, resource) in [("", "services"), ("discovery.k8s.io", "endpointslices")] {
+        for verb in ["list", "watch"] {
+            let review = SelfSubjectAccessReview {
+                spec: SelfSubjectAccessReviewSpec {
+                    resource_attributes: Some(ResourceAttributes {
+                        group: Some(group.into()),
+                        resource: Some(resource.into()),
+                        verb: Some(verb.into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let answer = reviews
+                .create(&Default::default(), &review)
+                .await
+                .with_context(|| format!("ask whether this node may {verb} {resource}"))?;
+            if !answer.status.is_some_and(|s| s.allowed) {
+                missing.push(format!("{verb} {resource}"));
+            }
+        }
+    }
+    Ok(missing)
+}
+
+/// `systemctl daemon-reload` then `enable --now` each unit; with `wait`, until each reports
+/// ready.
+fn start_units(wait: bool) -> anyhow::Result<()> {
     let systemctl = |args: &[&str]| -> anyhow::Result<()> {
         let status = std::process::Command::new("systemctl")
             .args(args)
@@ -423,19 +503,43 @@ fn start_units() -> anyhow::Result<()> {
     };
     systemctl(&["daemon-reload"])?;
     let mut args = vec!["enable", "--now", "containerd.service"];
+    if !wait {
+        args.insert(2, "--no-block");
+    }
     let names: Vec<String> = units::SERVICES
         .iter()
         .map(|s| format!("{s}.service"))
         .collect();
     args.extend(names.iter().map(String::as_str));
     systemctl(&args)?;
-    println!("[units] started: {}", units::SERVICES.join(", "));
+    if wait {
+        println!("[units] started and ready: {}", units::SERVICES.join(", "));
+    } else {
+        println!(
+            "[units] starting: {} (`tug status` shows how far they are)",
+            units::SERVICES.join(", ")
+        );
+    }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_systemd_cgroup_driver_becomes_cgroupfs_and_nothing_else_changes() {
+        let (text, changed) =
+            cgroupfs_driver("kind: KubeletConfiguration\ncgroupDriver: systemd\nmaxPods: 50\n");
+        assert!(changed);
+        assert_eq!(
+            text,
+            "kind: KubeletConfiguration\ncgroupDriver: cgroupfs\nmaxPods: 50\n"
+        );
+        let (text, changed) = cgroupfs_driver("cgroupDriver: cgroupfs\n");
+        assert!(!changed);
+        assert_eq!(text, "cgroupDriver: cgroupfs\n");
+    }
 
     #[test]
     fn durations_take_seconds_minutes_and_hours() {

@@ -643,7 +643,10 @@ impl Ctx<'_> {
             }
             (r, _) if r == resources::TOKENREVIEWS => return self.token_review(body),
             (r, _) if r == resources::SUBJECTACCESSREVIEWS => {
-                return self.subject_access_review(body);
+                return self.subject_access_review(body, None);
+            }
+            (r, _) if r == resources::SELFSUBJECTACCESSREVIEWS => {
+                return self.subject_access_review(body, Some(self.user));
             }
             _ if name.is_some() => return Err(ApiError::method_not_allowed("POST")),
             _ => {}
@@ -1023,20 +1026,32 @@ impl Ctx<'_> {
         Ok(json_response(StatusCode::CREATED, &review))
     }
 
-    fn subject_access_review(&self, body: Value) -> Result<Response<Body>, ApiError> {
-        let (mut review, _) =
-            admission::decode(resources::SUBJECTACCESSREVIEWS.def(), body, self.strict())?;
+    /// A SubjectAccessReview (about the user in its spec) or, with `requester`, a
+    /// SelfSubjectAccessReview (about whoever asks).
+    fn subject_access_review(
+        &self,
+        body: Value,
+        requester: Option<&User>,
+    ) -> Result<Response<Body>, ApiError> {
+        let resource = if requester.is_some() {
+            resources::SELFSUBJECTACCESSREVIEWS
+        } else {
+            resources::SUBJECTACCESSREVIEWS
+        };
+        let (mut review, _) = admission::decode(resource.def(), body, self.strict())?;
         let spec = &review["spec"];
-        let groups: Vec<String> = spec["groups"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|g| g.as_str().map(str::to_owned))
-            .collect();
-        let user = User {
-            name: spec["user"].as_str().unwrap_or_default().into(),
-            uid: spec["uid"].as_str().unwrap_or_default().into(),
-            groups,
+        let user = match requester {
+            Some(user) => user.clone(),
+            None => User {
+                name: spec["user"].as_str().unwrap_or_default().into(),
+                uid: spec["uid"].as_str().unwrap_or_default().into(),
+                groups: spec["groups"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|g| g.as_str().map(str::to_owned))
+                    .collect(),
+            },
         };
         let text = |v: &Value, k: &str| v[k].as_str().unwrap_or_default().to_owned();
         let attrs = if spec["resourceAttributes"].is_object() {

@@ -357,6 +357,16 @@ pub fn default_policy() -> Vec<(Resource, Value)> {
             json!([group("system:authenticated")]),
         ),
         cluster_role(
+            "system:basic-user",
+            json!([{"apiGroups": ["authorization.k8s.io"], "resources": ["selfsubjectaccessreviews", "selfsubjectrulesreviews"], "verbs": ["create"]},
+                   {"apiGroups": ["authentication.k8s.io"], "resources": ["selfsubjectreviews"], "verbs": ["create"]}]),
+        ),
+        binding(
+            "system:basic-user",
+            "system:basic-user",
+            json!([group("system:authenticated")]),
+        ),
+        cluster_role(
             "system:public-info-viewer",
             json!([{"verbs": ["get"], "nonResourceURLs": ["/healthz", "/livez", "/readyz", "/version", "/version/"]}]),
         ),

@@ -125,6 +125,7 @@ resources! {
     CLUSTERROLEBINDINGS = 17: "rbac.authorization.k8s.io" / "v1", "clusterrolebindings", "clusterrolebinding", "ClusterRoleBinding", namespaced: false, short: [], status: false, review: false, rbac::ClusterRoleBinding;
     ROLES = 18: "rbac.authorization.k8s.io" / "v1", "roles", "role", "Role", namespaced: true, short: [], status: false, review: false, rbac::Role;
     ROLEBINDINGS = 19: "rbac.authorization.k8s.io" / "v1", "rolebindings", "rolebinding", "RoleBinding", namespaced: true, short: [], status: false, review: false, rbac::RoleBinding;
+    SELFSUBJECTACCESSREVIEWS = 20: "authorization.k8s.io" / "v1", "selfsubjectaccessreviews", "selfsubjectaccessreview", "SelfSubjectAccessReview", namespaced: false, short: [], status: false, review: true, authz::SelfSubjectAccessReview;
 }
 
 #[cfg(test)]
