@@ -94,21 +94,25 @@ pub fn node_csr(
     Ok((key, pem))
 }
 
-/// Asks the API for a client certificate for `node` and waits until it is issued; returns the
-/// certificate (PEM), the key (PEM) and the CSR's name.
+/// The key usages a kubelet client certificate asks for.
+pub const CLIENT_USAGES: &[&str] = &["digital signature", "client auth"];
+
+/// Asks the API for a client certificate for `node` (valid for `expiration` when given) and
+/// waits until it is issued; returns the certificate (PEM), the key (PEM) and the CSR's name.
 pub async fn request_client_certificate(
     client: kube::Client,
     node: &str,
+    expiration: Option<Duration>,
     wait: Duration,
 ) -> Result<(String, String, String), BootstrapError> {
     let (key, pem) = client_csr(node).map_err(BootstrapError::Csr)?;
     request_certificate(
         client,
         SIGNER_CLIENT,
-        &["digital signature", "client auth"],
+        CLIENT_USAGES,
         key,
         pem,
-        None,
+        expiration,
         wait,
     )
     .await
@@ -349,7 +353,7 @@ pub async fn ensure(
         .map_err(|e| fail(e.to_string()))?;
     let client = kube::Client::try_from(config).map_err(|e| fail(e.to_string()))?;
     let (cert, key, csr) =
-        request_client_certificate(client, node, Duration::from_secs(300)).await?;
+        request_client_certificate(client, node, None, Duration::from_secs(300)).await?;
     let current = store_pair(cert_dir, "kubelet-client", &cert, &key)?;
     let text = node_kubeconfig(&server, &ca_pem, &current);
     if let Some(parent) = kubeconfig.parent() {

@@ -23,7 +23,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::bootstrap::{
-    BootstrapError, SIGNER_CLIENT, SIGNER_SERVING, node_csr, request_certificate, store_pair,
+    BootstrapError, CLIENT_USAGES, SIGNER_CLIENT, SIGNER_SERVING, node_csr, request_certificate,
+    store_pair,
 };
 use crate::metrics::Metrics;
 use crate::serving::ServingCert;
@@ -98,7 +99,7 @@ impl Kind {
 
     fn usages(self) -> &'static [&'static str] {
         match self {
-            Kind::Client => &["digital signature", "client auth"],
+            Kind::Client => CLIENT_USAGES,
             Kind::Serving => &["digital signature", "server auth"],
         }
     }

@@ -180,21 +180,12 @@ async fn services(args: &StatusArgs) -> Vec<Service> {
         },
     });
 
-    let kubelet = http_get(args.kubelet_healthz, "/healthz").await;
-    services.push(Service {
-        name: units::SERVICES[1],
-        unit: unit_state("tug-kubelet.service"),
-        healthy: matches!(kubelet, Ok((200, _))),
-        detail: describe_healthz(args.kubelet_healthz, &kubelet),
-    });
-
-    let proxy = http_get(args.proxy_healthz, "/healthz").await;
-    services.push(Service {
-        name: units::SERVICES[2],
-        unit: unit_state("tug-proxy.service"),
-        healthy: matches!(proxy, Ok((200, _))),
-        detail: describe_healthz(args.proxy_healthz, &proxy),
-    });
+    for (name, address) in [
+        (units::SERVICES[1], args.kubelet_healthz),
+        (units::SERVICES[2], args.proxy_healthz),
+    ] {
+        services.push(healthz_service(name, address).await);
+    }
 
     let conflist = std::fs::read_to_string(&args.cni_config);
     let pod_cidrs = conflist
@@ -221,6 +212,17 @@ async fn services(args: &StatusArgs) -> Vec<Service> {
         },
     });
     services
+}
+
+/// A service whose health is its `/healthz` on `address`.
+async fn healthz_service(name: &'static str, address: SocketAddr) -> Service {
+    let answer = http_get(address, "/healthz").await;
+    Service {
+        name,
+        unit: unit_state(&format!("{name}.service")),
+        healthy: matches!(answer, Ok((200, _))),
+        detail: describe_healthz(address, &answer),
+    }
 }
 
 fn describe_healthz(address: SocketAddr, answer: &std::io::Result<(u16, String)>) -> String {

@@ -258,6 +258,7 @@ impl TestCluster {
         let (cert, key, name) = tug_kubelet::bootstrap::request_client_certificate(
             bootstrap,
             node,
+            None,
             Duration::from_secs(30),
         )
         .await

@@ -117,16 +117,10 @@ impl TugKubelet {
             ),
         )
         .expect("write the kubelet config");
-        if let (Some(seconds), Some(token)) = (options.client_cert_seconds, &token) {
-            let bootstrap =
-                client_from_kubeconfig(&cluster().token_kubeconfig(Some(&token.token()))).await;
-            let (key, pem) = tug_kubelet::bootstrap::client_csr(&name).expect("a CSR");
-            let (cert, key, _) = tug_kubelet::bootstrap::request_certificate(
-                bootstrap,
-                tug_kubelet::bootstrap::SIGNER_CLIENT,
-                &["digital signature", "client auth"],
-                key,
-                pem,
+        if let (Some(seconds), Some(_)) = (options.client_cert_seconds, &token) {
+            let (cert, key, _) = tug_kubelet::bootstrap::request_client_certificate(
+                client_from_kubeconfig(&bootstrap).await,
+                &name,
                 Some(Duration::from_secs(seconds.into())),
                 Duration::from_secs(60),
             )

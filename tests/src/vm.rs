@@ -321,14 +321,18 @@ fn build_initramfs(work: &Path, modules_root: &Path, spec: &GuestSpec) -> PathBu
         ));
     }
 
+    // Both kinds of guest start the same way: busybox, the kernel's file systems, the modules.
+    let start = format!(
+        "#!/bin/busybox sh\n\
+         /bin/busybox --install -s /bin\n\
+         mount -t proc proc /proc\n\
+         mount -t sysfs sysfs /sys\n\
+         mount -t devtmpfs devtmpfs /dev\n\
+         {inserts}"
+    );
     let init = if spec.systemd {
         format!(
-            "#!/bin/busybox sh\n\
-             /bin/busybox --install -s /bin\n\
-             mount -t proc proc /proc\n\
-             mount -t sysfs sysfs /sys\n\
-             mount -t devtmpfs devtmpfs /dev\n\
-             {inserts}\
+            "{start}\
              mkdir -p /newroot\n\
              mount -t ext4 /dev/vda /newroot || {{ echo \"cannot mount the root disk\"; poweroff -f; }}\n\
              cp -a /payload/. /newroot/\n\
@@ -337,13 +341,8 @@ fn build_initramfs(work: &Path, modules_root: &Path, spec: &GuestSpec) -> PathBu
         )
     } else {
         format!(
-            "#!/bin/busybox sh\n\
-             /bin/busybox --install -s /bin\n\
-             mount -t proc proc /proc\n\
-             mount -t sysfs sysfs /sys\n\
-             mount -t devtmpfs devtmpfs /dev\n\
+            "{start}\
              mount -t tmpfs tmpfs /run\n\
-             {inserts}\
              {link}\
              {script}",
             link = if spec.host_link {
