@@ -1,9 +1,11 @@
-//! The role every rule backend plays for the sync loop: program a set of service ports (all of
-//! one family's rules, applying only what differs where it can), and remove everything.
+//! The role every rule backend plays for the sync loop: program the model's service ports (all
+//! of one family's rules, applying only what differs where it can), and remove everything.
+
+use std::collections::BTreeSet;
 
 use crate::iptables::{Iptables, IptablesError, SyncReport};
 use crate::ipvs::{IpvsBackend, IpvsBackendError};
-use crate::model::ServicePort;
+use crate::model::Model;
 use crate::nftables::Nftables;
 use crate::nftables::netlink::NftError;
 
@@ -23,8 +25,15 @@ pub enum BackendError {
 
 /// A rule backend.
 pub trait RuleBackend: Send + std::fmt::Debug {
-    /// Programs `ports`; `full` asks for a complete rewrite.
-    fn sync(&mut self, ports: &[ServicePort], full: bool) -> Result<SyncReport, BackendError>;
+    /// Programs `model`'s service ports. `changed` names the Services whose ports changed since
+    /// this backend's last successful sync, which is all a partial sync needs to look at;
+    /// `full` asks for a complete rewrite.
+    fn sync(
+        &mut self,
+        model: &Model,
+        changed: &BTreeSet<String>,
+        full: bool,
+    ) -> Result<SyncReport, BackendError>;
     /// Removes everything this backend programmed.
     fn cleanup(&mut self) -> Result<(), BackendError>;
     /// The proxy mode it implements (`iptables`, `nftables`, `ipvs`), as upstream's
@@ -32,9 +41,24 @@ pub trait RuleBackend: Send + std::fmt::Debug {
     fn mode(&self) -> &'static str;
 }
 
+/// The changed Services with their ports, as the backends' partial syncs take them.
+fn changes<'a>(
+    model: &'a Model,
+    changed: &'a BTreeSet<String>,
+) -> impl Iterator<Item = (&'a str, &'a [crate::model::ServicePort])> {
+    changed.iter().map(|s| (s.as_str(), model.ports_of(s)))
+}
+
 impl RuleBackend for Iptables {
-    fn sync(&mut self, ports: &[ServicePort], full: bool) -> Result<SyncReport, BackendError> {
-        Ok(Iptables::sync(self, ports, full)?)
+    /// Upstream's shape: every sync renders every Service's rules (KUBE-SERVICES lists them
+    /// all) and writes only the chains that changed.
+    fn sync(
+        &mut self,
+        model: &Model,
+        _changed: &BTreeSet<String>,
+        full: bool,
+    ) -> Result<SyncReport, BackendError> {
+        Ok(Iptables::sync(self, model.ports(), full)?)
     }
     fn cleanup(&mut self) -> Result<(), BackendError> {
         Ok(Iptables::cleanup(self)?)
@@ -45,8 +69,22 @@ impl RuleBackend for Iptables {
 }
 
 impl RuleBackend for Nftables {
-    fn sync(&mut self, ports: &[ServicePort], full: bool) -> Result<SyncReport, BackendError> {
-        let (messages, chains) = Nftables::sync(self, ports, full)?;
+    fn sync(
+        &mut self,
+        model: &Model,
+        changed: &BTreeSet<String>,
+        full: bool,
+    ) -> Result<SyncReport, BackendError> {
+        let partial = if full {
+            None
+        } else {
+            self.sync_services(changes(model, changed))
+        };
+        let (full, outcome) = match partial {
+            Some(outcome) => (false, outcome),
+            None => (true, Nftables::sync(self, model.ports(), true)),
+        };
+        let (messages, chains) = outcome?;
         Ok(SyncReport {
             full,
             written: messages,
@@ -63,8 +101,21 @@ impl RuleBackend for Nftables {
 }
 
 impl RuleBackend for IpvsBackend {
-    fn sync(&mut self, ports: &[ServicePort], full: bool) -> Result<SyncReport, BackendError> {
-        Ok(IpvsBackend::sync(self, ports, full)?)
+    fn sync(
+        &mut self,
+        model: &Model,
+        changed: &BTreeSet<String>,
+        full: bool,
+    ) -> Result<SyncReport, BackendError> {
+        let partial = if full {
+            None
+        } else {
+            self.sync_services(changes(model, changed))
+        };
+        match partial {
+            Some(outcome) => Ok(outcome?),
+            None => Ok(IpvsBackend::sync(self, model.ports(), true)?),
+        }
     }
     fn cleanup(&mut self) -> Result<(), BackendError> {
         Ok(IpvsBackend::cleanup(self)?)

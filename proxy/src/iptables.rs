@@ -88,7 +88,10 @@ fn reject(ipv6: bool) -> &'static str {
 }
 
 /// Renders every service port of this family.
-pub fn render(ports: &[ServicePort], config: &IptablesConfig) -> Rendered {
+pub fn render<'a>(
+    ports: impl IntoIterator<Item = &'a ServicePort>,
+    config: &IptablesConfig,
+) -> Rendered {
     let family = |ip: &IpAddr| ip.is_ipv6() == config.ipv6;
     let mut out = Rendered::default();
     let mut nodeport_rules = Vec::new();
@@ -716,7 +719,11 @@ impl Iptables {
     /// Programs `ports`. A full sync also adds missing jump rules and deletes stale chains left
     /// in the kernel by an earlier run — in the same `iptables-restore` transaction, after one
     /// `iptables-save` (each separate `iptables -C` would read the whole table again).
-    pub fn sync(&mut self, ports: &[ServicePort], full: bool) -> Result<SyncReport, IptablesError> {
+    pub fn sync<'a>(
+        &mut self,
+        ports: impl IntoIterator<Item = &'a ServicePort>,
+        full: bool,
+    ) -> Result<SyncReport, IptablesError> {
         let full = full || self.chains.is_none();
         if !self.config.node_port_cidrs.is_empty() {
             self.config.node_port_ips = Some(crate::addresses::select(

@@ -182,191 +182,493 @@ pub struct Skipped {
     pub reason: String,
 }
 
-/// Computes the service ports to program.
+/// Computes the service ports to program from scratch (what [`Model`] keeps up to date one
+/// change at a time), in Service order.
 pub fn build(
     services: &[Service],
     slices: &[EndpointSlice],
     node: &NodeContext,
 ) -> (Vec<ServicePort>, Vec<Skipped>) {
-    let mut ports = Vec::new();
-    let mut skipped = Vec::new();
-    let mut node_ports: BTreeMap<(u16, Protocol), String> = BTreeMap::new();
-    // Services in a stable order, so that a NodePort conflict always skips the same one.
-    let mut services: Vec<&Service> = services.iter().collect();
-    services.sort_by_key(|s| {
-        (
-            s.metadata.creation_timestamp.as_ref().map(|t| t.0),
-            s.metadata.namespace.clone(),
-            s.metadata.name.clone(),
-        )
-    });
+    let mut model = Model::new(node.clone());
     for service in services {
-        let namespace = service.metadata.namespace.clone().unwrap_or_default();
-        let name = service.metadata.name.clone().unwrap_or_default();
-        let id = format!("{namespace}/{name}");
-        let Some(spec) = &service.spec else { continue };
-        let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
-        if kind == "ExternalName" || spec.cluster_ip.as_deref() == Some("None") {
-            continue; // no virtual IP: nothing to program
-        }
-        let ip_texts: Vec<&String> = match &spec.cluster_ips {
-            Some(ips) if !ips.is_empty() => ips.iter().collect(),
-            _ => spec.cluster_ip.iter().collect(),
-        };
-        let cluster_ips: Result<Vec<IpAddr>, _> =
-            ip_texts.iter().map(|t| t.parse::<IpAddr>()).collect();
-        let cluster_ips = match cluster_ips {
-            Ok(ips) if !ips.is_empty() => ips,
-            _ => {
-                skipped.push(Skipped {
-                    service: id,
-                    reason: format!("unparsable clusterIPs {ip_texts:?}"),
-                });
-                continue;
-            }
-        };
-        let parse_ips = |texts: &[String], what: &str, skipped: &mut Vec<Skipped>| -> Vec<IpAddr> {
-            texts
-                .iter()
-                .filter_map(|t| match t.parse() {
-                    Ok(ip) => Some(ip),
-                    Err(_) => {
-                        skipped.push(Skipped {
-                            service: id.clone(),
-                            reason: format!("ignored unparsable {what} {t:?}"),
-                        });
-                        None
-                    }
-                })
-                .collect()
-        };
-        let external_ips = parse_ips(
-            spec.external_ips.as_deref().unwrap_or_default(),
-            "externalIP",
-            &mut skipped,
-        );
-        let lb_texts: Vec<String> = service
-            .status
-            .as_ref()
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|l| l.ingress.as_ref())
-            .into_iter()
-            .flatten()
-            .filter_map(|i| i.ip.clone())
-            .collect();
-        let load_balancer_ips = if kind == "LoadBalancer" {
-            parse_ips(&lb_texts, "load balancer IP", &mut skipped)
-        } else {
-            Vec::new()
-        };
-        let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-            spec.session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
-                .map_or(10800, |t| t.clamp(1, 86400) as u32)
-        });
-        let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-        let external_local = matches!(kind, "NodePort" | "LoadBalancer")
-            && spec.external_traffic_policy.as_deref() == Some("Local");
-        let my_slices: Vec<&EndpointSlice> = slices
+        model.set_service(&object_key(&service.metadata), Some(service.clone()));
+    }
+    for slice in slices {
+        model.set_slice(&object_key(&slice.metadata), Some(slice.clone()));
+    }
+    model.update();
+    (
+        model.ports().cloned().collect(),
+        model.skipped().cloned().collect(),
+    )
+}
+
+/// `namespace/name` of an object, as the model keys Services and EndpointSlices.
+pub fn object_key(metadata: &kube::api::ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        metadata.namespace.as_deref().unwrap_or_default(),
+        metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// The Service an EndpointSlice belongs to (`namespace/name`, from its
+/// `kubernetes.io/service-name` label).
+fn owner(slice: &EndpointSlice) -> Option<String> {
+    let name = slice
+        .metadata
+        .labels
+        .as_ref()?
+        .get("kubernetes.io/service-name")?;
+    Some(format!(
+        "{}/{name}",
+        slice.metadata.namespace.as_deref().unwrap_or_default()
+    ))
+}
+
+/// Which of two Services claiming one NodePort keeps it: the older, then by name.
+type Order = (Option<jiff::Timestamp>, String);
+
+/// One Service's ports before NodePorts are shared out.
+#[derive(Debug, Default)]
+struct Built {
+    order: Order,
+    ports: Vec<ServicePort>,
+    skipped: Vec<Skipped>,
+}
+
+impl Built {
+    /// What its ports claim, each with the claiming port's name.
+    fn claims(&self) -> impl Iterator<Item = (Claim, &str)> {
+        self.ports
             .iter()
-            .filter(|s| s.metadata.namespace.as_deref() == Some(namespace.as_str()))
-            .filter(|s| {
-                s.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get("kubernetes.io/service-name"))
-                    == Some(&name)
-            })
-            .collect();
-        for port in spec.ports.iter().flatten() {
-            let port_id = match port.name.as_deref() {
-                Some(p) if !p.is_empty() => format!("{id}:{p}"),
-                _ => id.clone(),
-            };
-            let Some(protocol) = Protocol::parse(port.protocol.as_deref()) else {
-                skipped.push(Skipped {
-                    service: port_id,
-                    reason: format!("unsupported protocol {:?}", port.protocol),
-                });
-                continue;
-            };
-            let Ok(number) = u16::try_from(port.port)
-                .map_err(|_| ())
-                .and_then(|p| if p == 0 { Err(()) } else { Ok(p) })
-            else {
-                skipped.push(Skipped {
-                    service: port_id,
-                    reason: format!("port {} is outside 1-65535", port.port),
-                });
-                continue;
-            };
-            let node_port = match port
-                .node_port
-                .filter(|_| matches!(kind, "NodePort" | "LoadBalancer"))
-            {
-                None => None,
-                Some(n) => {
-                    let Some(n) = u16::try_from(n)
-                        .ok()
-                        .filter(|n| (node.node_port_range.0..=node.node_port_range.1).contains(n))
-                    else {
-                        skipped.push(Skipped {
-                            service: port_id,
-                            reason: format!(
-                                "nodePort {n} is outside {}-{}",
-                                node.node_port_range.0, node.node_port_range.1
-                            ),
-                        });
-                        continue;
-                    };
-                    if let Some(owner) = node_ports.get(&(n, protocol)) {
-                        skipped.push(Skipped {
-                            service: port_id,
-                            reason: format!(
-                                "nodePort {n}/{} is already used by {owner}",
-                                protocol.as_str()
-                            ),
-                        });
-                        continue;
+            .flat_map(|p| port_claims(p).into_iter().map(|c| (c, p.name.as_str())))
+    }
+}
+
+/// What a service port holds alone on this node: each of its Service addresses with its
+/// protocol and port, and its NodePort. Two Services wanting one (a NodePort or an externalIP
+/// both were given) cannot both be programmed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Claim {
+    NodePort(u16, Protocol),
+    Address(IpAddr, Protocol, u16),
+}
+
+impl std::fmt::Display for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Claim::NodePort(port, protocol) => write!(f, "nodePort {port}/{}", protocol.as_str()),
+            Claim::Address(ip, protocol, port) => {
+                write!(
+                    f,
+                    "address {}/{}",
+                    Endpoint {
+                        ip: *ip,
+                        port: *port,
+                        local: false
                     }
-                    node_ports.insert((n, protocol), port_id.clone());
-                    Some(n)
-                }
-            };
-            let candidates = endpoints_for(
-                &my_slices,
-                port.name.as_deref().unwrap_or(""),
-                protocol,
-                &cluster_ips,
-                &node.node_name,
-            );
-            let cluster_endpoints = choose(&candidates, internal_local);
-            let external_endpoints = choose(&candidates, external_local);
-            let health_check_node_port = if external_local {
-                spec.health_check_node_port
-                    .and_then(|p| u16::try_from(p).ok())
-            } else {
-                None
-            };
-            ports.push(ServicePort {
-                name: port_id,
-                protocol,
-                cluster_ips: cluster_ips.clone(),
-                port: number,
-                node_port,
-                external_ips: external_ips.clone(),
-                load_balancer_ips: load_balancer_ips.clone(),
-                affinity_timeout,
-                cluster_endpoints,
-                external_endpoints,
-                health_check_node_port,
-                external_policy_local: external_local,
-            });
+                    .address(),
+                    protocol.as_str()
+                )
+            }
         }
     }
-    (ports, skipped)
+}
+
+fn port_claims(port: &ServicePort) -> BTreeSet<Claim> {
+    let mut claims: BTreeSet<Claim> = port
+        .cluster_ips
+        .iter()
+        .chain(&port.external_ips)
+        .chain(&port.load_balancer_ips)
+        .map(|ip| Claim::Address(*ip, port.protocol, port.port))
+        .collect();
+    if let Some(node_port) = port.node_port {
+        claims.insert(Claim::NodePort(node_port, port.protocol));
+    }
+    claims
+}
+
+/// The model kept up to date: Services and EndpointSlices go in one change at a time, and
+/// [`Model::update`] rebuilds only the Services they touch (and those contending with them for a
+/// NodePort), so a change costs the same whatever the number of Services. A NodePort two
+/// Services claim stays with the older one.
+#[derive(Debug)]
+pub struct Model {
+    node: NodeContext,
+    services: BTreeMap<String, Service>,
+    slices: BTreeMap<String, EndpointSlice>,
+    /// Service → its slices' keys.
+    slices_of: BTreeMap<String, BTreeSet<String>>,
+    built: BTreeMap<String, Built>,
+    /// Each claim → the ports making it, the winner (the oldest) first.
+    claims: BTreeMap<Claim, BTreeSet<(Order, String)>>,
+    /// The outcome: each Service's ports to program (Services with none are absent).
+    ports: BTreeMap<String, Vec<ServicePort>>,
+    /// Each Service's ports left out, with why (Services with none are absent).
+    skipped: BTreeMap<String, Vec<Skipped>>,
+    dirty: BTreeSet<String>,
+}
+
+impl Model {
+    /// An empty model for `node`.
+    pub fn new(node: NodeContext) -> Model {
+        Model {
+            node,
+            services: BTreeMap::new(),
+            slices: BTreeMap::new(),
+            slices_of: BTreeMap::new(),
+            built: BTreeMap::new(),
+            claims: BTreeMap::new(),
+            ports: BTreeMap::new(),
+            skipped: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+        }
+    }
+
+    /// Sets (or with `None` removes) the Service `namespace/name`.
+    pub fn set_service(&mut self, key: &str, service: Option<Service>) {
+        match service {
+            Some(service) => self.services.insert(key.to_owned(), service),
+            None => self.services.remove(key),
+        };
+        self.dirty.insert(key.to_owned());
+    }
+
+    /// Sets (or with `None` removes) the EndpointSlice `namespace/name`.
+    pub fn set_slice(&mut self, key: &str, slice: Option<EndpointSlice>) {
+        let old = match slice {
+            Some(slice) => {
+                let new_owner = owner(&slice);
+                if let Some(service) = &new_owner {
+                    self.slices_of
+                        .entry(service.clone())
+                        .or_default()
+                        .insert(key.to_owned());
+                    self.dirty.insert(service.clone());
+                }
+                let old = self.slices.insert(key.to_owned(), slice);
+                // Still its owner's: nothing to unlink.
+                old.filter(|old| owner(old) != new_owner)
+            }
+            None => self.slices.remove(key),
+        };
+        if let Some(service) = old.as_ref().and_then(owner) {
+            if let Some(keys) = self.slices_of.get_mut(&service) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    self.slices_of.remove(&service);
+                }
+            }
+            self.dirty.insert(service);
+        }
+    }
+
+    /// The Services in the model.
+    pub fn services(&self) -> &BTreeMap<String, Service> {
+        &self.services
+    }
+
+    /// The EndpointSlices in the model.
+    pub fn slices(&self) -> &BTreeMap<String, EndpointSlice> {
+        &self.slices
+    }
+
+    /// Rebuilds what changed since the last update; returns the Services (`namespace/name`)
+    /// whose ports to program differ from before, each with the ports it had.
+    pub fn update(&mut self) -> BTreeMap<String, Vec<ServicePort>> {
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut contested = BTreeSet::new();
+        for key in &dirty {
+            if let Some(old) = self.built.remove(key) {
+                for (claim, port) in old.claims() {
+                    contested.insert(claim);
+                    if let Some(set) = self.claims.get_mut(&claim) {
+                        set.remove(&(old.order.clone(), port.to_owned()));
+                        if set.is_empty() {
+                            self.claims.remove(&claim);
+                        }
+                    }
+                }
+            }
+            let Some(service) = self.services.get(key) else {
+                continue;
+            };
+            let slices: Vec<&EndpointSlice> = self
+                .slices_of
+                .get(key)
+                .into_iter()
+                .flatten()
+                .filter_map(|k| self.slices.get(k))
+                .collect();
+            let built = build_service(key, service, &slices, &self.node);
+            for (claim, port) in built.claims() {
+                contested.insert(claim);
+                self.claims
+                    .entry(claim)
+                    .or_default()
+                    .insert((built.order.clone(), port.to_owned()));
+            }
+            self.built.insert(key.clone(), built);
+        }
+        // Every Service contending for what a rebuilt one held or holds may have won or lost it.
+        let mut redo = dirty;
+        for claim in &contested {
+            for (_, port) in self.claims.get(claim).into_iter().flatten() {
+                redo.insert(service_of(port).to_owned());
+            }
+        }
+        let mut changed = BTreeMap::new();
+        for key in redo {
+            let (ports, skipped) = match self.built.get(&key) {
+                Some(built) => self.share_out(built),
+                None => (Vec::new(), Vec::new()),
+            };
+            let before = if ports.is_empty() {
+                self.ports.remove(&key)
+            } else {
+                self.ports.insert(key.clone(), ports)
+            };
+            if before.as_ref() != self.ports.get(&key) {
+                changed.insert(key.clone(), before.unwrap_or_default());
+            }
+            if skipped.is_empty() {
+                self.skipped.remove(&key);
+            } else {
+                self.skipped.insert(key, skipped);
+            }
+        }
+        changed
+    }
+
+    /// A Service's ports that win all their claims, and its ports left out.
+    fn share_out(&self, built: &Built) -> (Vec<ServicePort>, Vec<Skipped>) {
+        let mut skipped = built.skipped.clone();
+        let mut ports = Vec::new();
+        for port in &built.ports {
+            let lost = port_claims(port).into_iter().find_map(|claim| {
+                let (_, winner) = self.claims.get(&claim)?.first()?;
+                (*winner != port.name).then_some((claim, winner))
+            });
+            match lost {
+                Some((claim, winner)) => skipped.push(Skipped {
+                    service: port.name.clone(),
+                    reason: format!("{claim} is already used by {winner}"),
+                }),
+                None => ports.push(port.clone()),
+            }
+        }
+        (ports, skipped)
+    }
+
+    /// Every service port to program, by Service.
+    pub fn ports(&self) -> impl Iterator<Item = &ServicePort> {
+        self.ports.values().flatten()
+    }
+
+    /// The ports to program of one Service (`namespace/name`).
+    pub fn ports_of(&self, service: &str) -> &[ServicePort] {
+        self.ports.get(service).map_or(&[], Vec::as_slice)
+    }
+
+    /// How many service ports there are to program.
+    pub fn port_count(&self) -> usize {
+        self.ports.values().map(Vec::len).sum()
+    }
+
+    /// Every Service or port left out, with why.
+    pub fn skipped(&self) -> impl Iterator<Item = &Skipped> {
+        self.skipped.values().flatten()
+    }
+}
+
+/// `namespace/name` of a service port's name (`namespace/name:port`).
+pub fn service_of(port: &str) -> &str {
+    port.split_once(':').map_or(port, |(service, _)| service)
+}
+
+/// `ports` grouped by Service, for a backend comparing everything with what it programmed:
+/// each Service named in `known` (those programmed before) and not among `ports` has none now.
+pub fn by_service<'a, 'k>(
+    ports: impl IntoIterator<Item = &'a ServicePort>,
+    known: impl IntoIterator<Item = &'k String>,
+) -> Vec<(String, Vec<&'a ServicePort>)> {
+    let mut services: BTreeMap<String, Vec<&'a ServicePort>> = BTreeMap::new();
+    for port in ports {
+        match services.get_mut(service_of(&port.name)) {
+            Some(list) => list.push(port),
+            None => {
+                services.insert(service_of(&port.name).to_owned(), vec![port]);
+            }
+        }
+    }
+    for service in known {
+        if !services.contains_key(service) {
+            services.insert(service.clone(), Vec::new());
+        }
+    }
+    services.into_iter().collect()
+}
+
+/// One Service's ports (NodePorts not yet shared out) and what is left out of it.
+fn build_service(
+    id: &str,
+    service: &Service,
+    my_slices: &[&EndpointSlice],
+    node: &NodeContext,
+) -> Built {
+    let mut built = Built {
+        order: (
+            service.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            id.to_owned(),
+        ),
+        ..Default::default()
+    };
+    let (ports, skipped) = (&mut built.ports, &mut built.skipped);
+    let id = id.to_owned();
+    let Some(spec) = &service.spec else {
+        return built;
+    };
+    let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if kind == "ExternalName" || spec.cluster_ip.as_deref() == Some("None") {
+        return built; // no virtual IP: nothing to program
+    }
+    let ip_texts: Vec<&String> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().collect(),
+        _ => spec.cluster_ip.iter().collect(),
+    };
+    let cluster_ips: Result<Vec<IpAddr>, _> =
+        ip_texts.iter().map(|t| t.parse::<IpAddr>()).collect();
+    let cluster_ips = match cluster_ips {
+        Ok(ips) if !ips.is_empty() => ips,
+        _ => {
+            skipped.push(Skipped {
+                service: id,
+                reason: format!("unparsable clusterIPs {ip_texts:?}"),
+            });
+            return built;
+        }
+    };
+    let parse_ips = |texts: &[String], what: &str, skipped: &mut Vec<Skipped>| -> Vec<IpAddr> {
+        texts
+            .iter()
+            .filter_map(|t| match t.parse() {
+                Ok(ip) => Some(ip),
+                Err(_) => {
+                    skipped.push(Skipped {
+                        service: id.clone(),
+                        reason: format!("ignored unparsable {what} {t:?}"),
+                    });
+                    None
+                }
+            })
+            .collect()
+    };
+    let external_ips = parse_ips(
+        spec.external_ips.as_deref().unwrap_or_default(),
+        "externalIP",
+        skipped,
+    );
+    let lb_texts: Vec<String> = service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|l| l.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.clone())
+        .collect();
+    let load_balancer_ips = if kind == "LoadBalancer" {
+        parse_ips(&lb_texts, "load balancer IP", skipped)
+    } else {
+        Vec::new()
+    };
+    let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .map_or(10800, |t| t.clamp(1, 86400) as u32)
+    });
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let external_local = matches!(kind, "NodePort" | "LoadBalancer")
+        && spec.external_traffic_policy.as_deref() == Some("Local");
+    for port in spec.ports.iter().flatten() {
+        let port_id = match port.name.as_deref() {
+            Some(p) if !p.is_empty() => format!("{id}:{p}"),
+            _ => id.clone(),
+        };
+        let Some(protocol) = Protocol::parse(port.protocol.as_deref()) else {
+            skipped.push(Skipped {
+                service: port_id,
+                reason: format!("unsupported protocol {:?}", port.protocol),
+            });
+            continue;
+        };
+        let Ok(number) = u16::try_from(port.port)
+            .map_err(|_| ())
+            .and_then(|p| if p == 0 { Err(()) } else { Ok(p) })
+        else {
+            skipped.push(Skipped {
+                service: port_id,
+                reason: format!("port {} is outside 1-65535", port.port),
+            });
+            continue;
+        };
+        let node_port = match port
+            .node_port
+            .filter(|_| matches!(kind, "NodePort" | "LoadBalancer"))
+        {
+            None => None,
+            Some(n) => {
+                let Some(n) = u16::try_from(n)
+                    .ok()
+                    .filter(|n| (node.node_port_range.0..=node.node_port_range.1).contains(n))
+                else {
+                    skipped.push(Skipped {
+                        service: port_id,
+                        reason: format!(
+                            "nodePort {n} is outside {}-{}",
+                            node.node_port_range.0, node.node_port_range.1
+                        ),
+                    });
+                    continue;
+                };
+                Some(n)
+            }
+        };
+        let candidates = endpoints_for(
+            my_slices,
+            port.name.as_deref().unwrap_or(""),
+            protocol,
+            &cluster_ips,
+            &node.node_name,
+        );
+        let cluster_endpoints = choose(&candidates, internal_local);
+        let external_endpoints = choose(&candidates, external_local);
+        let health_check_node_port = if external_local {
+            spec.health_check_node_port
+                .and_then(|p| u16::try_from(p).ok())
+        } else {
+            None
+        };
+        ports.push(ServicePort {
+            name: port_id,
+            protocol,
+            cluster_ips: cluster_ips.clone(),
+            port: number,
+            node_port,
+            external_ips: external_ips.clone(),
+            load_balancer_ips: load_balancer_ips.clone(),
+            affinity_timeout,
+            cluster_endpoints,
+            external_endpoints,
+            health_check_node_port,
+            external_policy_local: external_local,
+        });
+    }
+    built
 }
 
 #[derive(Debug, Clone)]
@@ -698,5 +1000,148 @@ mod tests {
             reasons["ns1/range"].contains("outside 30000-32767"),
             "{reasons:?}"
         );
+    }
+
+    /// Random Services (some contending for NodePorts) and slices, changed one at a time: after
+    /// every update the model equals a build from scratch, and it names exactly the Services
+    /// whose ports changed, with the ports they had.
+    #[test]
+    fn the_model_kept_up_to_date_equals_a_build_from_scratch() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut model = Model::new(node());
+        let mut services: BTreeMap<String, Service> = BTreeMap::new();
+        let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
+        let mut before: Vec<ServicePort> = Vec::new();
+        for step in 0..400 {
+            let name = format!("s{}", next(12));
+            let key = format!("ns1/{name}");
+            match next(5) {
+                0 => {
+                    services.remove(&key);
+                    model.set_service(&key, None);
+                }
+                1 | 2 => {
+                    let service = service(json!({
+                        "metadata": {"name": name, "namespace": "ns1", "creationTimestamp": format!("2026-01-01T00:00:{:02}Z", next(60))},
+                        "spec": {"type": "NodePort", "clusterIP": format!("10.96.0.{}", next(200) + 1),
+                                 "ports": [{"name": "p80", "port": 80, "nodePort": 30000 + next(4)}]}
+                    }));
+                    services.insert(key.clone(), service.clone());
+                    model.set_service(&key, Some(service));
+                }
+                3 => {
+                    // A slice may also move to another Service.
+                    let slice_name = format!("slice{}", next(8));
+                    let slice_key = format!("ns1/{slice_name}");
+                    let mut slice = slice(
+                        "ns1",
+                        &name,
+                        ("p80", 8080),
+                        json!([{"addresses": [format!("10.180.0.{}", next(200) + 1)]}]),
+                    );
+                    slice.metadata.name = Some(slice_name);
+                    slices.insert(slice_key.clone(), slice.clone());
+                    model.set_slice(&slice_key, Some(slice));
+                }
+                _ => {
+                    let slice_key = format!("ns1/slice{}", next(8));
+                    slices.remove(&slice_key);
+                    model.set_slice(&slice_key, None);
+                }
+            }
+            if next(3) == 0 {
+                continue; // several changes may go into one update
+            }
+            let changed = model.update();
+            let service_list: Vec<Service> = services.values().cloned().collect();
+            let slice_list: Vec<EndpointSlice> = slices.values().cloned().collect();
+            let (mut scratch, mut skipped) = build(&service_list, &slice_list, &node());
+            let mut now: Vec<ServicePort> = model.ports().cloned().collect();
+            let by_name = |a: &ServicePort, b: &ServicePort| a.name.cmp(&b.name);
+            now.sort_by(by_name);
+            scratch.sort_by(by_name);
+            assert_eq!(now, scratch, "step {step}");
+            let mut kept: Vec<Skipped> = model.skipped().cloned().collect();
+            let by_service = |a: &Skipped, b: &Skipped| a.service.cmp(&b.service);
+            kept.sort_by(by_service);
+            skipped.sort_by(by_service);
+            assert_eq!(kept, skipped, "step {step}");
+            let differs: BTreeSet<&str> = before
+                .iter()
+                .chain(&now)
+                .map(|p| service_of(&p.name))
+                .filter(|s| {
+                    let of = |list: &[ServicePort]| -> Vec<ServicePort> {
+                        list.iter()
+                            .filter(|p| service_of(&p.name) == *s)
+                            .cloned()
+                            .collect()
+                    };
+                    of(&before) != of(&now)
+                })
+                .collect();
+            assert_eq!(
+                changed.keys().map(String::as_str).collect::<BTreeSet<_>>(),
+                differs,
+                "step {step}: the changed Services"
+            );
+            for (service, had) in &changed {
+                let of_before: Vec<&ServicePort> = before
+                    .iter()
+                    .filter(|p| service_of(&p.name) == service)
+                    .collect();
+                assert_eq!(had.iter().collect::<Vec<_>>(), of_before, "step {step}");
+            }
+            before = now;
+        }
+    }
+
+    #[test]
+    fn a_service_address_two_services_claim_stays_with_the_older_until_it_goes() {
+        let claimant = |name: &str, created: &str, ip: &str| {
+            service(
+                json!({"metadata": {"name": name, "namespace": "ns1", "creationTimestamp": created},
+                "spec": {"clusterIP": ip, "externalIPs": ["192.0.2.50"], "ports": [{"name": "http", "port": 80}]}}),
+            )
+        };
+        let mut model = Model::new(node());
+        model.set_service(
+            "ns1/new",
+            Some(claimant("new", "2026-01-02T00:00:00Z", "10.96.0.2")),
+        );
+        model.set_service(
+            "ns1/old",
+            Some(claimant("old", "2026-01-01T00:00:00Z", "10.96.0.1")),
+        );
+        model.update();
+        assert_eq!(
+            model.ports().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+            ["ns1/old:http"]
+        );
+        let skipped: Vec<&Skipped> = model.skipped().collect();
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].service, "ns1/new:http");
+        assert_eq!(
+            skipped[0].reason,
+            "address 192.0.2.50:80/tcp is already used by ns1/old:http"
+        );
+        model.set_service("ns1/old", None);
+        let changed = model.update();
+        assert_eq!(
+            changed.keys().collect::<Vec<_>>(),
+            ["ns1/new", "ns1/old"],
+            "the newer Service takes the address over"
+        );
+        assert_eq!(
+            model.ports().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+            ["ns1/new:http"]
+        );
+        assert_eq!(model.skipped().count(), 0);
     }
 }

@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::backend::{BackendError, RuleBackend};
 use crate::iptables::SyncReport;
-use crate::model::{NodeContext, build};
+use crate::model::{Model, NodeContext, ServicePort, object_key};
 
 /// How `tug proxy` runs.
 #[derive(Debug)]
@@ -75,54 +75,58 @@ struct Stats {
 
 type Shared = Arc<Mutex<Stats>>;
 
-fn key(metadata: &kube::api::ObjectMeta) -> String {
-    format!(
-        "{}/{}",
-        metadata.namespace.as_deref().unwrap_or_default(),
-        metadata.name.as_deref().unwrap_or_default()
-    )
-}
-
-/// A store filled by one watch.
-struct Store<K> {
-    items: BTreeMap<String, K>,
+/// Follows one watch, turning its events into changes for the model: each (key, new object or
+/// `None` when it is gone). A relist becomes the differences from what the model has, so
+/// resuming a watch costs the objects that changed, not all of them.
+struct Watched<K> {
     initial: BTreeMap<String, K>,
     synced: bool,
 }
 
-impl<K: kube::Resource> Store<K> {
-    fn new() -> Store<K> {
-        Store {
-            items: BTreeMap::new(),
+impl<K: kube::Resource> Watched<K> {
+    fn new() -> Watched<K> {
+        Watched {
             initial: BTreeMap::new(),
             synced: false,
         }
     }
 
-    /// Applies one watch event; returns whether the store changed.
-    fn apply(&mut self, event: Event<K>) -> bool {
+    /// Applies one watch event, given the objects as the model has them.
+    fn apply(
+        &mut self,
+        event: Event<K>,
+        current: &BTreeMap<String, K>,
+    ) -> Vec<(String, Option<K>)> {
         match event {
             Event::Init => {
                 self.initial.clear();
-                false
+                Vec::new()
             }
             Event::InitApply(item) => {
-                self.initial.insert(key(item.meta()), item);
-                false
+                self.initial.insert(object_key(item.meta()), item);
+                Vec::new()
             }
             Event::InitDone => {
-                self.items = std::mem::take(&mut self.initial);
                 self.synced = true;
-                true
+                let listed = std::mem::take(&mut self.initial);
+                let mut changes: Vec<(String, Option<K>)> = current
+                    .keys()
+                    .filter(|key| !listed.contains_key(*key))
+                    .map(|key| (key.clone(), None))
+                    .collect();
+                for (key, item) in listed {
+                    let version = |o: &K| o.meta().resource_version.clone();
+                    let same = current.get(&key).is_some_and(|old| {
+                        version(old).is_some() && version(old) == version(&item)
+                    });
+                    if !same {
+                        changes.push((key, Some(item)));
+                    }
+                }
+                changes
             }
-            Event::Apply(item) => {
-                self.items.insert(key(item.meta()), item);
-                true
-            }
-            Event::Delete(item) => {
-                self.items.remove(&key(item.meta()));
-                true
-            }
+            Event::Apply(item) => vec![(object_key(item.meta()), Some(item))],
+            Event::Delete(item) => vec![(object_key(item.meta()), None)],
         }
     }
 }
@@ -354,20 +358,22 @@ pub async fn run(
             (None, services, slices)
         }
     };
-    let mut services = Store::<Service>::new();
-    let mut slices = Store::<EndpointSlice>::new();
+    let mut services = Watched::<Service>::new();
+    let mut slices = Watched::<EndpointSlice>::new();
     let backends = config.backends;
     let backend = Arc::new(Mutex::new(backends));
     let node = NodeContext {
         node_name: config.node_name.clone(),
         node_port_range: config.node_port_range,
     };
+    let mut model = Model::new(node.clone());
     let mut dirty = true;
     let mut last_sync = Instant::now() - config.min_sync_period;
     let mut last_full = Instant::now();
     let mut first = true;
     let mut reported: BTreeSet<(String, String)> = BTreeSet::new();
-    let mut programmed: Vec<crate::model::ServicePort> = Vec::new();
+    // The Services changed since the last successful sync, with the ports then programmed.
+    let mut pending: BTreeMap<String, Vec<ServicePort>> = BTreeMap::new();
     let mut health_checks = crate::healthcheck::HealthChecks::default();
     let mut periodic = tokio::time::interval(config.sync_period);
     tokio::pin!(shutdown);
@@ -377,12 +383,18 @@ pub async fn run(
         tokio::select! {
             () = &mut shutdown => break,
             event = service_events.next() => match event {
-                Some(Ok(event)) => dirty |= services.apply(event),
+                Some(Ok(event)) => for (key, service) in services.apply(event, model.services()) {
+                    model.set_service(&key, service);
+                    dirty = true;
+                },
                 Some(Err(error)) => watch_failed("Services", &error),
                 None => break,
             },
             event = slice_events.next() => match event {
-                Some(Ok(event)) => dirty |= slices.apply(event),
+                Some(Ok(event)) => for (key, slice) in slices.apply(event, model.slices()) {
+                    model.set_slice(&key, slice);
+                    dirty = true;
+                },
                 Some(Err(error)) => watch_failed("EndpointSlices", &error),
                 None => break,
             },
@@ -391,28 +403,40 @@ pub async fn run(
                 dirty = false;
                 last_sync = Instant::now();
                 let full = first || last_full.elapsed() >= config.full_sync_period;
-                let service_list: Vec<Service> = services.items.values().cloned().collect();
-                let slice_list: Vec<EndpointSlice> = slices.items.values().cloned().collect();
-                let (ports, skipped) = build(&service_list, &slice_list, &node);
+                for (service, before) in model.update() {
+                    pending.entry(service).or_insert(before);
+                }
+                let skipped: Vec<crate::model::Skipped> = model.skipped().cloned().collect();
                 for skip in &skipped {
                     if reported.insert((skip.service.clone(), skip.reason.clone())) {
                         tracing::warn!(service = %skip.service, reason = %skip.reason, "service left out; every other service is still programmed");
                         if let Some(recorder) = &recorder {
-                            publish_skip(recorder, &services, &skip.service, &skip.reason).await;
+                            publish_skip(recorder, &model, &skip.service, &skip.reason).await;
                         }
                     }
                 }
                 reported.retain(|(s, r)| skipped.iter().any(|k| &k.service == s && &k.reason == r));
-                let port_count = ports.len();
-                let stale = crate::conntrack::stale_udp(&programmed, &ports);
-                let now_programmed = ports.clone();
+                let before: Vec<ServicePort> = pending.values().flatten().cloned().collect();
+                let after: Vec<ServicePort> = pending
+                    .keys()
+                    .flat_map(|s| model.ports_of(s))
+                    .cloned()
+                    .collect();
+                let stale = crate::conntrack::stale_udp(&before, &after);
+                let changed: BTreeSet<String> = pending.keys().cloned().collect();
                 let sync_backend = backend.clone();
+                // The blocking sync borrows the model for its duration; no event is applied
+                // meanwhile, since this arm awaits it.
+                let synced_model = std::mem::replace(&mut model, Model::new(node.clone()));
                 let began = Instant::now();
-                let result: Result<SyncReport, BackendError> = tokio::task::spawn_blocking(move || {
+                let (synced_model, result) = tokio::task::spawn_blocking(move || {
                     let mut backends = sync_backend.lock().unwrap_or_else(|p| p.into_inner());
                     let mut total = SyncReport::default();
                     for backend in backends.iter_mut() {
-                        let report = backend.sync(&ports, full)?;
+                        let report = match backend.sync(&synced_model, &changed, full) {
+                            Ok(report) => report,
+                            Err(error) => return (synced_model, Err(error)),
+                        };
                         total.full |= report.full;
                         total.written += report.written;
                         total.deleted += report.deleted;
@@ -424,10 +448,11 @@ pub async fn run(
                         Ok(n) => tracing::info!(entries = n, "cleared UDP conntrack entries of removed endpoints"),
                         Err(error) => tracing::warn!(%error, "clearing stale UDP conntrack entries failed"),
                     }
-                    Ok(total)
+                    (synced_model, Ok::<_, BackendError>(total))
                 })
                 .await
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()));
+                model = synced_model;
                 let elapsed = began.elapsed().as_secs_f64();
                 {
                 let mut stats = stats.lock().unwrap_or_else(|p| p.into_inner());
@@ -437,7 +462,7 @@ pub async fn run(
                 match result {
                     Ok(report) => {
                         first = false;
-                        programmed = now_programmed;
+                        pending.clear();
                         if report.full {
                             last_full = Instant::now();
                             stats.full_syncs += 1;
@@ -446,7 +471,7 @@ pub async fn run(
                         stats.last_success = Some(SystemTime::now());
                         stats.last_attempt_failed = false;
                         stats.service_chains = report.chains;
-                        stats.service_ports = port_count;
+                        stats.service_ports = model.port_count();
                         tracing::debug!(full = report.full, written = report.written, deleted = report.deleted, seconds = elapsed, "rules synced");
                     }
                     Err(error) => {
@@ -457,7 +482,12 @@ pub async fn run(
                     }
                 }
                 }
-                health_checks.update(&programmed).await;
+                let checked: Vec<ServicePort> = model
+                    .ports()
+                    .filter(|p| p.health_check_node_port.is_some())
+                    .cloned()
+                    .collect();
+                health_checks.update(&checked).await;
             }
         }
     }
@@ -467,9 +497,9 @@ pub async fn run(
     Ok(())
 }
 
-async fn publish_skip(recorder: &Recorder, services: &Store<Service>, service: &str, reason: &str) {
-    let id = service.split(':').next().unwrap_or(service);
-    let Some(object) = services.items.get(id) else {
+async fn publish_skip(recorder: &Recorder, model: &Model, service: &str, reason: &str) {
+    let id = crate::model::service_of(service);
+    let Some(object) = model.services().get(id) else {
         return;
     };
     let reference = ObjectReference {
@@ -530,28 +560,61 @@ mod tests {
     }
 
     #[test]
-    fn stores_swap_in_the_initial_list_only_when_it_is_complete() {
-        let mut store = Store::<Service>::new();
-        let svc = |name: &str| Service {
+    fn a_relist_yields_only_what_differs_from_the_model_once_it_is_complete() {
+        let svc = |name: &str, version: &str| Service {
             metadata: kube::api::ObjectMeta {
                 name: Some(name.into()),
                 namespace: Some("ns".into()),
+                resource_version: Some(version.into()),
                 ..Default::default()
             },
             ..Default::default()
         };
-        store.apply(Event::Apply(svc("old")));
-        assert!(!store.apply(Event::Init));
-        assert!(!store.apply(Event::InitApply(svc("a"))));
-        assert!(!store.synced);
-        assert!(store.apply(Event::InitDone));
-        assert!(store.synced);
-        assert_eq!(
-            store.items.keys().collect::<Vec<_>>(),
-            ["ns/a"],
-            "a relist replaces the store"
+        let mut watched = Watched::<Service>::new();
+        let mut model: BTreeMap<String, Service> = BTreeMap::new();
+        let apply =
+            |watched: &mut Watched<Service>, model: &mut BTreeMap<String, Service>, event| {
+                let changes = watched.apply(event, model);
+                for (key, item) in &changes {
+                    match item {
+                        Some(item) => model.insert(key.clone(), item.clone()),
+                        None => model.remove(key),
+                    };
+                }
+                changes
+                    .into_iter()
+                    .map(|(key, item)| (key, item.is_some()))
+                    .collect::<Vec<_>>()
+            };
+        apply(&mut watched, &mut model, Event::Init);
+        apply(&mut watched, &mut model, Event::InitApply(svc("kept", "1")));
+        apply(&mut watched, &mut model, Event::InitApply(svc("gone", "1")));
+        assert!(
+            !watched.synced,
+            "nothing counts before the list is complete"
         );
-        assert!(store.apply(Event::Delete(svc("a"))));
-        assert!(store.items.is_empty());
+        assert!(model.is_empty());
+        let first = apply(&mut watched, &mut model, Event::InitDone);
+        assert!(watched.synced);
+        assert_eq!(first.len(), 2, "{first:?}");
+        assert_eq!(
+            apply(&mut watched, &mut model, Event::Apply(svc("new", "2"))),
+            [("ns/new".to_owned(), true)]
+        );
+        // The watch broke and relisted: one object changed, one went, one stayed.
+        apply(&mut watched, &mut model, Event::Init);
+        apply(&mut watched, &mut model, Event::InitApply(svc("kept", "1")));
+        apply(&mut watched, &mut model, Event::InitApply(svc("new", "3")));
+        let relisted = apply(&mut watched, &mut model, Event::InitDone);
+        assert_eq!(
+            relisted,
+            [("ns/gone".to_owned(), false), ("ns/new".to_owned(), true)],
+            "only the differences, not the unchanged object"
+        );
+        assert_eq!(
+            apply(&mut watched, &mut model, Event::Delete(svc("new", "3"))),
+            [("ns/new".to_owned(), false)]
+        );
+        assert_eq!(model.keys().collect::<Vec<_>>(), ["ns/kept"]);
     }
 }

@@ -201,7 +201,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             // missing): programmed once empty to find out, as upstream probes before it runs
             // dual-stack.
             let mut v6 = nft(ipv6_cidr_for_nft.clone(), true);
-            match v6.sync(&[], true) {
+            let empty = tug_proxy::model::Model::new(Default::default());
+            match v6.sync(&empty, &Default::default(), true) {
                 Ok(_) => list.push(v6),
                 Err(error) => tracing::warn!(
                     %error,

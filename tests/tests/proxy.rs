@@ -2,6 +2,7 @@
 //! through a ClusterIP and a NodePort on a node namespace programmed by tug's backends, with
 //! both of iptables' backends (nf_tables and legacy).
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::process::Command;
 
@@ -58,6 +59,29 @@ fn ports(services: &[Service], slices: &[EndpointSlice]) -> Vec<ServicePort> {
     );
     assert!(skipped.is_empty(), "{skipped:?}");
     ports
+}
+
+/// The proxy's model of `services` and `slices`, as its loop keeps it.
+fn model(services: &[Service], slices: &[EndpointSlice]) -> tug_proxy::model::Model {
+    let mut model = tug_proxy::model::Model::new(NodeContext {
+        node_name: "node-a".into(),
+        ..Default::default()
+    });
+    for service in services {
+        model.set_service(
+            &tug_proxy::model::object_key(&service.metadata),
+            Some(service.clone()),
+        );
+    }
+    for slice in slices {
+        model.set_slice(
+            &tug_proxy::model::object_key(&slice.metadata),
+            Some(slice.clone()),
+        );
+    }
+    model.update();
+    assert_eq!(model.skipped().count(), 0);
+    model
 }
 
 fn run(node: &Netns, program: &str, args: &[&str]) -> String {
@@ -342,8 +366,11 @@ fn keep_external_traffic_local(mut backend: Box<dyn tug_proxy::backend::RuleBack
         "ports": [{"name": "http", "protocol": "TCP", "port": 8080}]
     }))
     .unwrap();
-    let ports = ports(&[service], &[slice]);
-    lab.node.run(|| backend.sync(&ports, true)).expect("sync");
+    let model = model(&[service], &[slice]);
+    let everything = BTreeSet::new();
+    lab.node
+        .run(|| backend.sync(&model, &everything, true))
+        .expect("sync");
     let node_port: SocketAddr = format!("{NODE_IP}:30080").parse().unwrap();
     let hits = ServiceLab::tcp_hits(&lab.client, node_port, 20);
     assert_eq!(
@@ -395,9 +422,14 @@ fn serve_a_dual_stack_service(
         "ports": [{"name": "http", "protocol": "TCP", "port": 8080}]
     }))
     .unwrap();
-    let ports = ports(&[service], &[slice(&[1, 2]), v6_slice]);
-    lab.node.run(|| v4.sync(&ports, false)).expect("IPv4 sync");
-    lab.node.run(|| v6.sync(&ports, false)).expect("IPv6 sync");
+    let model = model(&[service], &[slice(&[1, 2]), v6_slice]);
+    let everything = BTreeSet::new();
+    lab.node
+        .run(|| v4.sync(&model, &everything, true))
+        .expect("IPv4 sync");
+    lab.node
+        .run(|| v6.sync(&model, &everything, true))
+        .expect("IPv6 sync");
     let vip6: SocketAddr = "[fd00:30::41]:80".parse().unwrap();
     assert_eq!(
         ServiceLab::tcp_hits(&lab.client, vip6, 30).len(),
@@ -778,7 +810,8 @@ fn node_port_addresses_limit_where_node_ports_answer() {
     use tug_proxy::nftables::{NftConfig, Nftables};
     require(Tier::Netns);
     let cidrs = tug_proxy::addresses::parse(&["192.168.50.1/32".into()]).unwrap();
-    let both = ports(&[service(false)], &[slice(&[1, 2])]);
+    let both = model(&[service(false)], &[slice(&[1, 2])]);
+    let everything = BTreeSet::new();
     let backends: Vec<(&str, Box<dyn RuleBackend>)> = vec![
         (
             "iptables",
@@ -805,7 +838,9 @@ fn node_port_addresses_limit_where_node_ports_answer() {
         // A second node address, outside nodePortAddresses.
         lab.node
             .ip(&["addr", "add", "192.168.50.3/24", "dev", "c0"]);
-        lab.node.run(|| backend.sync(&both, false)).expect("sync");
+        lab.node
+            .run(|| backend.sync(&both, &everything, true))
+            .expect("sync");
         let allowed: SocketAddr = format!("{NODE_IP}:30080").parse().unwrap();
         assert_eq!(
             ServiceLab::tcp_hits(&lab.client, allowed, 10).len(),
@@ -821,6 +856,135 @@ fn node_port_addresses_limit_where_node_ports_answer() {
         assert!(
             ServiceLab::tcp_once(&lab.client, vip).is_ok(),
             "{mode}: ClusterIPs are unaffected"
+        );
+    }
+}
+
+/// nft's JSON listing of tug's table, in a form two tables holding the same rules share: set
+/// and map entries sorted, rules kept in order per chain, kernel handles dropped.
+fn table_contents(ns: &Netns) -> BTreeSet<String> {
+    let listed: serde_json::Value =
+        serde_json::from_str(&run(ns, "nft", &["-j", "list", "table", "ip", "tug-proxy"]))
+            .expect("nft -j output");
+    let mut out = BTreeSet::new();
+    let mut rules: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for object in listed["nftables"].as_array().into_iter().flatten() {
+        let Some((kind, body)) = object.as_object().and_then(|o| o.iter().next()) else {
+            continue;
+        };
+        let mut body = body.clone();
+        if let Some(fields) = body.as_object_mut() {
+            fields.remove("handle");
+            if let Some(serde_json::Value::Array(elements)) = fields.get_mut("elem") {
+                elements.sort_by_key(|e| e.to_string());
+            }
+        }
+        match kind.as_str() {
+            "rule" => rules
+                .entry(body["chain"].to_string())
+                .or_default()
+                .push(body.to_string()),
+            "metainfo" => {}
+            _ => {
+                out.insert(format!("{kind} {body}"));
+            }
+        }
+    }
+    out.extend(
+        rules
+            .into_iter()
+            .map(|(chain, list)| format!("rules of {chain}: {list:?}")),
+    );
+    out
+}
+
+/// The proxy's loop tells the nftables backend which Services changed and the backend looks at
+/// those only: after every such change, over random Services, endpoints, affinity and
+/// NodePorts, the kernel's table equals what a fresh full sync of the whole model writes.
+#[test]
+#[ignore = "netns tier (root): run as root via ./scripts/test, or cargo test -p tug-tests --test proxy -- --ignored"]
+fn nftables_partial_syncs_leave_the_table_a_full_sync_writes() {
+    use tug_proxy::model::{Model, object_key};
+    use tug_proxy::nftables::{NftConfig, Nftables};
+    require(Tier::Netns);
+    let config = NftConfig {
+        cluster_cidr: Some(CLUSTER_CIDR.into()),
+        ..Default::default()
+    };
+    let (partial_ns, full_ns) = (Netns::new("nfp"), Netns::new("nff"));
+    let mut partial = Nftables::new(config.clone());
+    let mut model = Model::new(NodeContext {
+        node_name: "node-a".into(),
+        ..Default::default()
+    });
+    let mut seed = 0x1234_5678_9abc_def1_u64;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    partial_ns
+        .run(|| partial.sync(std::iter::empty(), true))
+        .expect("empty table");
+    for step in 0..60 {
+        let name = format!("s{}", next(8));
+        let namespace = "demo";
+        let key = format!("{namespace}/{name}");
+        match next(4) {
+            0 => model.set_service(&key, None),
+            1 | 2 => {
+                let kind = if next(2) == 0 {
+                    "ClusterIP"
+                } else {
+                    "NodePort"
+                };
+                let mut spec = json!({
+                    "type": kind, "clusterIP": format!("172.30.0.{}", next(8) + 1),
+                    "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080},
+                              {"name": "dns", "protocol": "UDP", "port": 53, "targetPort": 8053}]
+                });
+                if kind == "NodePort" {
+                    spec["ports"][0]["nodePort"] = json!(30080 + next(3));
+                }
+                if next(3) == 0 {
+                    spec["sessionAffinity"] = json!("ClientIP");
+                }
+                let service: Service = serde_json::from_value(json!({
+                    "metadata": {"name": name, "namespace": namespace},
+                    "spec": spec
+                }))
+                .unwrap();
+                model.set_service(&key, Some(service));
+            }
+            _ => {
+                let pods: Vec<u8> = (0..next(4)).map(|_| next(6) as u8 + 1).collect();
+                let mut slice = slice(&pods);
+                slice.metadata.name = Some(format!("{name}-abc"));
+                slice
+                    .metadata
+                    .labels
+                    .get_or_insert_default()
+                    .insert("kubernetes.io/service-name".into(), name.clone());
+                model.set_slice(&object_key(&slice.metadata), Some(slice));
+            }
+        }
+        let changed = model.update();
+        let outcome = partial_ns
+            .run(|| partial.sync_services(changed.keys().map(|s| (s.as_str(), model.ports_of(s)))));
+        outcome
+            .expect("a previous sync")
+            .unwrap_or_else(|e| panic!("step {step}: {e}"));
+        let mut fresh = Nftables::new(config.clone());
+        full_ns
+            .run(|| fresh.sync(model.ports(), true))
+            .expect("full sync");
+        let (have, want) = (table_contents(&partial_ns), table_contents(&full_ns));
+        assert_eq!(
+            have.symmetric_difference(&want).collect::<Vec<_>>(),
+            Vec::<&String>::new(),
+            "step {step}: after changing {:?}",
+            changed.keys().collect::<Vec<_>>()
         );
     }
 }

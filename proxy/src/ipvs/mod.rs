@@ -13,7 +13,10 @@ pub mod genl;
 pub mod rules;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::hash::Hash;
 use std::net::IpAddr;
+
+use foldhash::HashMap;
 
 use device::{DEVICE, DeviceError, VipDevice};
 use genl::{Destination, Ipvs, IpvsError, Op, Scheduling, VirtualServer};
@@ -100,7 +103,11 @@ fn destinations(endpoints: &[Endpoint], family_of: &IpAddr) -> BTreeSet<Destinat
 }
 
 /// What `ports` ask for, with NodePorts on `node_ips`.
-pub fn desired(ports: &[ServicePort], node_ips: &[IpAddr], scheduler: &str) -> Desired {
+pub fn desired<'a>(
+    ports: impl IntoIterator<Item = &'a ServicePort>,
+    node_ips: &[IpAddr],
+    scheduler: &str,
+) -> Desired {
     let mut out = Desired::default();
     for port in ports {
         let scheduling = Scheduling {
@@ -306,16 +313,194 @@ fn set_sysctls() -> Result<(), IpvsBackendError> {
     Ok(())
 }
 
+/// A multiset: how many Services want each item.
+#[derive(Debug)]
+struct Counted<T>(HashMap<T, u32>);
+
+impl<T> Default for Counted<T> {
+    fn default() -> Self {
+        Counted(HashMap::default())
+    }
+}
+
+impl<T: Hash + Eq + Clone> Counted<T> {
+    /// Counts `old` out and `new` in, and appends to `removed` what nobody wants any more and
+    /// to `added` what is wanted for the first time.
+    fn change(&mut self, old: &[T], new: &[T], removed: &mut Vec<T>, added: &mut Vec<T>) {
+        let mut before: HashMap<&T, bool> = HashMap::default();
+        for item in old.iter().chain(new) {
+            before
+                .entry(item)
+                .or_insert_with(|| self.0.contains_key(item));
+        }
+        for item in old {
+            if let Some(count) = self.0.get_mut(item) {
+                *count -= 1;
+                if *count == 0 {
+                    self.0.remove(item);
+                }
+            }
+        }
+        for item in new {
+            *self.0.entry(item.clone()).or_default() += 1;
+        }
+        for (item, was) in before {
+            match (was, self.0.contains_key(item)) {
+                (true, false) => removed.push(item.clone()),
+                (false, true) => added.push(item.clone()),
+                _ => {}
+            }
+        }
+    }
+
+    fn items(&self) -> Vec<T> {
+        self.0.keys().cloned().collect()
+    }
+}
+
+/// The rule inputs of all Services, counted.
+#[derive(Debug, Default)]
+struct CountedInputs {
+    cluster: Counted<(IpAddr, Protocol, u16)>,
+    external: Counted<(IpAddr, Protocol, u16)>,
+    services: Counted<(IpAddr, Protocol, u16)>,
+    node_ports: Counted<(Protocol, u16)>,
+    endpoints: Counted<(IpAddr, Protocol, u16)>,
+    vips: Counted<IpAddr>,
+}
+
+impl CountedInputs {
+    /// Counts one Service's inputs `old` out and `new` in, noting what that removes and adds.
+    fn change(&mut self, old: &Inputs, new: &Inputs, removed: &mut Inputs, added: &mut Inputs) {
+        let (r, a) = (removed, added);
+        self.cluster
+            .change(&old.cluster, &new.cluster, &mut r.cluster, &mut a.cluster);
+        self.external.change(
+            &old.external,
+            &new.external,
+            &mut r.external,
+            &mut a.external,
+        );
+        self.services.change(
+            &old.services,
+            &new.services,
+            &mut r.services,
+            &mut a.services,
+        );
+        self.node_ports.change(
+            &old.node_ports,
+            &new.node_ports,
+            &mut r.node_ports,
+            &mut a.node_ports,
+        );
+        self.endpoints.change(
+            &old.endpoints,
+            &new.endpoints,
+            &mut r.endpoints,
+            &mut a.endpoints,
+        );
+        self.vips
+            .change(&old.vips, &new.vips, &mut r.vips, &mut a.vips);
+    }
+
+    fn totals(&self) -> Inputs {
+        Inputs {
+            cluster: self.cluster.items(),
+            external: self.external.items(),
+            services: self.services.items(),
+            node_ports: self.node_ports.items(),
+            endpoints: self.endpoints.items(),
+            vips: self.vips.items(),
+        }
+    }
+}
+
+/// What tug has programmed, kept per Service so that a change is applied by looking at the
+/// Services it touches only.
+#[derive(Debug, Default)]
+struct State {
+    /// Each Service's share: its virtual services and rule inputs.
+    services: HashMap<String, Desired>,
+    /// Every virtual service programmed.
+    table: Table,
+    /// The Services wanting each virtual service (more than one only when their addresses
+    /// collide; the last by name has it).
+    claims: HashMap<VirtualServer, BTreeSet<String>>,
+    inputs: CountedInputs,
+    /// The node addresses NodePorts were programmed on.
+    node_ips: Vec<IpAddr>,
+}
+
+/// What one sync changes.
+#[derive(Debug, Default)]
+struct Staged {
+    /// The virtual services it touches as they were, and as they are to be.
+    before: Table,
+    after: Table,
+    /// Rule inputs nobody wants any more, and newly wanted ones.
+    removed: Inputs,
+    added: Inputs,
+}
+
+impl State {
+    /// Takes in each Service's new share.
+    fn stage(&mut self, changed: Vec<(String, Desired)>) -> Staged {
+        let mut staged = Staged::default();
+        let mut touched = BTreeSet::new();
+        for (service, new) in changed {
+            let old = self.services.remove(&service).unwrap_or_default();
+            for vs in old.table.keys() {
+                if let Some(claims) = self.claims.get_mut(vs) {
+                    claims.remove(&service);
+                    if claims.is_empty() {
+                        self.claims.remove(vs);
+                    }
+                }
+                touched.insert(*vs);
+            }
+            for vs in new.table.keys() {
+                self.claims.entry(*vs).or_default().insert(service.clone());
+                touched.insert(*vs);
+            }
+            self.inputs.change(
+                &old.inputs,
+                &new.inputs,
+                &mut staged.removed,
+                &mut staged.added,
+            );
+            if !new.table.is_empty() || new.inputs != Inputs::default() {
+                self.services.insert(service, new);
+            }
+        }
+        for vs in touched {
+            if let Some(before) = self.table.remove(&vs) {
+                staged.before.insert(vs, before);
+            }
+            let wanted = self
+                .claims
+                .get(&vs)
+                .and_then(|claims| claims.last())
+                .and_then(|service| self.services.get(service))
+                .and_then(|share| share.table.get(&vs));
+            if let Some(wanted) = wanted {
+                self.table.insert(vs, wanted.clone());
+                staged.after.insert(vs, wanted.clone());
+            }
+        }
+        staged
+    }
+}
+
 /// The IPVS backend.
 #[derive(Debug)]
 pub struct IpvsBackend {
     config: IpvsConfig,
     /// What the last successful sync programmed; `None` forces a full sync that reads the
     /// kernel's state.
-    programmed: Option<Desired>,
-    /// The nftables families whose table tug has written, with what was written (the next
-    /// incremental sync changes only the difference).
-    tables: BTreeMap<u8, Option<crate::nftables::Ruleset>>,
+    state: Option<State>,
+    /// The nftables families whose table tug has written (`false` while a write is under way
+    /// or failed: the next sync replaces it).
+    tables: BTreeMap<u8, bool>,
     /// Removed destinations waiting for their connections to end.
     draining: Draining,
 }
@@ -325,7 +510,7 @@ impl IpvsBackend {
     pub fn new(config: IpvsConfig) -> IpvsBackend {
         IpvsBackend {
             config,
-            programmed: None,
+            state: None,
             tables: BTreeMap::new(),
             draining: Draining::new(),
         }
@@ -350,38 +535,90 @@ impl IpvsBackend {
         Ok(table)
     }
 
-    /// Programs `ports`; a full sync (or the first) reads the kernel's state first and removes
-    /// what tug owns but no longer wants.
-    pub fn sync(
+    /// Programs `ports` (everything): a full sync (or the first) reads the kernel's state first
+    /// and removes what tug owns but no longer wants; otherwise every Service is compared with
+    /// what was programmed.
+    pub fn sync<'a>(
         &mut self,
-        ports: &[ServicePort],
+        ports: impl IntoIterator<Item = &'a ServicePort>,
         full: bool,
     ) -> Result<SyncReport, IpvsBackendError> {
-        let previous = self.programmed.take();
+        let known = self.state.iter().flat_map(|state| state.services.keys());
+        let services = crate::model::by_service(ports, known);
+        self.program(services, full)
+    }
+
+    /// Programs the changes of some Services: each named Service's ports are now exactly those
+    /// given (none: it is gone), every other Service stays as it is, and only these are looked
+    /// at. Without a previous successful sync this cannot know the rest, and returns `None`:
+    /// call [`IpvsBackend::sync`] with everything.
+    pub fn sync_services<'a>(
+        &mut self,
+        changed: impl IntoIterator<Item = (&'a str, &'a [ServicePort])>,
+    ) -> Option<Result<SyncReport, IpvsBackendError>> {
+        self.state.as_ref()?;
+        let changed = changed
+            .into_iter()
+            .map(|(name, ports)| (name.to_owned(), ports.iter().collect()))
+            .collect();
+        Some(self.program(changed, false))
+    }
+
+    fn program(
+        &mut self,
+        services: Vec<(String, Vec<&ServicePort>)>,
+        full: bool,
+    ) -> Result<SyncReport, IpvsBackendError> {
         let node_ips = node_addresses(&self.config.node_port_cidrs);
-        let wanted = desired(ports, &node_ips, &self.config.scheduler);
         let mut ipvs = Ipvs::open()?;
         let mut device = VipDevice::ensure()?;
-        let full = full || previous.is_none();
-        let (current_table, current_vips, current_inputs) = match previous {
-            Some(p) if !full => (p.table, p.vips, Some(p.inputs)),
-            _ => {
-                set_sysctls()?;
-                let vips: BTreeSet<IpAddr> = device.addresses()?.into_iter().collect();
-                let table = self.owned_in_kernel(&mut ipvs, &vips, &node_ips)?;
-                (table, vips, None)
-            }
+        // New node addresses change every NodePort's virtual services: start again.
+        let previous = self
+            .state
+            .take()
+            .filter(|state| !full && state.node_ips == node_ips);
+        let full = previous.is_none();
+        let mut state = previous.unwrap_or_default();
+        state.node_ips = node_ips.clone();
+        let changed = services
+            .into_iter()
+            .map(|(service, ports)| (service, desired(ports, &node_ips, &self.config.scheduler)))
+            .collect();
+        let staged = state.stage(changed);
+        let (current, wanted, add, remove) = if full {
+            set_sysctls()?;
+            let on_device: BTreeSet<IpAddr> = device.addresses()?.into_iter().collect();
+            let current = self.owned_in_kernel(&mut ipvs, &on_device, &node_ips)?;
+            let wanted: BTreeSet<IpAddr> = state.inputs.vips.0.keys().copied().collect();
+            let add = wanted.difference(&on_device).copied().collect();
+            let remove = on_device.difference(&wanted).copied().collect();
+            (current, state.table.clone(), add, remove)
+        } else {
+            // An address one Service dropped and another took is neither added nor removed.
+            let add: Vec<IpAddr> = staged
+                .added
+                .vips
+                .iter()
+                .filter(|ip| !staged.removed.vips.contains(ip))
+                .copied()
+                .collect();
+            let remove: Vec<IpAddr> = staged
+                .removed
+                .vips
+                .iter()
+                .filter(|ip| !staged.added.vips.contains(ip))
+                .copied()
+                .collect();
+            (staged.before, staged.after, add, remove)
         };
-        let add: Vec<IpAddr> = wanted.vips.difference(&current_vips).copied().collect();
-        let remove: Vec<IpAddr> = current_vips.difference(&wanted.vips).copied().collect();
         device.change(&add, &[])?;
-        let mut ops = drain(diff(&current_table, &wanted.table), &mut self.draining);
+        let mut ops = drain(diff(&current, &wanted), &mut self.draining);
         ipvs.apply(&ops)?;
         // Destinations whose connections have ended go now.
         let mut counted = BTreeMap::new();
-        let services: BTreeSet<VirtualServer> =
+        let draining: BTreeSet<VirtualServer> =
             self.draining.iter().map(|(vs, _, _)| *vs).collect();
-        for vs in services {
+        for vs in draining {
             for (dest, connections) in ipvs.connections(&vs)? {
                 counted.insert((vs, dest.address, dest.port), (dest, connections));
             }
@@ -393,43 +630,50 @@ impl IpvsBackend {
         ops.extend(done);
         device.change(&[], &remove)?;
         let mut rules_changed = 0;
-        if current_inputs.as_ref() != Some(&wanted.inputs) {
-            for (ipv6, family) in [(false, FAMILY_IPV4), (true, FAMILY_IPV6)] {
-                // A family gets its table once it has a Service address or a cluster CIDR
-                // (a node without IPv6 netfilter modules needs no IPv6 table).
-                let needed = wanted.vips.iter().any(|ip| ip.is_ipv6() == ipv6)
-                    || self
-                        .config
-                        .cluster_cidrs
-                        .iter()
-                        .any(|c| c.contains(':') == ipv6);
-                if !needed && !self.tables.contains_key(&family) {
-                    continue;
-                }
-                let config = RuleConfig {
-                    ipv6,
-                    cluster_cidr: self
-                        .config
-                        .cluster_cidrs
-                        .iter()
-                        .find(|c| c.contains(':') == ipv6)
-                        .cloned(),
-                    masquerade_all: self.config.masquerade_all,
-                };
-                let ruleset = rules::render(&config, &wanted.inputs);
-                let batch = match self.tables.remove(&family).flatten() {
-                    Some(before) if !full => crate::nftables::update(&before, &ruleset, family),
-                    _ => ruleset.replace(family),
-                };
-                rules_changed += batch.len();
-                // Until it is known to be in place, the next sync replaces the table.
-                self.tables.insert(family, None);
-                nft::apply(batch)?;
-                self.tables.insert(family, Some(ruleset));
+        for (ipv6, family) in [(false, FAMILY_IPV4), (true, FAMILY_IPV6)] {
+            // A family gets its table once it has a Service address or a cluster CIDR
+            // (a node without IPv6 netfilter modules needs no IPv6 table).
+            let needed = state.inputs.vips.0.keys().any(|ip| ip.is_ipv6() == ipv6)
+                || self
+                    .config
+                    .cluster_cidrs
+                    .iter()
+                    .any(|c| c.contains(':') == ipv6);
+            let in_place = self.tables.get(&family).copied();
+            if !needed && in_place.is_none() {
+                continue;
             }
+            let config = RuleConfig {
+                ipv6,
+                cluster_cidr: self
+                    .config
+                    .cluster_cidrs
+                    .iter()
+                    .find(|c| c.contains(':') == ipv6)
+                    .cloned(),
+                masquerade_all: self.config.masquerade_all,
+            };
+            let batch = if !full && in_place == Some(true) {
+                // The fixed part renders the same on both sides: only entries differ.
+                crate::nftables::update(
+                    &rules::render(&config, &staged.removed),
+                    &rules::render(&config, &staged.added),
+                    family,
+                )
+            } else {
+                rules::render(&config, &state.inputs.totals()).replace(family)
+            };
+            if batch.is_empty() {
+                continue;
+            }
+            rules_changed += batch.len();
+            // Until it is known to be in place, the next sync replaces the table.
+            self.tables.insert(family, false);
+            nft::apply(batch)?;
+            self.tables.insert(family, true);
         }
-        let services = wanted.table.len();
-        self.programmed = Some(wanted);
+        let services = state.table.len();
+        self.state = Some(state);
         Ok(SyncReport {
             full,
             written: ops.len() + add.len() + remove.len() + rules_changed,
@@ -440,7 +684,7 @@ impl IpvsBackend {
 
     /// Removes tug's virtual services, the VIP device and the rules.
     pub fn cleanup(&mut self) -> Result<(), IpvsBackendError> {
-        self.programmed = None;
+        self.state = None;
         match Ipvs::open() {
             Ok(mut ipvs) => {
                 let vips: BTreeSet<IpAddr> = match nix::net::if_::if_nametoindex(DEVICE) {
@@ -639,5 +883,132 @@ mod tests {
         drain(vec![Op::DelDest(vs, dest)], &mut draining);
         drain(vec![Op::DelService(vs)], &mut draining);
         assert!(draining.is_empty());
+    }
+
+    /// What the kernel holds after `ops` (destinations keyed by address and port).
+    fn apply_ops(kernel: &mut Table, ops: &[Op]) {
+        for op in ops {
+            match op {
+                Op::AddService(vs, scheduling) => {
+                    assert!(
+                        kernel
+                            .insert(*vs, (scheduling.clone(), BTreeSet::new()))
+                            .is_none(),
+                        "{op}: exists"
+                    );
+                }
+                Op::EditService(vs, scheduling) => {
+                    kernel.get_mut(vs).expect("edited service exists").0 = scheduling.clone()
+                }
+                Op::DelService(vs) => assert!(kernel.remove(vs).is_some(), "{op}: absent"),
+                Op::AddDest(vs, dest) | Op::EditDest(vs, dest) => {
+                    let dests = &mut kernel.get_mut(vs).expect("service of a destination").1;
+                    dests.retain(|d| (d.address, d.port) != (dest.address, dest.port));
+                    dests.insert(*dest);
+                }
+                Op::DelDest(vs, dest) => {
+                    let dests = &mut kernel.get_mut(vs).expect("service of a destination").1;
+                    dests.retain(|d| (d.address, d.port) != (dest.address, dest.port));
+                }
+            }
+        }
+    }
+
+    fn sorted<T: Ord + Clone>(list: &[T]) -> Vec<T> {
+        let mut list = list.to_vec();
+        list.sort();
+        list.dedup();
+        list
+    }
+
+    /// Random changes to a few Services (some sharing addresses): what staging them one Service
+    /// at a time sends to the kernel leaves it exactly as the whole model wants it.
+    #[test]
+    fn staged_changes_leave_the_kernel_as_the_whole_model_wants_it() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let node: IpAddr = "192.168.1.10".parse().unwrap();
+        let mut ports: BTreeMap<String, ServicePort> = BTreeMap::new();
+        let mut state = State::default();
+        let mut kernel = Table::new();
+        let mut rules = Inputs::default();
+        let mut vips: BTreeSet<IpAddr> = BTreeSet::new();
+        for step in 0..300 {
+            let service = format!("ns/s{}", next(6));
+            let changed: Vec<(String, Desired)> = if next(4) == 0 {
+                ports.remove(&service);
+                vec![(service, Desired::default())]
+            } else {
+                let mut port = web();
+                port.name = format!("{service}:http");
+                port.cluster_ips = vec![format!("10.96.0.{}", next(4) + 1).parse().unwrap()];
+                port.external_ips = if next(2) == 0 {
+                    vec!["192.0.2.50".parse().unwrap()]
+                } else {
+                    vec![]
+                };
+                port.node_port = (next(2) == 0).then(|| 30080 + next(2) as u16);
+                port.cluster_endpoints = (0..next(3))
+                    .map(|i| endpoint(&format!("10.244.{}.{}", i, next(3)), false))
+                    .collect();
+                port.external_endpoints = port.cluster_endpoints.clone();
+                port.affinity_timeout = (next(3) == 0).then_some(60);
+                let wanted = desired([&port], &[node], "rr");
+                ports.insert(service.clone(), port);
+                vec![(service, wanted)]
+            };
+            let staged = state.stage(changed);
+            apply_ops(&mut kernel, &diff(&staged.before, &staged.after));
+            let whole = desired(ports.values(), &[node], "rr");
+            assert_eq!(kernel, whole.table, "step {step}: virtual services");
+            assert_eq!(state.table, whole.table, "step {step}");
+            for ip in &staged.removed.vips {
+                if !staged.added.vips.contains(ip) {
+                    assert!(vips.remove(ip), "step {step}: {ip} removed twice");
+                }
+            }
+            for ip in &staged.added.vips {
+                if !staged.removed.vips.contains(ip) {
+                    assert!(vips.insert(*ip), "step {step}: {ip} added twice");
+                }
+            }
+            assert_eq!(vips, whole.vips, "step {step}: addresses on the device");
+            // nftables entries: as `update` applies a removed and an added render.
+            macro_rules! follow {
+                ($field:ident) => {{
+                    let (removed, added) =
+                        (sorted(&staged.removed.$field), sorted(&staged.added.$field));
+                    rules
+                        .$field
+                        .retain(|e| !removed.contains(e) || added.contains(e));
+                    rules
+                        .$field
+                        .extend(added.iter().filter(|e| !removed.contains(e)).cloned());
+                    assert_eq!(
+                        sorted(&rules.$field),
+                        sorted(&whole.inputs.$field),
+                        "step {step}: {}",
+                        stringify!($field)
+                    );
+                }};
+            }
+            follow!(cluster);
+            follow!(external);
+            follow!(services);
+            follow!(node_ports);
+            follow!(endpoints);
+            follow!(vips);
+            let totals = state.inputs.totals();
+            assert_eq!(
+                sorted(&totals.endpoints),
+                sorted(&whole.inputs.endpoints),
+                "step {step}"
+            );
+        }
     }
 }

@@ -1195,8 +1195,8 @@ struct Programmed {
     loop_back: HashMap<Vec<u8>, usize>,
     /// Per-service chains of all entries.
     chains: usize,
-    /// The sync that last saw each entry.
-    generation: u64,
+    /// Each Service's entries (`namespace/name` → port keys).
+    services: HashMap<String, Vec<u64>>,
 }
 
 /// A programmed service port. Ports are told apart and compared by 64-bit hashes (a collision
@@ -1205,7 +1205,6 @@ struct Programmed {
 #[derive(Debug)]
 struct Entry {
     hash: u64,
-    seen: u64,
     /// Boxed: the table stays small enough for the cache, which a sync walks in full.
     fragment: Box<Fragment>,
 }
@@ -1295,10 +1294,44 @@ impl Nftables {
     }
 
     /// Programs `ports` in one transaction: the whole table when `full` (or after a failure),
-    /// else only what changed since the last sync. Only the service ports that differ from
-    /// what was programmed are rendered and compared, so one change costs the same whatever
-    /// the number of Services. Returns (messages sent, per-service chains in place).
-    pub fn sync(&mut self, ports: &[ServicePort], full: bool) -> Result<(usize, usize), NftError> {
+    /// else only what differs from the last sync, found by comparing every port with what was
+    /// programmed (a 64-bit hash each). Returns (messages sent, per-service chains in place).
+    pub fn sync<'a>(
+        &mut self,
+        ports: impl IntoIterator<Item = &'a ServicePort>,
+        full: bool,
+    ) -> Result<(usize, usize), NftError> {
+        let known = self
+            .programmed
+            .iter()
+            .flat_map(|state| state.services.keys());
+        let services = crate::model::by_service(ports, known);
+        self.program(services, full)
+    }
+
+    /// Programs the changes of some Services in one transaction: each named Service's ports are
+    /// now exactly those given (none: it is gone); every other Service stays as it is. Only
+    /// these ports are looked at, so one change costs the same whatever the number of
+    /// Services. Without a previous successful sync this cannot know the rest, and returns
+    /// `None`: call [`Nftables::sync`] with everything.
+    pub fn sync_services<'a>(
+        &mut self,
+        changed: impl IntoIterator<Item = (&'a str, &'a [ServicePort])>,
+    ) -> Option<Result<(usize, usize), NftError>> {
+        self.programmed.as_ref()?;
+        let changed = changed
+            .into_iter()
+            .map(|(name, ports)| (name.to_owned(), ports.iter().collect()))
+            .collect();
+        Some(self.program(changed, false))
+    }
+
+    /// Programs `services` (each with all its ports), replacing the whole table when `full`.
+    fn program(
+        &mut self,
+        services: Vec<(String, Vec<&ServicePort>)>,
+        full: bool,
+    ) -> Result<(usize, usize), NftError> {
         let mut full = full;
         if !self.config.node_port_cidrs.is_empty() {
             let ips = Some(crate::addresses::select(
@@ -1315,46 +1348,47 @@ impl Nftables {
             _ => Programmed::default(),
         };
         let old_counts = state.counts();
-        state.generation += 1;
-        let generation = state.generation;
         let (mut gone, mut came) = (Vec::new(), Vec::new());
         let (mut added, mut dropped) = (Vec::new(), Vec::new());
-        let mut seen = 0;
-        for port in ports {
-            let (key, hash) = fingerprint(port);
-            match state.ports.get_mut(&key) {
-                Some(entry) if entry.seen != generation && entry.hash == hash => {
-                    entry.seen = generation;
-                    seen += 1;
+        for (service, ports) in services {
+            let old_keys = state.services.remove(&service).unwrap_or_default();
+            let mut keys = Vec::with_capacity(ports.len());
+            for port in ports {
+                let (key, hash) = fingerprint(port);
+                // Named twice: the later one wins.
+                let again = keys.contains(&key);
+                if !again {
+                    keys.push(key);
+                }
+                if !again
+                    && state
+                        .ports
+                        .get(&key)
+                        .is_some_and(|entry| entry.hash == hash)
+                {
                     continue;
                 }
-                // Seen already this sync: a port named twice; the later one wins.
-                Some(entry) if entry.seen == generation => {}
-                _ => seen += 1,
-            }
-            let fragment = render_port(port, &self.config);
-            state.count_in(&fragment, &mut added);
-            if incremental {
-                came.push(fragment.clone());
-            }
-            let entry = Entry {
-                hash,
-                seen: generation,
-                fragment: Box::new(fragment),
-            };
-            if let Some(old) = state.ports.insert(key, entry) {
-                gone.push(*old.fragment);
-            }
-        }
-        // What this sync did not see is gone.
-        if state.ports.len() > seen {
-            state.ports.retain(|_, entry| {
-                let keep = entry.seen == generation;
-                if !keep {
-                    gone.push(std::mem::take(&mut *entry.fragment));
+                let fragment = render_port(port, &self.config);
+                state.count_in(&fragment, &mut added);
+                if incremental {
+                    came.push(fragment.clone());
                 }
-                keep
-            });
+                let entry = Entry {
+                    hash,
+                    fragment: Box::new(fragment),
+                };
+                if let Some(old) = state.ports.insert(key, entry) {
+                    gone.push(*old.fragment);
+                }
+            }
+            for key in old_keys.iter().filter(|k| !keys.contains(k)) {
+                if let Some(old) = state.ports.remove(key) {
+                    gone.push(*old.fragment);
+                }
+            }
+            if !keys.is_empty() {
+                state.services.insert(service, keys);
+            }
         }
         for fragment in &gone {
             state.count_out(fragment, &mut dropped);
