@@ -280,9 +280,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Bootstra
         .map_err(|e| BootstrapError::Io(format!("write {}: {e}", path.display())))
 }
 
-/// The server and the CA certificate (PEM, from inline data or its file) of a kubeconfig's
-/// current context's cluster (or its first context's).
-pub fn server_and_ca(file: &kube::config::Kubeconfig) -> Result<(String, String), String> {
+/// A kubeconfig's current context's cluster (or its first context's).
+fn current_cluster(file: &kube::config::Kubeconfig) -> Result<kube::config::Cluster, String> {
     let context_name = file.current_context.clone().unwrap_or_default();
     let context = file
         .contexts
@@ -291,12 +290,17 @@ pub fn server_and_ca(file: &kube::config::Kubeconfig) -> Result<(String, String)
         .or(file.contexts.first())
         .and_then(|c| c.context.clone())
         .ok_or("no context")?;
-    let cluster = file
-        .clusters
+    file.clusters
         .iter()
         .find(|c| c.name == context.cluster)
         .and_then(|c| c.cluster.clone())
-        .ok_or_else(|| format!("no cluster {:?}", context.cluster))?;
+        .ok_or_else(|| format!("no cluster {:?}", context.cluster))
+}
+
+/// The server and the CA certificate (PEM, from inline data or its file) of a kubeconfig's
+/// current context's cluster (or its first context's).
+pub fn server_and_ca(file: &kube::config::Kubeconfig) -> Result<(String, String), String> {
+    let cluster = current_cluster(file)?;
     let server = cluster.server.ok_or("the cluster has no server")?;
     let ca = match (
         cluster.certificate_authority_data,
@@ -323,9 +327,17 @@ pub fn server_and_ca(file: &kube::config::Kubeconfig) -> Result<(String, String)
 /// The node's kubeconfig, as upstream's kubelet writes it after the TLS bootstrap: the cluster's
 /// server and CA, and the client certificate and key in the file `current` (the cert dir's
 /// `kubelet-client-current.pem`, which rotation replaces).
-pub fn node_kubeconfig(server: &str, ca_pem: &str, current: &Path) -> String {
+pub fn node_kubeconfig(
+    server: &str,
+    ca_pem: &str,
+    tls_server_name: Option<&str>,
+    current: &Path,
+) -> String {
+    let server_name = tls_server_name
+        .map(|name| format!("\n    tls-server-name: {name}"))
+        .unwrap_or_default();
     format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: default-cluster\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: default-auth\n  user:\n    client-certificate: {cert}\n    client-key: {cert}\ncontexts:\n- name: default-context\n  context:\n    cluster: default-cluster\n    namespace: default\n    user: default-auth\ncurrent-context: default-context\n",
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: default-cluster\n  cluster:\n    server: {server}{server_name}\n    certificate-authority-data: {ca}\nusers:\n- name: default-auth\n  user:\n    client-certificate: {cert}\n    client-key: {cert}\ncontexts:\n- name: default-context\n  context:\n    cluster: default-cluster\n    namespace: default\n    user: default-auth\ncurrent-context: default-context\n",
         ca = STANDARD.encode(ca_pem),
         cert = current.display()
     )
@@ -348,6 +360,9 @@ pub async fn ensure(
     };
     let file = kube::config::Kubeconfig::read_from(bootstrap).map_err(|e| fail(e.to_string()))?;
     let (server, ca_pem) = server_and_ca(&file).map_err(fail)?;
+    // A name the server's certificate is checked against stays with the server (tug keeps it
+    // where upstream's kubelet drops it).
+    let server_name = current_cluster(&file).ok().and_then(|c| c.tls_server_name);
     let config = kube::Config::from_custom_kubeconfig(file, &Default::default())
         .await
         .map_err(|e| fail(e.to_string()))?;
@@ -355,7 +370,7 @@ pub async fn ensure(
     let (cert, key, csr) =
         request_client_certificate(client, node, None, Duration::from_secs(300)).await?;
     let current = store_pair(cert_dir, "kubelet-client", &cert, &key)?;
-    let text = node_kubeconfig(&server, &ca_pem, &current);
+    let text = node_kubeconfig(&server, &ca_pem, server_name.as_deref(), &current);
     if let Some(parent) = kubeconfig.parent() {
         std::fs::create_dir_all(parent)
             .map_err(|e| BootstrapError::Io(format!("create {}: {e}", parent.display())))?;
@@ -368,6 +383,23 @@ pub async fn ensure(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_node_kubeconfig_keeps_the_server_name_tls_is_checked_against() {
+        let ca = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let current = Path::new("/var/lib/kubelet/pki/kubelet-client-current.pem");
+        let named = node_kubeconfig("https://10.0.0.5:6443", ca, Some("kubernetes"), current);
+        let file = kube::config::Kubeconfig::from_yaml(&named).unwrap();
+        let cluster = current_cluster(&file).unwrap();
+        assert_eq!(cluster.tls_server_name.as_deref(), Some("kubernetes"));
+        assert_eq!(
+            server_and_ca(&file).unwrap(),
+            ("https://10.0.0.5:6443".into(), ca.into())
+        );
+        let plain = node_kubeconfig("https://10.0.0.5:6443", ca, None, current);
+        let file = kube::config::Kubeconfig::from_yaml(&plain).unwrap();
+        assert_eq!(current_cluster(&file).unwrap().tls_server_name, None);
+    }
 
     #[test]
     fn the_csr_names_the_node_in_system_nodes() {

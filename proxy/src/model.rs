@@ -9,6 +9,7 @@
 //! be programmed (bad IP, port, protocol, or a NodePort already taken) is skipped with a reason —
 //! every other Service is still programmed.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
@@ -493,22 +494,25 @@ pub fn service_of(port: &str) -> &str {
 pub fn by_service<'a, 'k>(
     ports: impl IntoIterator<Item = &'a ServicePort>,
     known: impl IntoIterator<Item = &'k String>,
-) -> Vec<(String, Vec<&'a ServicePort>)> {
-    let mut services: BTreeMap<String, Vec<&'a ServicePort>> = BTreeMap::new();
+) -> Vec<(Cow<'a, str>, Vec<&'a ServicePort>)> {
+    let mut services: foldhash::HashMap<&'a str, Vec<&'a ServicePort>> = Default::default();
     for port in ports {
-        match services.get_mut(service_of(&port.name)) {
-            Some(list) => list.push(port),
-            None => {
-                services.insert(service_of(&port.name).to_owned(), vec![port]);
-            }
-        }
+        services
+            .entry(service_of(&port.name))
+            .or_default()
+            .push(port);
     }
-    for service in known {
-        if !services.contains_key(service) {
-            services.insert(service.clone(), Vec::new());
-        }
-    }
-    services.into_iter().collect()
+    let mut out: Vec<(Cow<'a, str>, Vec<&'a ServicePort>)> = known
+        .into_iter()
+        .filter(|service| !services.contains_key(service.as_str()))
+        .map(|service| (Cow::Owned(service.clone()), Vec::new()))
+        .collect();
+    out.extend(
+        services
+            .into_iter()
+            .map(|(service, ports)| (Cow::Borrowed(service), ports)),
+    );
+    out
 }
 
 /// One Service's ports (NodePorts not yet shared out) and what is left out of it.

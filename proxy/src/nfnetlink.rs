@@ -93,6 +93,33 @@ impl Connection {
         Ok(Connection { fd, seq: 0 })
     }
 
+    /// Asks the kernel to check dump requests strictly and to honour their filters (such as
+    /// one interface's addresses), instead of dumping everything.
+    pub fn strict_dumps(&mut self) -> Result<(), RequestError> {
+        const SOL_NETLINK: nix::libc::c_int = 270;
+        const NETLINK_GET_STRICT_CHK: nix::libc::c_int = 12;
+        let on: nix::libc::c_int = 1;
+        // SAFETY: the descriptor is this connection's open socket, and the option value is a
+        // c_int that lives across the call, with its size given.
+        let outcome = unsafe {
+            nix::libc::setsockopt(
+                self.fd.as_raw_fd(),
+                SOL_NETLINK,
+                NETLINK_GET_STRICT_CHK,
+                (&raw const on).cast(),
+                std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
+            )
+        };
+        if outcome == 0 {
+            Ok(())
+        } else {
+            Err(RequestError::Socket {
+                what: "ask for strict dumps",
+                errno: nix::Error::last(),
+            })
+        }
+    }
+
     fn next_seq(&mut self) -> u32 {
         self.seq = self.seq.wrapping_add(1);
         self.seq

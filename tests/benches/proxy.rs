@@ -217,6 +217,7 @@ fn nftables_mode() {
         );
         if count == 30_000 {
             println!("{:<24} {:>10.1?}", "one change at 30000", tug_change);
+            loop_change(&config);
             println!("{:<24} {:>10.1?}", "  found by comparing all", compared);
             println!("{:<24} {:>10.1?}", "  a sync with no change", no_op);
         }
@@ -231,6 +232,55 @@ fn nftables_mode() {
             bytes.len() / 1024
         );
     }
+}
+
+/// The proxy's loop at 30,000 Services, each with an EndpointSlice of 2 endpoints: the model
+/// built from the API objects and programmed, then one slice changes and the loop's work for
+/// it (the model's update and the backend's sync of what changed) is timed.
+fn loop_change(config: &tug_proxy::nftables::NftConfig) {
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use tug_proxy::backend::RuleBackend;
+    use tug_proxy::model::{Model, object_key};
+    use tug_proxy::nftables::Nftables;
+    let count = 30_000u32;
+    let slice = |i: u32, first: u32| -> EndpointSlice {
+        let ip = |n: u32| Ipv4Addr::from(0x0a00_0000 + first * 2 + n).to_string();
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("svc{i}-abc"), "namespace": format!("ns{}", i % 100),
+                         "labels": {"kubernetes.io/service-name": format!("svc{i}")}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [ip(0)]}, {"addresses": [ip(1)]}],
+            "ports": [{"name": "http", "protocol": "TCP", "port": 8080}]
+        }))
+        .unwrap()
+    };
+    let mut model = Model::new(Default::default());
+    for i in 0..count {
+        let service: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("svc{i}"), "namespace": format!("ns{}", i % 100)},
+            "spec": {"clusterIP": Ipv4Addr::from(0xac10_0000 + i).to_string(),
+                     "ports": [{"name": "http", "protocol": "TCP", "port": 80}]}
+        }))
+        .unwrap();
+        model.set_service(&object_key(&service.metadata), Some(service));
+        let slice = slice(i, i);
+        model.set_slice(&object_key(&slice.metadata), Some(slice));
+    }
+    let ns = Netns::new("nfl");
+    let mut backend = Nftables::new(config.clone());
+    let all: BTreeSet<String> = model.update().into_keys().collect();
+    ns.run(|| RuleBackend::sync(&mut backend, &model, &all, true))
+        .expect("program 30,000 Services");
+    let moved = slice(count / 2, count + 7);
+    let began = Instant::now();
+    model.set_slice(&object_key(&moved.metadata), Some(moved));
+    let changed: BTreeSet<String> = model.update().into_keys().collect();
+    ns.run(|| RuleBackend::sync(&mut backend, &model, &changed, false))
+        .expect("one change");
+    let took = began.elapsed();
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    println!("{:<24} {:>10.1?}", "  as the loop does it", took);
 }
 
 /// Median TCP connect time from the lab's client to `vip` over `count` connections.

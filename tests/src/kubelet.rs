@@ -38,6 +38,14 @@ pub struct Options {
     /// Run the kubelet with libfaketime's offset (e.g. `+9m`): its wall clock ahead of the
     /// cluster's, as if that much time had passed (monotonic time is left alone).
     pub faketime: Option<&'static str>,
+    /// Run it in this network namespace, as on a node of its own.
+    pub netns: Option<PathBuf>,
+    /// Reach the API server at this URL (a relay into the node's namespace) instead, with TLS
+    /// still checked against the name `kubernetes`.
+    pub api_server: Option<String>,
+    /// Return once it has its identity and has registered its Node, without waiting for
+    /// Ready (which needs the node's network agent); call [`TugKubelet::wait_ready`] then.
+    pub ready_later: bool,
 }
 
 /// A running `tug kubelet`.
@@ -55,6 +63,9 @@ pub struct TugKubelet {
     pub logs_dir: PathBuf,
     /// The kubelet API's port (on 127.0.0.1).
     pub api_port: u16,
+    /// The node's kubeconfig, which the kubelet writes after its TLS bootstrap (and the
+    /// node's other services use).
+    pub kubeconfig: PathBuf,
     options: Options,
     _dirs: Vec<tempfile::TempDir>,
 }
@@ -82,6 +93,10 @@ impl TugKubelet {
         let bootstrap = token
             .as_ref()
             .map(|t| cluster().token_kubeconfig(Some(&t.token())))
+            .map(|k| match &options.api_server {
+                Some(server) => crate::lan::redirect_kubeconfig(&k, server, "kubernetes"),
+                None => k,
+            })
             .unwrap_or_default();
         let dir = tempfile::tempdir().expect("temp dir");
         let root_dir = dir.path().join("root");
@@ -138,6 +153,7 @@ impl TugKubelet {
                 tug_kubelet::bootstrap::node_kubeconfig(
                     cluster().server_url(),
                     cluster().ca_pem(),
+                    None,
                     &current,
                 ),
             )
@@ -184,11 +200,16 @@ impl TugKubelet {
             root_dir,
             logs_dir,
             api_port,
+            kubeconfig: kubeconfig_path.clone(),
             options,
             _dirs: vec![dir],
         };
         kubelet.spawn();
-        kubelet.wait_ready().await;
+        if kubelet.options.ready_later {
+            kubelet.wait_registered(&kubeconfig_path).await;
+        } else {
+            kubelet.wait_ready().await;
+        }
         drop(token);
         if !kubelet.options.standalone {
             assert!(
@@ -200,7 +221,16 @@ impl TugKubelet {
     }
 
     fn spawn(&mut self) {
-        let mut command = Command::new(tug_binary());
+        let mut command = match &self.options.netns {
+            Some(netns) => {
+                let mut command = Command::new("nsenter");
+                command
+                    .arg(format!("--net={}", netns.display()))
+                    .arg(tug_binary());
+                command
+            }
+            None => Command::new(tug_binary()),
+        };
         if let Some(offset) = self.options.faketime {
             // libfaketime preloaded into the kubelet itself (not the `faketime` wrapper, which
             // would stand between the test and the process it kills).
@@ -219,7 +249,28 @@ impl TugKubelet {
         self.child = Some(child);
     }
 
-    async fn wait_ready(&self) {
+    /// Waits until it has bootstrapped its identity into `kubeconfig` and its Node exists.
+    async fn wait_registered(&self, kubeconfig: &Path) {
+        let nodes: Api<Node> = Api::all(cluster().admin().await);
+        let name = self.name.clone();
+        eventually(
+            "the kubelet's identity and Node",
+            Duration::from_secs(60),
+            || {
+                let nodes = nodes.clone();
+                let name = name.clone();
+                let exists = kubeconfig.exists();
+                async move {
+                    exists.then_some(())?;
+                    nodes.get_opt(&name).await.ok()?.map(|_| ())
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Waits until its Node is Ready (a standalone kubelet: until its read-only port answers).
+    pub async fn wait_ready(&self) {
         if self.options.standalone {
             let port = self
                 .options

@@ -104,18 +104,34 @@ impl Drop for Lan {
 pub struct Relay {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    /// The listening socket, shut down on drop to end the accept loop (wherever it listens).
+    listener: TcpListener,
 }
 
 impl Relay {
     /// Listens on `bind` (port 0 picks one) and forwards every connection to `target`.
     pub fn start(bind: SocketAddr, target: &str) -> Relay {
+        let listener = TcpListener::bind(bind).unwrap_or_else(|e| panic!("relay bind {bind}: {e}"));
+        Relay::serve(listener, target)
+    }
+
+    /// Listens on `bind` inside `ns` and forwards every connection to `target` as the host
+    /// reaches it (e.g. a service on the host's loopback, at the same address in the node).
+    pub fn start_in(ns: &Netns, bind: SocketAddr, target: &str) -> Relay {
+        let listener = ns
+            .run(|| TcpListener::bind(bind))
+            .unwrap_or_else(|e| panic!("relay bind {bind} in {}: {e}", ns.name()));
+        Relay::serve(listener, target)
+    }
+
+    fn serve(listener: TcpListener, target: &str) -> Relay {
         let target = target
             .to_socket_addrs()
             .expect("resolve relay target")
             .next()
             .expect("a target address");
-        let listener = TcpListener::bind(bind).unwrap_or_else(|e| panic!("relay bind {bind}: {e}"));
         let addr = listener.local_addr().expect("relay address");
+        let kept = listener.try_clone().expect("clone the relay's socket");
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         std::thread::spawn(move || {
@@ -123,7 +139,13 @@ impl Relay {
                 if stopping.load(Ordering::Relaxed) {
                     return;
                 }
-                let Ok(client) = conn else { continue };
+                let Ok(client) = conn else {
+                    // A listener shut down fails every accept from then on.
+                    if stopping.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    continue;
+                };
                 let Ok(server) = TcpStream::connect(target) else {
                     continue;
                 };
@@ -151,7 +173,11 @@ impl Relay {
                 }
             }
         });
-        Relay { addr, stop }
+        Relay {
+            addr,
+            stop,
+            listener: kept,
+        }
     }
 
     /// Where the relay listens.
@@ -163,7 +189,11 @@ impl Relay {
 impl Drop for Relay {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        let _ = TcpStream::connect(self.addr);
+        // Wakes the blocked accept (Linux fails it once the listener is shut down).
+        let _ = nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(&self.listener),
+            nix::sys::socket::Shutdown::Both,
+        );
     }
 }
 

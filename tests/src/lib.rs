@@ -18,6 +18,7 @@ pub mod kubelet;
 pub mod lan;
 pub mod measure;
 pub mod netns;
+pub mod node;
 pub mod services;
 pub mod shim;
 pub mod streaming;

@@ -12,11 +12,23 @@ use crate::cri::Cri;
 use crate::eventually::eventually;
 use crate::substrate::Substrate;
 
+/// Where a shim runs beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct ShimOptions {
+    /// Run it (and so its pods' host-side links) in this network namespace, as on a node of
+    /// its own.
+    pub netns: Option<PathBuf>,
+    /// Read the CNI configuration from here (as a node agent writes it) instead of a conflist
+    /// of the shim's own.
+    pub cni_conf_dir: Option<PathBuf>,
+}
+
 /// A running `tug shim`.
 #[derive(Debug)]
 pub struct TugShim {
     child: Option<Child>,
     args: Vec<String>,
+    netns: Option<PathBuf>,
     /// The CRI socket it serves.
     pub socket: PathBuf,
     /// Its containerd namespace (removed with everything in it on drop).
@@ -28,6 +40,12 @@ pub struct TugShim {
 impl TugShim {
     /// Starts `tug shim` with tug-cni on `pod_cidr` and waits until its socket answers.
     pub async fn start(label: &str, pod_cidr: &str) -> TugShim {
+        TugShim::start_with(label, pod_cidr, ShimOptions::default()).await
+    }
+
+    /// Starts it with `options` (`pod_cidr` is unused when the CNI configuration comes from
+    /// elsewhere).
+    pub async fn start_with(label: &str, pod_cidr: &str, options: ShimOptions) -> TugShim {
         let substrate = Substrate::from_env();
         let ns = ContainerdNs::connect(label).await;
         let dir = || tempfile::tempdir().expect("temp dir");
@@ -47,7 +65,7 @@ impl TugShim {
             "--namespace".into(),
             ns.namespace().to_owned(),
             "--cni-conf-dir".into(),
-            path(conf.path()),
+            path(options.cni_conf_dir.as_deref().unwrap_or(conf.path())),
             "--cni-bin-dir".into(),
             path(bin.path()),
             "--netns-dir".into(),
@@ -66,6 +84,7 @@ impl TugShim {
         let mut shim = TugShim {
             child: None,
             args,
+            netns: options.netns,
             socket,
             ns,
             ipam,
@@ -77,7 +96,17 @@ impl TugShim {
 
     async fn spawn(&mut self) {
         let _ = std::fs::remove_file(&self.socket);
-        let child = Command::new(tug_binary())
+        let mut command = match &self.netns {
+            Some(netns) => {
+                let mut command = Command::new("nsenter");
+                command
+                    .arg(format!("--net={}", netns.display()))
+                    .arg(tug_binary());
+                command
+            }
+            None => Command::new(tug_binary()),
+        };
+        let child = command
             .args(&self.args)
             .env(
                 "RUST_LOG",

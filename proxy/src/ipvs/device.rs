@@ -98,16 +98,47 @@ impl VipDevice {
 
     /// The addresses on the device.
     pub fn addresses(&mut self) -> Result<Vec<IpAddr>, DeviceError> {
+        let index = self.index;
+        self.addresses_of(index)
+    }
+
+    /// The addresses on every other interface (the node's own), asked for one interface at a
+    /// time so that the kernel never lists the device's thousands of Service addresses.
+    pub fn other_addresses(&mut self) -> Result<Vec<IpAddr>, DeviceError> {
+        self.connection
+            .strict_dumps()
+            .map_err(failed("ask for strict dumps"))?;
+        let links = nix::net::if_::if_nameindex().map_err(|errno| DeviceError {
+            what: "list interfaces".into(),
+            error: RequestError::Refused(errno),
+        })?;
+        let own = self.index;
+        let others: Vec<u32> = links
+            .iter()
+            .map(|l| l.index())
+            .filter(|i| *i != own)
+            .collect();
+        let mut out = Vec::new();
+        for index in others {
+            out.extend(self.addresses_of(index)?);
+        }
+        Ok(out)
+    }
+
+    /// The addresses on interface `wanted` (filtered by the kernel once dumps are strict).
+    fn addresses_of(&mut self, wanted: u32) -> Result<Vec<IpAddr>, DeviceError> {
+        let mut request = vec![0u8; 4];
+        request.extend_from_slice(&wanted.to_ne_bytes());
         let answers = self
             .connection
-            .request(RTM_GETADDR, NLM_F_DUMP, &[0u8; 8])
+            .request(RTM_GETADDR, NLM_F_DUMP, &request)
             .map_err(failed("list addresses"))?;
         Ok(answers
             .iter()
             .filter_map(|body| {
                 let header = body.get(..8)?;
                 let index = u32::from_ne_bytes(header[4..8].try_into().ok()?);
-                if index != self.index {
+                if index != wanted {
                     return None;
                 }
                 let attrs = attributes(body.get(8..)?);

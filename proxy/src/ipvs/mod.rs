@@ -262,22 +262,12 @@ pub fn drained(
     ops
 }
 
-/// The node addresses NodePorts answer on: every address but loopback, IPv6 link-local and the
-/// VIP device's, inside `nodePortAddresses` when given.
-fn node_addresses(cidrs: &[ipnet::IpNet]) -> Vec<IpAddr> {
-    let Ok(addresses) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
-    let mut out: Vec<IpAddr> = addresses
-        .filter(|a| a.interface_name != DEVICE)
-        .filter_map(|a| {
-            let address = a.address?;
-            if let Some(v4) = address.as_sockaddr_in() {
-                Some(IpAddr::V4(v4.ip()))
-            } else {
-                address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-            }
-        })
+/// The node addresses NodePorts answer on, out of `local` (the addresses of every interface
+/// but the VIP device): all but loopback and IPv6 link-local, inside `nodePortAddresses` when
+/// given.
+fn node_addresses(local: Vec<IpAddr>, cidrs: &[ipnet::IpNet]) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = local
+        .into_iter()
         .filter(|ip| !ip.is_loopback())
         .filter(|ip| match ip {
             IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
@@ -559,19 +549,19 @@ impl IpvsBackend {
         self.state.as_ref()?;
         let changed = changed
             .into_iter()
-            .map(|(name, ports)| (name.to_owned(), ports.iter().collect()))
+            .map(|(name, ports)| (std::borrow::Cow::Borrowed(name), ports.iter().collect()))
             .collect();
         Some(self.program(changed, false))
     }
 
     fn program(
         &mut self,
-        services: Vec<(String, Vec<&ServicePort>)>,
+        services: Vec<(std::borrow::Cow<'_, str>, Vec<&ServicePort>)>,
         full: bool,
     ) -> Result<SyncReport, IpvsBackendError> {
-        let node_ips = node_addresses(&self.config.node_port_cidrs);
         let mut ipvs = Ipvs::open()?;
         let mut device = VipDevice::ensure()?;
+        let node_ips = node_addresses(device.other_addresses()?, &self.config.node_port_cidrs);
         // New node addresses change every NodePort's virtual services: start again.
         let previous = self
             .state
@@ -582,7 +572,12 @@ impl IpvsBackend {
         state.node_ips = node_ips.clone();
         let changed = services
             .into_iter()
-            .map(|(service, ports)| (service, desired(ports, &node_ips, &self.config.scheduler)))
+            .map(|(service, ports)| {
+                (
+                    service.into_owned(),
+                    desired(ports, &node_ips, &self.config.scheduler),
+                )
+            })
             .collect();
         let staged = state.stage(changed);
         let (current, wanted, add, remove) = if full {
@@ -691,7 +686,11 @@ impl IpvsBackend {
                     Ok(_) => VipDevice::ensure()?.addresses()?.into_iter().collect(),
                     Err(_) => BTreeSet::new(),
                 };
-                let node_ips = node_addresses(&self.config.node_port_cidrs);
+                let local: Vec<IpAddr> = crate::addresses::local_addresses()
+                    .into_iter()
+                    .filter(|ip| !vips.contains(ip))
+                    .collect();
+                let node_ips = node_addresses(local, &self.config.node_port_cidrs);
                 let owned = self.owned_in_kernel(&mut ipvs, &vips, &node_ips)?;
                 let ops: Vec<Op> = owned.keys().map(|vs| Op::DelService(*vs)).collect();
                 ipvs.apply(&ops)?;

@@ -1321,7 +1321,7 @@ impl Nftables {
         self.programmed.as_ref()?;
         let changed = changed
             .into_iter()
-            .map(|(name, ports)| (name.to_owned(), ports.iter().collect()))
+            .map(|(name, ports)| (std::borrow::Cow::Borrowed(name), ports.iter().collect()))
             .collect();
         Some(self.program(changed, false))
     }
@@ -1329,7 +1329,7 @@ impl Nftables {
     /// Programs `services` (each with all its ports), replacing the whole table when `full`.
     fn program(
         &mut self,
-        services: Vec<(String, Vec<&ServicePort>)>,
+        services: Vec<(std::borrow::Cow<'_, str>, Vec<&ServicePort>)>,
         full: bool,
     ) -> Result<(usize, usize), NftError> {
         let mut full = full;
@@ -1350,9 +1350,9 @@ impl Nftables {
         let old_counts = state.counts();
         let (mut gone, mut came) = (Vec::new(), Vec::new());
         let (mut added, mut dropped) = (Vec::new(), Vec::new());
+        let mut keys: Vec<u64> = Vec::new();
         for (service, ports) in services {
-            let old_keys = state.services.remove(&service).unwrap_or_default();
-            let mut keys = Vec::with_capacity(ports.len());
+            keys.clear();
             for port in ports {
                 let (key, hash) = fingerprint(port);
                 // Named twice: the later one wins.
@@ -1381,13 +1381,18 @@ impl Nftables {
                     gone.push(*old.fragment);
                 }
             }
+            let old_keys = state.services.get(service.as_ref());
+            if old_keys.map_or(&[][..], Vec::as_slice) == keys.as_slice() {
+                continue; // the same ports as before
+            }
+            let old_keys = state.services.remove(service.as_ref()).unwrap_or_default();
             for key in old_keys.iter().filter(|k| !keys.contains(k)) {
                 if let Some(old) = state.ports.remove(key) {
                     gone.push(*old.fragment);
                 }
             }
             if !keys.is_empty() {
-                state.services.insert(service, keys);
+                state.services.insert(service.into_owned(), keys.clone());
             }
         }
         for fragment in &gone {

@@ -1,0 +1,270 @@
+//! A whole tug node in a network namespace of its own: `tug shim`, `tug kubelet`, `tug netd`
+//! and `tug proxy`, each the real binary, joined to the cluster the tests use through a
+//! [`Relay`](crate::lan::Relay) on the segment it is plugged into. The kubelet bootstraps its
+//! own identity with a bootstrap token; netd and the proxy use the node kubeconfig it writes,
+//! as on a joined machine. Everything is killed on drop and the Node deleted.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use k8s_cri::v1::ExecSyncRequest;
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::cluster::cluster;
+use crate::cni::tug_binary;
+use crate::kubelet::{Options, TugKubelet};
+use crate::lan::{Lan, Relay};
+use crate::netns::Netns;
+use crate::shim::{ShimOptions, TugShim};
+use crate::substrate::Substrate;
+
+/// The cluster's pod CIDR, which the test API server hands node pod CIDRs out of.
+pub fn cluster_cidr() -> String {
+    std::env::var("TUG_TEST_CLUSTER_CIDR").unwrap_or_else(|_| "10.244.0.0/16".into())
+}
+
+/// A running node.
+#[derive(Debug)]
+pub struct TugNode {
+    /// The node's address on its segment (its InternalIP).
+    pub ip: String,
+    /// Its network namespace.
+    pub ns: Netns,
+    /// Its kubelet (the Node's name is `kubelet.name`).
+    pub kubelet: TugKubelet,
+    /// Its CRI runtime.
+    pub shim: TugShim,
+    netd: Option<Child>,
+    proxy: Option<Child>,
+    /// The test registry at the address it has on the host, inside the node.
+    _registry: Relay,
+    dir: tempfile::TempDir,
+}
+
+fn in_netns(ns: &Netns) -> Command {
+    let mut command = Command::new("nsenter");
+    command
+        .arg(format!("--net={}", ns.path().display()))
+        .arg(tug_binary());
+    command
+}
+
+fn log_file(dir: &Path, name: &str) -> std::fs::File {
+    std::fs::File::create(dir.join(name)).expect("create a log file")
+}
+
+impl TugNode {
+    /// Plugs a new node into `lan` at `ip` (a /24 on it), with the API server reached at
+    /// `api_server` and the proxy in `proxy_mode`, and waits for the Node to be Ready.
+    pub async fn start(lan: &Lan, ip: &str, api_server: &str, proxy_mode: &str) -> TugNode {
+        let ns = Netns::new("node");
+        lan.attach(&ns, "eth0", &format!("{ip}/24"));
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns.run(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))
+            .expect("enable forwarding in the node");
+        // Images are pulled from the node, where the host's loopback registry is relayed in.
+        let registry = Substrate::from_env().registry;
+        let registry_relay = Relay::start_in(
+            &ns,
+            registry.parse().expect("the registry is an ip:port"),
+            &registry,
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let conf_dir = dir.path().join("net.d");
+        std::fs::create_dir_all(&conf_dir).expect("create the CNI configuration directory");
+        let shim = TugShim::start_with(
+            "node",
+            "",
+            ShimOptions {
+                netns: Some(ns.path()),
+                cni_conf_dir: Some(conf_dir.clone()),
+            },
+        )
+        .await;
+        let kubelet = TugKubelet::start_with(
+            "node",
+            &shim.socket,
+            ip,
+            Options {
+                netns: Some(ns.path()),
+                api_server: Some(api_server.to_owned()),
+                ready_later: true,
+                ..Default::default()
+            },
+        )
+        .await;
+        let mut node = TugNode {
+            ip: ip.to_owned(),
+            ns,
+            kubelet,
+            shim,
+            netd: None,
+            proxy: None,
+            _registry: registry_relay,
+            dir,
+        };
+        node.start_netd();
+        node.start_proxy(proxy_mode);
+        node.kubelet.wait_ready().await;
+        node
+    }
+
+    /// The Node's name.
+    pub fn name(&self) -> &str {
+        &self.kubelet.name
+    }
+
+    fn start_netd(&mut self) {
+        let child = in_netns(&self.ns)
+            .args(["netd", "--kubeconfig"])
+            .arg(&self.kubelet.kubeconfig)
+            .args(["--node-name", &self.kubelet.name, "--resync-seconds", "1"])
+            .args(["--cluster-cidr", &cluster_cidr()])
+            .arg("--cni-conf-dir")
+            .arg(self.dir.path().join("net.d"))
+            .arg("--ipam-dir")
+            .arg(self.dir.path().join("ipam"))
+            .stdout(Stdio::null())
+            .stderr(log_file(self.dir.path(), "netd.log"))
+            .spawn()
+            .expect("start tug netd");
+        self.netd = Some(child);
+    }
+
+    fn start_proxy(&mut self, mode: &str) {
+        let child = in_netns(&self.ns)
+            .args(["proxy", "--kubeconfig"])
+            .arg(&self.kubelet.kubeconfig)
+            .args(["--hostname-override", &self.kubelet.name])
+            .args(["--proxy-mode", mode, "--cluster-cidr", &cluster_cidr()])
+            .stdout(Stdio::null())
+            .stderr(log_file(self.dir.path(), "proxy.log"))
+            .spawn()
+            .expect("start tug proxy");
+        self.proxy = Some(child);
+    }
+
+    /// What netd and the proxy logged, and the node's NAT rules, for failure messages.
+    pub fn logs(&self) -> String {
+        let rules = |program: &str, args: &[&str]| {
+            let out = self.ns.run(|| Command::new(program).args(args).output());
+            out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        let nat = format!(
+            "--- {} iptables-save -t nat:\n{}\n--- nft list tables:\n{}",
+            self.kubelet.name,
+            rules("iptables-save", &["-t", "nat"]),
+            rules("nft", &["list", "tables"])
+        );
+        let logs = ["netd.log", "proxy.log"]
+            .iter()
+            .map(|name| {
+                let text = std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                format!("--- {} {name}:\n{}", self.kubelet.name, tail.join("\n"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        format!("{logs}\n{nat}")
+    }
+
+    /// Runs `cmd` in `pod`'s container `container` through the node's CRI (as `kubectl exec`
+    /// ends up doing); returns the exit code and stdout followed by stderr.
+    pub async fn exec(&self, pod: &Pod, container: &str, cmd: &[&str]) -> (i32, String) {
+        let id = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .into_iter()
+            .flatten()
+            .find(|c| c.name == container)
+            .and_then(|c| c.container_id.clone())
+            .unwrap_or_else(|| panic!("no container {container} in {:?}", pod.metadata.name));
+        let id = id.split_once("://").map_or(id.as_str(), |(_, id)| id);
+        let mut cri = self.shim.cri().await;
+        let reply = cri
+            .runtime
+            .exec_sync(ExecSyncRequest {
+                container_id: id.to_owned(),
+                cmd: cmd.iter().map(|c| (*c).to_owned()).collect(),
+                timeout: 20,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("exec {cmd:?} in {container}: {e}"))
+            .into_inner();
+        let mut out = String::from_utf8_lossy(&reply.stdout).into_owned();
+        out.push_str(&String::from_utf8_lossy(&reply.stderr));
+        (reply.exit_code, out)
+    }
+
+    /// Stops the node's services as a machine going away would (its pods' containers stay
+    /// behind in the runtime until the node is dropped).
+    pub fn stop(&mut self) {
+        for child in [self.proxy.take(), self.netd.take()].into_iter().flatten() {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.kubelet.kill9();
+    }
+
+    /// The kubelet's log directory of pods, for failure messages.
+    pub fn dir(&self) -> PathBuf {
+        self.dir.path().to_owned()
+    }
+}
+
+impl Drop for TugNode {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Binds the node identities to `system:node-proxier` (what `tug join` asks an operator to do
+/// once per cluster) and, if this created the binding, removes it on drop.
+#[derive(Debug)]
+pub struct NodesAsProxiers {
+    created: bool,
+}
+
+impl NodesAsProxiers {
+    /// Creates the binding unless it exists.
+    pub async fn bind() -> NodesAsProxiers {
+        let bindings: kube::Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> =
+            kube::Api::all(cluster().admin().await);
+        let binding = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "tug-node-proxier"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:node-proxier"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:nodes"}]
+        }))
+        .expect("binding JSON");
+        let created = bindings.create(&Default::default(), &binding).await.is_ok();
+        NodesAsProxiers { created }
+    }
+}
+
+impl Drop for NodesAsProxiers {
+    fn drop(&mut self) {
+        if !self.created {
+            return;
+        }
+        let kubeconfig = cluster().admin_kubeconfig_path().to_owned();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let text = std::fs::read_to_string(&kubeconfig).unwrap_or_default();
+                let bindings: kube::Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> =
+                    kube::Api::all(crate::cluster::client_from_kubeconfig(&text).await);
+                let _ = bindings
+                    .delete("tug-node-proxier", &Default::default())
+                    .await;
+            });
+        })
+        .join();
+    }
+}
