@@ -49,6 +49,22 @@ fn changes<'a>(
     changed.iter().map(|s| (s.as_str(), model.ports_of(s)))
 }
 
+/// A partial sync of the changed Services where the backend can build on an earlier one
+/// (`partial` answers `None` when it cannot), else a sync of everything; says which it was.
+fn partial_or_full<B, R>(
+    backend: &mut B,
+    model: &Model,
+    changed: &BTreeSet<String>,
+    full: bool,
+    partial: impl FnOnce(&mut B, &Model, &BTreeSet<String>) -> Option<R>,
+    everything: impl FnOnce(&mut B, &Model) -> R,
+) -> (bool, R) {
+    if !full && let Some(outcome) = partial(backend, model, changed) {
+        return (false, outcome);
+    }
+    (true, everything(backend, model))
+}
+
 impl RuleBackend for Iptables {
     /// Upstream's shape: every sync renders every Service's rules (KUBE-SERVICES lists them
     /// all) and writes only the chains that changed.
@@ -75,15 +91,14 @@ impl RuleBackend for Nftables {
         changed: &BTreeSet<String>,
         full: bool,
     ) -> Result<SyncReport, BackendError> {
-        let partial = if full {
-            None
-        } else {
-            self.sync_services(changes(model, changed))
-        };
-        let (full, outcome) = match partial {
-            Some(outcome) => (false, outcome),
-            None => (true, Nftables::sync(self, model.ports(), true)),
-        };
+        let (full, outcome) = partial_or_full(
+            self,
+            model,
+            changed,
+            full,
+            |b, m, c| b.sync_services(changes(m, c)),
+            |b, m| Nftables::sync(b, m.ports(), true),
+        );
         let (messages, chains) = outcome?;
         Ok(SyncReport {
             full,
@@ -107,15 +122,15 @@ impl RuleBackend for IpvsBackend {
         changed: &BTreeSet<String>,
         full: bool,
     ) -> Result<SyncReport, BackendError> {
-        let partial = if full {
-            None
-        } else {
-            self.sync_services(changes(model, changed))
-        };
-        match partial {
-            Some(outcome) => Ok(outcome?),
-            None => Ok(IpvsBackend::sync(self, model.ports(), true)?),
-        }
+        let (_, outcome) = partial_or_full(
+            self,
+            model,
+            changed,
+            full,
+            |b, m, c| b.sync_services(changes(m, c)),
+            |b, m| IpvsBackend::sync(b, m.ports(), true),
+        );
+        Ok(outcome?)
     }
     fn cleanup(&mut self) -> Result<(), BackendError> {
         Ok(IpvsBackend::cleanup(self)?)

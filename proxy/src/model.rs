@@ -515,6 +515,16 @@ pub fn by_service<'a, 'k>(
     out
 }
 
+/// The changed Services with their ports, as a backend's partial sync walks them.
+pub fn changed_services<'a>(
+    changed: impl IntoIterator<Item = (&'a str, &'a [ServicePort])>,
+) -> Vec<(Cow<'a, str>, Vec<&'a ServicePort>)> {
+    changed
+        .into_iter()
+        .map(|(name, ports)| (Cow::Borrowed(name), ports.iter().collect()))
+        .collect()
+}
+
 /// One Service's ports (NodePorts not yet shared out) and what is left out of it.
 fn build_service(
     id: &str,

@@ -303,7 +303,7 @@ impl TestCluster {
 
 /// Runs `cleanup` on a fresh runtime on its own thread, so guards can clean up from `Drop` on
 /// any runtime.
-fn cleanup_blocking<F, Fut>(cleanup: F)
+pub fn cleanup_blocking<F, Fut>(cleanup: F)
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()>,

@@ -4,7 +4,7 @@
 //! running until the test's runtime goes away, as on a real node).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
@@ -221,16 +221,7 @@ impl TugKubelet {
     }
 
     fn spawn(&mut self) {
-        let mut command = match &self.options.netns {
-            Some(netns) => {
-                let mut command = Command::new("nsenter");
-                command
-                    .arg(format!("--net={}", netns.display()))
-                    .arg(tug_binary());
-                command
-            }
-            None => Command::new(tug_binary()),
-        };
+        let mut command = crate::netns::command_in(self.options.netns.as_deref(), &tug_binary());
         if let Some(offset) = self.options.faketime {
             // libfaketime preloaded into the kubelet itself (not the `faketime` wrapper, which
             // would stand between the test and the process it kills).
@@ -352,21 +343,10 @@ impl Drop for TugKubelet {
             self.name.clone(),
             cluster().admin_kubeconfig_path().to_owned(),
         );
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async {
-                let text = std::fs::read_to_string(&kubeconfig).unwrap_or_default();
-                let nodes: Api<Node> = Api::all(client_from_kubeconfig(&text).await);
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(10),
-                    nodes.delete(&name, &Default::default()),
-                )
-                .await;
-            });
-        })
-        .join();
+        crate::cluster::cleanup_blocking(move || async move {
+            let text = std::fs::read_to_string(&kubeconfig).unwrap_or_default();
+            let nodes: Api<Node> = Api::all(client_from_kubeconfig(&text).await);
+            let _ = nodes.delete(&name, &Default::default()).await;
+        });
     }
 }

@@ -6,7 +6,7 @@
 //! life, and no tokio worker thread ever changes namespace (STYLE.md §8).
 
 use std::fs::File;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -101,6 +101,21 @@ pub fn veth_pair(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
     ]);
     a.ip(&["link", "set", a_if, "up"]);
     b.ip(&["link", "set", b_if, "up"]);
+}
+
+/// A command running `program`, inside the network namespace at `netns` when one is given
+/// (through `nsenter`, so the process and its children live there from the start).
+pub fn command_in(netns: Option<&Path>, program: &Path) -> std::process::Command {
+    match netns {
+        Some(netns) => {
+            let mut command = std::process::Command::new("nsenter");
+            command
+                .arg(format!("--net={}", netns.display()))
+                .arg(program);
+            command
+        }
+        None => std::process::Command::new(program),
+    }
 }
 
 /// Runs `ip <args>` in the caller's namespace and panics with its stderr if it fails.

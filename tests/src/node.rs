@@ -42,11 +42,7 @@ pub struct TugNode {
 }
 
 fn in_netns(ns: &Netns) -> Command {
-    let mut command = Command::new("nsenter");
-    command
-        .arg(format!("--net={}", ns.path().display()))
-        .arg(tug_binary());
-    command
+    crate::netns::command_in(Some(&ns.path()), &tug_binary())
 }
 
 fn log_file(dir: &Path, name: &str) -> std::fs::File {
@@ -250,21 +246,12 @@ impl Drop for NodesAsProxiers {
         if !self.created {
             return;
         }
-        let kubeconfig = cluster().admin_kubeconfig_path().to_owned();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async {
-                let text = std::fs::read_to_string(&kubeconfig).unwrap_or_default();
-                let bindings: kube::Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> =
-                    kube::Api::all(crate::cluster::client_from_kubeconfig(&text).await);
-                let _ = bindings
-                    .delete("tug-node-proxier", &Default::default())
-                    .await;
-            });
-        })
-        .join();
+        crate::cluster::cleanup_blocking(|| async {
+            let bindings: kube::Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> =
+                kube::Api::all(cluster().admin().await);
+            let _ = bindings
+                .delete("tug-node-proxier", &Default::default())
+                .await;
+        });
     }
 }

@@ -3,7 +3,7 @@
 //! and restartable on the same state, to prove recovery; killed on drop.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use crate::cni::{install_plugin, tug_binary};
@@ -96,16 +96,7 @@ impl TugShim {
 
     async fn spawn(&mut self) {
         let _ = std::fs::remove_file(&self.socket);
-        let mut command = match &self.netns {
-            Some(netns) => {
-                let mut command = Command::new("nsenter");
-                command
-                    .arg(format!("--net={}", netns.display()))
-                    .arg(tug_binary());
-                command
-            }
-            None => Command::new(tug_binary()),
-        };
+        let mut command = crate::netns::command_in(self.netns.as_deref(), &tug_binary());
         let child = command
             .args(&self.args)
             .env(

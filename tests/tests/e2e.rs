@@ -15,6 +15,7 @@ use kube::Api;
 use kube::api::{ListParams, PostParams};
 use serde_json::json;
 use tug_tests::cluster::cluster;
+use tug_tests::eventually::eventually;
 use tug_tests::lan::{Lan, Relay};
 use tug_tests::node::{NodesAsProxiers, TugNode};
 use tug_tests::substrate::Substrate;
@@ -30,24 +31,6 @@ fn pod(name: &str, node: &str, spec: serde_json::Value) -> Pod {
     spec["automountServiceAccountToken"] = json!(false);
     serde_json::from_value(json!({"metadata": {"name": name, "labels": {"app": name.split('-').next().unwrap_or(name)}}, "spec": spec}))
         .expect("pod JSON")
-}
-
-async fn wait<T, F: std::future::Future<Output = Option<T>>>(
-    what: &str,
-    timeout: Duration,
-    mut check: impl FnMut() -> F,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 fn ready(pod: &Pod) -> bool {
@@ -210,7 +193,7 @@ async fn three_nodes_serve_pods_and_services_to_each_other_and_to_the_outside() 
     let web_ips: Vec<String> = (0..3)
         .map(|i| pod_ip(&running[&format!("web-{i}")]))
         .collect();
-    wait(
+    eventually(
         "all three web pods in the Service's endpoints",
         Duration::from_secs(60),
         || {
@@ -292,7 +275,7 @@ async fn three_nodes_serve_pods_and_services_to_each_other_and_to_the_outside() 
         .exec(&running["web-2"], "web", &["rm", "/www/healthz"])
         .await;
     assert_eq!(code, 0, "{out}");
-    wait(
+    eventually(
         "web-2 to leave the ready endpoints",
         Duration::from_secs(30),
         || {
@@ -324,7 +307,7 @@ async fn three_nodes_serve_pods_and_services_to_each_other_and_to_the_outside() 
         node_api.get_opt(&gone_name).await.ok().flatten().is_none(),
         "the Node is deleted"
     );
-    wait(
+    eventually(
         "web-1 to leave the Service",
         Duration::from_secs(120),
         || {

@@ -547,10 +547,7 @@ impl IpvsBackend {
         changed: impl IntoIterator<Item = (&'a str, &'a [ServicePort])>,
     ) -> Option<Result<SyncReport, IpvsBackendError>> {
         self.state.as_ref()?;
-        let changed = changed
-            .into_iter()
-            .map(|(name, ports)| (std::borrow::Cow::Borrowed(name), ports.iter().collect()))
-            .collect();
+        let changed = crate::model::changed_services(changed);
         Some(self.program(changed, false))
     }
 

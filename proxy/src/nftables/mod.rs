@@ -1319,10 +1319,7 @@ impl Nftables {
         changed: impl IntoIterator<Item = (&'a str, &'a [ServicePort])>,
     ) -> Option<Result<(usize, usize), NftError>> {
         self.programmed.as_ref()?;
-        let changed = changed
-            .into_iter()
-            .map(|(name, ports)| (std::borrow::Cow::Borrowed(name), ports.iter().collect()))
-            .collect();
+        let changed = crate::model::changed_services(changed);
         Some(self.program(changed, false))
     }
 
