@@ -36,6 +36,7 @@ pub struct TugNode {
     pub shim: TugShim,
     netd: Option<Child>,
     proxy: Option<Child>,
+    proxy_mode: String,
     /// The test registry at the address it has on the host, inside the node.
     _registry: Relay,
     dir: tempfile::TempDir,
@@ -45,8 +46,19 @@ fn in_netns(ns: &Netns) -> Command {
     crate::netns::command_in(Some(&ns.path()), &tug_binary())
 }
 
+fn kill9(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 fn log_file(dir: &Path, name: &str) -> std::fs::File {
-    std::fs::File::create(dir.join(name)).expect("create a log file")
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(name))
+        .expect("open a log file")
 }
 
 impl TugNode {
@@ -96,11 +108,12 @@ impl TugNode {
             shim,
             netd: None,
             proxy: None,
+            proxy_mode: proxy_mode.to_owned(),
             _registry: registry_relay,
             dir,
         };
         node.start_netd();
-        node.start_proxy(proxy_mode);
+        node.start_proxy();
         node.kubelet.wait_ready().await;
         node
     }
@@ -127,17 +140,40 @@ impl TugNode {
         self.netd = Some(child);
     }
 
-    fn start_proxy(&mut self, mode: &str) {
+    fn start_proxy(&mut self) {
         let child = in_netns(&self.ns)
             .args(["proxy", "--kubeconfig"])
             .arg(&self.kubelet.kubeconfig)
             .args(["--hostname-override", &self.kubelet.name])
-            .args(["--proxy-mode", mode, "--cluster-cidr", &cluster_cidr()])
+            .args(["--proxy-mode", &self.proxy_mode])
+            .args(["--cluster-cidr", &cluster_cidr()])
             .stdout(Stdio::null())
             .stderr(log_file(self.dir.path(), "proxy.log"))
             .spawn()
             .expect("start tug proxy");
         self.proxy = Some(child);
+    }
+
+    /// SIGKILLs netd, as a crash.
+    pub fn kill9_netd(&mut self) {
+        kill9(&mut self.netd);
+    }
+
+    /// Starts netd again on the same state.
+    pub fn restart_netd(&mut self) {
+        self.kill9_netd();
+        self.start_netd();
+    }
+
+    /// SIGKILLs the proxy, as a crash.
+    pub fn kill9_proxy(&mut self) {
+        kill9(&mut self.proxy);
+    }
+
+    /// Starts the proxy again.
+    pub fn restart_proxy(&mut self) {
+        self.kill9_proxy();
+        self.start_proxy();
     }
 
     /// What netd and the proxy logged, and the node's NAT rules, for failure messages.
@@ -198,11 +234,8 @@ impl TugNode {
     /// Stops the node's services as a machine going away would (its pods' containers stay
     /// behind in the runtime until the node is dropped).
     pub fn stop(&mut self) {
-        for child in [self.proxy.take(), self.netd.take()].into_iter().flatten() {
-            let mut child = child;
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.kill9_proxy();
+        self.kill9_netd();
         self.kubelet.kill9();
     }
 

@@ -21,7 +21,8 @@ pub(super) fn ignore_not_found(result: Result<(), Status>) -> Result<(), Status>
 
 /// The record `id`, if there is one.
 pub(super) async fn get(containerd: &Containerd, id: &str) -> Result<Option<CdContainer>, Status> {
-    let mut client = ContainersClient::new(containerd.channel());
+    let mut client =
+        ContainersClient::new(containerd.channel()).max_decoding_message_size(MAX_MESSAGE);
     match client
         .get(containerd.request(GetContainerRequest { id: id.to_owned() }, None))
         .await
@@ -32,22 +33,32 @@ pub(super) async fn get(containerd: &Containerd, id: &str) -> Result<Option<CdCo
     }
 }
 
-/// The records matching a containerd `filter` (e.g. `labels."tug.io/kind"==sandbox`).
+/// The largest message read from containerd: one container record, whose OCI spec carries the
+/// container's environment (which thousands of Services in a namespace make large).
+const MAX_MESSAGE: usize = 64 << 20;
+
+/// The records matching a containerd `filter` (e.g. `labels."tug.io/kind"==sandbox`), streamed
+/// one to a message: together they can exceed any gRPC message limit.
 pub(super) async fn list(
     containerd: &Containerd,
     filter: String,
 ) -> Result<Vec<CdContainer>, Status> {
-    let mut client = ContainersClient::new(containerd.channel());
-    Ok(client
-        .list(containerd.request(
+    let mut client =
+        ContainersClient::new(containerd.channel()).max_decoding_message_size(MAX_MESSAGE);
+    let mut stream = client
+        .list_stream(containerd.request(
             ListContainersRequest {
                 filters: vec![filter],
             },
             None,
         ))
         .await?
-        .into_inner()
-        .containers)
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(message) = stream.message().await? {
+        out.extend(message.container);
+    }
+    Ok(out)
 }
 
 /// Creates `record`.

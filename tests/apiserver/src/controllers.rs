@@ -134,6 +134,9 @@ impl Controllers {
             r if r == resources::CSRS && change.kind != EventType::Deleted => {
                 self.approve_and_sign(&name)
             }
+            // A Service without a selector that owns no slice changes nothing here: skipping it
+            // keeps creating thousands of them linear rather than quadratic.
+            r if r == resources::SERVICES && !self.may_own_slices(&change.object) => {}
             r if r == resources::PODS
                 || r == resources::SERVICES
                 || r == resources::ENDPOINTSLICES =>
@@ -466,6 +469,24 @@ impl Controllers {
     /// The EndpointSlice controller for one namespace: a slice per Service with a selector (per
     /// distinct resolved port list), endpoints for its pods that have an IP, with ready, serving
     /// and terminating from the pod.
+    /// Whether `service` has a selector or slices of its controller's making.
+    fn may_own_slices(&self, service: &Value) -> bool {
+        let has_selector = service["spec"]["selector"]
+            .as_object()
+            .is_some_and(|s| !s.is_empty());
+        let (namespace, name) = key_of(service);
+        has_selector
+            || self
+                .store()
+                .list(resources::ENDPOINTSLICES, Some(&namespace))
+                .0
+                .iter()
+                .any(|slice| {
+                    slice["metadata"]["labels"]["kubernetes.io/service-name"].as_str()
+                        == Some(name.as_str())
+                })
+    }
+
     fn endpoint_slices(&self, namespace: &str) {
         let store = self.store();
         let services = store.list(resources::SERVICES, Some(namespace)).0;
