@@ -251,6 +251,41 @@ impl Drop for TugNode {
     }
 }
 
+/// Where test nodes live: a segment with the host on it, a relay there to the cluster's API
+/// server, and the node identities bound as proxiers while it lasts.
+#[derive(Debug)]
+pub struct Segment {
+    lan: Lan,
+    relay: Relay,
+    _proxiers: NodesAsProxiers,
+}
+
+impl Segment {
+    /// A new segment `label` with the host at `host` (a /24 on it).
+    pub async fn new(label: &str, host: &str) -> Segment {
+        let proxiers = NodesAsProxiers::bind().await;
+        let lan = Lan::new(label);
+        lan.attach_host(&format!("{host}/24"));
+        let server = cluster()
+            .server_url()
+            .trim_start_matches("https://")
+            .trim_end_matches('/')
+            .to_owned();
+        let relay = Relay::start(format!("{host}:0").parse().expect("an IP"), &server);
+        Segment {
+            lan,
+            relay,
+            _proxiers: proxiers,
+        }
+    }
+
+    /// Starts a node at `ip` on the segment with its proxy in `proxy_mode`.
+    pub async fn node(&self, ip: &str, proxy_mode: &str) -> TugNode {
+        let api = format!("https://{}", self.relay.addr());
+        TugNode::start(&self.lan, ip, &api, proxy_mode).await
+    }
+}
+
 /// Binds the node identities to `system:node-proxier` (what `tug join` asks an operator to do
 /// once per cluster) and, if this created the binding, removes it on drop.
 #[derive(Debug)]

@@ -16,8 +16,7 @@ use kube::api::{ListParams, PostParams};
 use serde_json::json;
 use tug_tests::cluster::cluster;
 use tug_tests::eventually::eventually;
-use tug_tests::lan::{Lan, Relay};
-use tug_tests::node::{NodesAsProxiers, TugNode};
+use tug_tests::node::{Segment, TugNode};
 use tug_tests::substrate::Substrate;
 use tug_tests::tier::{Tier, require};
 
@@ -113,19 +112,10 @@ async fn until_answers(
 async fn three_nodes_serve_pods_and_services_to_each_other_and_to_the_outside() {
     require(Tier::Netns);
     require(Tier::Containerd);
-    let _proxiers = NodesAsProxiers::bind().await;
-    let lan = Lan::new("e2e");
-    lan.attach_host(&format!("{HOST}/24"));
-    let server = cluster()
-        .server_url()
-        .trim_start_matches("https://")
-        .trim_end_matches('/')
-        .to_owned();
-    let relay = Relay::start(format!("{HOST}:0").parse().unwrap(), &server);
-    let api = format!("https://{}", relay.addr());
+    let segment = Segment::new("e2e", HOST).await;
     let mut nodes = Vec::new();
     for (ip, mode) in NODE_IPS.iter().zip(MODES) {
-        nodes.push(TugNode::start(&lan, ip, &api, mode).await);
+        nodes.push(segment.node(ip, mode).await);
     }
     let names: Vec<String> = nodes.iter().map(|n| n.name().to_owned()).collect();
 

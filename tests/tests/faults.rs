@@ -16,8 +16,7 @@ use kube::api::{ListParams, PostParams};
 use serde_json::json;
 use tug_tests::cluster::cluster;
 use tug_tests::eventually::eventually;
-use tug_tests::lan::{Lan, Relay};
-use tug_tests::node::{NodesAsProxiers, TugNode};
+use tug_tests::node::{Segment, TugNode};
 use tug_tests::substrate::Substrate;
 use tug_tests::tier::{Tier, require};
 
@@ -136,22 +135,8 @@ fn metric(node: &TugNode, name: &str) -> Option<u64> {
 async fn killing_any_node_service_loses_no_container_connection_rule_or_route() {
     require(Tier::Netns);
     require(Tier::Containerd);
-    let _proxiers = NodesAsProxiers::bind().await;
-    let lan = Lan::new("flt");
-    lan.attach_host(&format!("{HOST}/24"));
-    let server = cluster()
-        .server_url()
-        .trim_start_matches("https://")
-        .trim_end_matches('/')
-        .to_owned();
-    let relay = Relay::start(format!("{HOST}:0").parse().unwrap(), &server);
-    let mut node = TugNode::start(
-        &lan,
-        NODE_IP,
-        &format!("https://{}", relay.addr()),
-        "nftables",
-    )
-    .await;
+    let segment = Segment::new("flt", HOST).await;
+    let mut node = segment.node(NODE_IP, "nftables").await;
 
     let ns = cluster().namespace("faults").await;
     // The other Services live in a namespace of their own: in the pods' namespace each would add
