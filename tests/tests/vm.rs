@@ -526,18 +526,7 @@ fn tug_join_on_a_systemd_guest_starts_every_unit_and_reset_leaves_nothing() {
     let token = runtime.block_on(cluster().bootstrap_token());
     let node = unique_name("vm-node");
     // The README's one-time step on the control plane: nodes' identities may act as proxies.
-    let bindings: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> =
-        Api::all(runtime.block_on(cluster().admin()));
-    let binding: k8s_openapi::api::rbac::v1::ClusterRoleBinding =
-        serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "tug-node-proxier"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:node-proxier"},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:nodes"}]
-        }))
-        .unwrap();
-    let created_binding = runtime
-        .block_on(bindings.create(&Default::default(), &binding))
-        .is_ok();
+    let proxiers = runtime.block_on(tug_tests::node::NodesAsProxiers::bind());
     // The guest reaches the host's loopback at the slirp host address.
     let endpoint = cluster()
         .server_url()
@@ -600,9 +589,7 @@ fn tug_join_on_a_systemd_guest_starts_every_unit_and_reset_leaves_nothing() {
             }));
         }
     });
-    if created_binding {
-        let _ = runtime.block_on(bindings.delete("tug-node-proxier", &Default::default()));
-    }
+    drop(proxiers);
     let console = &run.console;
     assert_eq!(
         run.value("guest-script-status"),
