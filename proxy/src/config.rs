@@ -161,10 +161,15 @@ fn duration_or(
     if value.is_empty() {
         return Ok(default);
     }
-    parse_duration(value).ok_or_else(|| ConfigError::Duration {
-        field,
-        value: value.to_owned(),
-    })
+    // As upstream defaults them: a zero duration (kubeadm writes `0s`) is the default.
+    match parse_duration(value) {
+        Some(Duration::ZERO) => Ok(default),
+        Some(duration) => Ok(duration),
+        None => Err(ConfigError::Duration {
+            field,
+            value: value.to_owned(),
+        }),
+    }
 }
 
 /// Parses a Go duration (`1h2m3s`, `500ms`, `1.5s`).
@@ -230,7 +235,10 @@ conntrack:
         );
         assert_eq!(config.mode, "");
         assert_eq!(config.sync_period().unwrap(), Duration::from_secs(60));
-        assert_eq!(config.min_sync_period().unwrap(), Duration::ZERO);
+        // kubeadm's `0s` is unset: upstream's defaults (1 s) apply.
+        assert_eq!(config.min_sync_period().unwrap(), Duration::from_secs(1));
+        let zero = KubeProxyConfiguration::parse("iptables:\n  syncPeriod: 0s\n").unwrap();
+        assert_eq!(zero.sync_period().unwrap(), Duration::from_secs(30));
     }
 
     #[test]

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Args;
 
-use crate::join::{BOOTSTRAP_KUBECONFIG, CA, CERT_DIR, KUBECONFIG, KUBELET_CONFIG};
+use crate::join::{
+    BOOTSTRAP_KUBECONFIG, CA, CERT_DIR, KUBECONFIG, KUBELET_CONFIG, PROXY_CONFIG,
+};
 use crate::units;
 
 /// Flags of `tug reset`.
@@ -249,6 +251,8 @@ fn remove_files(root: &Path) -> anyhow::Result<String> {
         BOOTSTRAP_KUBECONFIG,
         CA,
         KUBELET_CONFIG,
+        PROXY_CONFIG,
+        "var/lib/kube-proxy",
         CERT_DIR,
         "var/lib/kubelet",
         "var/lib/tug",

@@ -22,6 +22,8 @@ pub struct UnitConfig {
     pub cluster_cidr: String,
     /// Write a `containerd.service` too (the distribution ships none).
     pub containerd: bool,
+    /// Flags added to the proxy's command line (`--config`, `--proxy-mode`).
+    pub proxy_flags: Vec<String>,
 }
 
 /// `(file name, text)` of each unit.
@@ -32,6 +34,11 @@ pub fn render(config: &UnitConfig) -> Vec<(String, String)> {
         cluster_cidr,
         ..
     } = config;
+    let proxy_flags: String = config
+        .proxy_flags
+        .iter()
+        .map(|flag| format!(" {flag}"))
+        .collect();
     let common = "Restart=always\nRestartSec=2\nWatchdogSec=60\nNotifyAccess=main\n";
     let install = "[Install]\nWantedBy=multi-user.target\n";
     let mut units = vec![
@@ -50,7 +57,7 @@ pub fn render(config: &UnitConfig) -> Vec<(String, String)> {
         (
             "tug-proxy.service".to_owned(),
             format!(
-                "[Unit]\nDescription=tug kube-proxy (Services to netfilter or IPVS rules)\nAfter=network-online.target\nWants=network-online.target\n\n[Service]\nType=notify\nExecStart={binary} proxy --kubeconfig /etc/kubernetes/kubelet.conf --hostname-override {node_name} --cluster-cidr {cluster_cidr}\n{common}CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW CAP_SYS_MODULE\nAmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW CAP_SYS_MODULE\nNoNewPrivileges=yes\nProtectSystem=strict\nProtectHome=yes\nPrivateTmp=yes\nReadWritePaths=-/run/xtables.lock\nProtectKernelLogs=yes\nProtectControlGroups=yes\nRestrictNamespaces=yes\nLockPersonality=yes\nRestrictRealtime=yes\nRestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK\nSystemCallArchitectures=native\n\n{install}"
+                "[Unit]\nDescription=tug kube-proxy (Services to netfilter or IPVS rules)\nAfter=network-online.target\nWants=network-online.target\n\n[Service]\nType=notify\nExecStart={binary} proxy --kubeconfig /etc/kubernetes/kubelet.conf --hostname-override {node_name} --cluster-cidr {cluster_cidr}{proxy_flags}\n{common}CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW CAP_SYS_MODULE\nAmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW CAP_SYS_MODULE\nNoNewPrivileges=yes\nProtectSystem=strict\nProtectHome=yes\nPrivateTmp=yes\nReadWritePaths=-/run/xtables.lock\nProtectKernelLogs=yes\nProtectControlGroups=yes\nRestrictNamespaces=yes\nLockPersonality=yes\nRestrictRealtime=yes\nRestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK\nSystemCallArchitectures=native\n\n{install}"
             ),
         ),
         (
@@ -82,6 +89,7 @@ mod tests {
             node_name: "node-1".into(),
             cluster_cidr: "10.244.0.0/16".into(),
             containerd,
+            proxy_flags: Vec::new(),
         }
     }
 
@@ -113,6 +121,28 @@ mod tests {
         let proxy = &units[2].1;
         assert!(proxy.contains("CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW CAP_SYS_MODULE"));
         assert!(proxy.contains("ProtectSystem=strict"));
+    }
+
+    #[test]
+    fn proxy_flags_end_the_proxy_command_line() {
+        let mut with = config(false);
+        with.proxy_flags = vec![
+            "--config /var/lib/kube-proxy/config.conf".into(),
+            "--proxy-mode ipvs".into(),
+        ];
+        let units = render(&with);
+        let exec = units[2]
+            .1
+            .lines()
+            .find(|l| l.starts_with("ExecStart="))
+            .expect("an ExecStart");
+        assert!(
+            exec.ends_with(
+                "--cluster-cidr 10.244.0.0/16 --config /var/lib/kube-proxy/config.conf --proxy-mode ipvs"
+            ),
+            "{exec}"
+        );
+        assert_eq!(units[0].1, render(&config(false))[0].1, "the shim's unit is unchanged");
     }
 
     #[test]

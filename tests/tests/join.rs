@@ -144,6 +144,33 @@ async fn join_discovers_the_cluster_bootstraps_an_identity_and_rejoins_after_res
         );
     }
 
+    // The cluster's kube-proxy configuration, for the proxy to run with, as kubeadm's DaemonSet
+    // would mount it.
+    let proxy_shared = Api::<ConfigMap>::namespaced(admin.clone(), "kube-system")
+        .get_opt("kube-proxy")
+        .await
+        .unwrap()
+        .and_then(|c| c.data)
+        .and_then(|mut d| d.remove("config.conf"));
+    let proxy_unit =
+        std::fs::read_to_string(at("etc/systemd/system/tug-proxy.service")).unwrap();
+    if let Some(shared) = proxy_shared {
+        assert_eq!(
+            std::fs::read_to_string(at("var/lib/kube-proxy/config.conf")).unwrap(),
+            shared
+        );
+        assert_eq!(mode(&at("var/lib/kube-proxy/config.conf")), 0o644);
+        assert!(
+            proxy_unit.contains(" --config /var/lib/kube-proxy/config.conf"),
+            "{proxy_unit}"
+        );
+        assert!(
+            stdout.contains("using the cluster's KubeProxyConfiguration"),
+            "{stdout}"
+        );
+    }
+    assert!(!proxy_unit.contains("--proxy-mode"), "{proxy_unit}");
+
     // The units pass systemd's own checks (with ExecStart pointing at this build's binary,
     // as the host has none at /usr/local/bin).
     let checked = tempfile::tempdir().unwrap();
@@ -212,8 +239,21 @@ async fn join_discovers_the_cluster_bootstraps_an_identity_and_rejoins_after_res
     ] {
         assert!(!at(gone).exists(), "{gone} is removed by tug reset");
     }
+    assert!(
+        !at("var/lib/kube-proxy").exists(),
+        "tug reset removes the proxy's configuration"
+    );
+    // Joining again, this node with a proxy mode of its own.
+    let mut args = args.clone();
+    args.extend(["--proxy-mode", "nftables"]);
     let rejoin = tokio::task::block_in_place(|| join(root.path(), &args));
     assert!(rejoin.status.success(), "{}", report(&rejoin));
+    let proxy_unit =
+        std::fs::read_to_string(at("etc/systemd/system/tug-proxy.service")).unwrap();
+    assert!(
+        proxy_unit.contains(" --proxy-mode nftables\n"),
+        "{proxy_unit}"
+    );
 }
 
 /// Runs a join that must fail, and returns its stderr.

@@ -12,6 +12,7 @@
 //! | `/etc/kubernetes/kubelet.conf` | the node's kubeconfig (0600) |
 //! | `/var/lib/kubelet/pki/kubelet-client-current.pem` | the node's client certificate and key (0600) |
 //! | `/var/lib/kubelet/config.yaml` | the KubeletConfiguration (`kube-system/kubelet-config`) |
+//! | `/var/lib/kube-proxy/config.conf` | the KubeProxyConfiguration (`kube-system/kube-proxy`), when the cluster has one |
 //! | `/etc/systemd/system/tug-*.service` | the units |
 
 #![allow(
@@ -62,6 +63,10 @@ pub struct JoinArgs {
     /// The cluster's pod CIDR (for netd's masquerade rule and the proxy).
     #[arg(long, default_value = "10.244.0.0/16")]
     cluster_cidr: ipnet::IpNet,
+    /// This node's proxy mode (iptables, nftables or ipvs), over the mode in the cluster's
+    /// kube-proxy configuration (kubeadm has one mode for every node; tug lets a node differ).
+    #[arg(long, value_parser = ["iptables", "nftables", "ipvs"])]
+    proxy_mode: Option<String>,
     /// Checks to report but not fail on (names as printed, comma-separated, or `all`).
     #[arg(long, value_delimiter = ',')]
     ignore_preflight_errors: Vec<String>,
@@ -102,6 +107,8 @@ pub const KUBECONFIG: &str = "etc/kubernetes/kubelet.conf";
 pub const CERT_DIR: &str = "var/lib/kubelet/pki";
 /// The KubeletConfiguration.
 pub const KUBELET_CONFIG: &str = "var/lib/kubelet/config.yaml";
+/// The KubeProxyConfiguration (where kubeadm's kube-proxy DaemonSet mounts it).
+pub const PROXY_CONFIG: &str = "var/lib/kube-proxy/config.conf";
 /// Where the binary is installed.
 pub const BINARY: &str = "usr/local/bin/tug";
 
@@ -189,6 +196,34 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
         }
     };
 
+    let proxy_config = fetch_proxy_config(&bootstrap_client).await?;
+    if let (Some((_, mode)), None) = (&proxy_config, &args.proxy_mode)
+        && !["iptables", "nftables", "ipvs"].contains(&mode.as_str())
+    {
+        anyhow::bail!(
+            "the cluster's kube-proxy configuration (kube-system/kube-proxy) asks for mode {mode:?}, which tug proxy does not have; pass --proxy-mode iptables, nftables or ipvs"
+        );
+    }
+    let mut proxy_flags = Vec::new();
+    if proxy_config.is_some() {
+        proxy_flags.push(format!("--config /{PROXY_CONFIG}"));
+    }
+    if let Some(mode) = &args.proxy_mode {
+        proxy_flags.push(format!("--proxy-mode {mode}"));
+    }
+    match (&proxy_config, &args.proxy_mode) {
+        (Some((_, mode)), None) => println!(
+            "[proxy] using the cluster's KubeProxyConfiguration (kube-system/kube-proxy): mode {mode}"
+        ),
+        (Some((_, cluster)), Some(mode)) => println!(
+            "[proxy] using the cluster's KubeProxyConfiguration (kube-system/kube-proxy) with this node's mode {mode} (the cluster's is {cluster})"
+        ),
+        (None, mode) => println!(
+            "[proxy] the cluster shares no kube-proxy configuration; mode {}",
+            mode.as_deref().unwrap_or("iptables")
+        ),
+    }
+
     let binary = Path::new("/").join(BINARY);
     let containerd_unit = ![
         "lib/systemd/system/containerd.service",
@@ -201,6 +236,7 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
         node_name: node_name.clone(),
         cluster_cidr: args.cluster_cidr.to_string(),
         containerd: containerd_unit,
+        proxy_flags,
     };
     let mut plan = vec![
         Planned {
@@ -222,6 +258,14 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
             secret: false,
         },
     ];
+    if let Some((text, _)) = proxy_config {
+        plan.push(Planned {
+            path: root.join(PROXY_CONFIG),
+            mode: 0o644,
+            text,
+            secret: false,
+        });
+    }
     for (name, text) in units::render(&unit_config) {
         plan.push(Planned {
             path: root.join(units::UNIT_DIR).join(name),
@@ -395,6 +439,33 @@ async fn fetch_kubelet_config(client: &kube::Client) -> Option<String> {
             None
         }
     }
+}
+
+/// kubeadm's KubeProxyConfiguration (`config.conf` of `kube-system/kube-proxy`, which kubeadm
+/// lets bootstrap tokens read) and the mode it names, when the cluster has one. A configuration
+/// that tug proxy cannot read fails the join here rather than the proxy later.
+async fn fetch_proxy_config(client: &kube::Client) -> anyhow::Result<Option<(String, String)>> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let maps: kube::Api<ConfigMap> = kube::Api::namespaced(client.clone(), "kube-system");
+    let text = match maps.get("kube-proxy").await {
+        Ok(map) => map.data.and_then(|mut d| d.remove("config.conf")),
+        Err(error) => {
+            tracing::debug!(%error, "no kube-system/kube-proxy");
+            None
+        }
+    };
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    let parsed = tug_proxy::config::KubeProxyConfiguration::parse(&text).with_context(|| {
+        "the cluster's kube-proxy configuration (config.conf of ConfigMap kube-system/kube-proxy) is not a KubeProxyConfiguration tug proxy can read; fix the ConfigMap"
+    })?;
+    let mode = if parsed.mode.is_empty() {
+        "iptables".to_owned()
+    } else {
+        parsed.mode.clone()
+    };
+    Ok(Some((text, mode)))
 }
 
 /// What the kubelet runs with when the cluster shares no configuration: kubeadm's security

@@ -449,6 +449,18 @@ pub fn default_policy() -> Vec<(Resource, Value)> {
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kubeadm:kubelet-config"},
             "subjects": [group("system:nodes"), group(node_token_group)]}),
         ),
+        // kubeadm lets joining machines read the kube-proxy configuration.
+        (
+            ROLES,
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "kube-proxy", "namespace": "kube-system"},
+            "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["kube-proxy"], "verbs": ["get"]}]}),
+        ),
+        (
+            ROLEBINDINGS,
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "kube-proxy", "namespace": "kube-system"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kube-proxy"},
+            "subjects": [group(node_token_group)]}),
+        ),
     ]
 }
 
