@@ -116,6 +116,13 @@ impl TugKubelet {
         // Test kubelets share the build machine's disk, whose free space depends on what else
         // was built there: only memory pressure evicts, unless a test sets its own thresholds
         // (a partial evictionHard disables the signals it leaves out, as upstream).
+        // In a node's namespace the API listens on the node's address, as the API server
+        // reaches a kubelet; on the host, on loopback only.
+        let address = if options.netns.is_some() {
+            node_ip
+        } else {
+            "127.0.0.1"
+        };
         let eviction = if options.config.contains("evictionHard:") {
             ""
         } else {
@@ -124,7 +131,7 @@ impl TugKubelet {
         std::fs::write(
             &config_path,
             format!(
-                "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nclusterDNS: [10.96.0.10]\nclusterDomain: cluster.local\npodLogsDir: {}\nhealthzPort: 0\nsyncFrequency: 2s\ncontainerRuntimeEndpoint: unix://{}\naddress: 127.0.0.1\nport: {api_port}\nauthentication:\n  x509:\n    clientCAFile: {}\n{eviction}{}",
+                "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nclusterDNS: [10.96.0.10]\nclusterDomain: cluster.local\npodLogsDir: {}\nhealthzPort: 0\nsyncFrequency: 2s\ncontainerRuntimeEndpoint: unix://{}\naddress: {address}\nport: {api_port}\nauthentication:\n  x509:\n    clientCAFile: {}\n{eviction}{}",
                 logs_dir.display(),
                 endpoint.display(),
                 client_ca.display(),

@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod cni;
 pub mod containerd;
 pub mod cri;
+pub mod e2e;
 pub mod eventually;
 pub mod http;
 pub mod kubelet;

@@ -178,28 +178,53 @@ impl TugNode {
 
     /// What netd and the proxy logged, and the node's NAT rules, for failure messages.
     pub fn logs(&self) -> String {
-        let rules = |program: &str, args: &[&str]| {
-            let out = self.ns.run(|| Command::new(program).args(args).output());
-            out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default()
-        };
-        let nat = format!(
-            "--- {} iptables-save -t nat:\n{}\n--- nft list tables:\n{}",
-            self.kubelet.name,
-            rules("iptables-save", &["-t", "nat"]),
-            rules("nft", &["list", "tables"])
+        self.log_reader()()
+    }
+
+    /// [`TugNode::logs`] as a closure that outlives the borrow (and reads nothing once the
+    /// node is gone).
+    pub fn log_reader(&self) -> impl Fn() -> String + Send + Sync + 'static {
+        let (name, dir, ns) = (
+            self.kubelet.name.clone(),
+            self.dir.path().to_owned(),
+            self.ns.path(),
         );
-        let logs = ["netd.log", "proxy.log"]
-            .iter()
-            .map(|name| {
-                let text = std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(15).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                format!("--- {} {name}:\n{}", self.kubelet.name, tail.join("\n"))
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
-        format!("{logs}\n{nat}")
+        move || {
+            let rules = |program: &str, args: &[&str]| {
+                crate::netns::command_in(Some(&ns), Path::new(program))
+                    .args(args)
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default()
+            };
+            let nat = format!(
+                "--- {name} iptables-save -t nat:\n{}\n--- nft list tables:\n{}",
+                rules("iptables-save", &["-t", "nat"]),
+                rules("nft", &["list", "tables"])
+            );
+            let logs = ["netd.log", "proxy.log"]
+                .iter()
+                .map(|file| {
+                    let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    format!("--- {name} {file}:\n{}", tail.join("\n"))
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            format!("{logs}\n{nat}")
+        }
+    }
+
+    /// The node as the end-to-end scenario sees it.
+    pub fn member(&self) -> crate::e2e::Member {
+        crate::e2e::Member {
+            name: self.kubelet.name.clone(),
+            ip: self.ip.clone(),
+            mode: self.proxy_mode.clone(),
+            kubelet: format!("{}:{}", self.ip, self.kubelet.api_port),
+            logs: Box::new(self.log_reader()),
+        }
     }
 
     /// Runs `cmd` in `pod`'s container `container` through the node's CRI (as `kubectl exec`
