@@ -1173,3 +1173,67 @@ async fn bad_requests_get_status_errors_and_the_server_keeps_serving() {
         "failed patches changed nothing"
     );
 }
+
+#[tokio::test]
+#[ignore = "cluster tier: run via ./scripts/test cluster, or cargo test -p tug-tests --test cluster -- --ignored (TUG_TEST_KUBECONFIG=<admin kubeconfig> for a real cluster)"]
+async fn services_created_at_once_get_distinct_addresses_and_keep_them_when_changed() {
+    use k8s_openapi::api::core::v1::Service;
+    let ns = cluster().namespace("alloc").await;
+    let services: Api<Service> = Api::namespaced(cluster().admin().await, ns.name());
+    let service = |name: String| -> Service {
+        serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"type": "NodePort",
+            "ports": [{"name": "a", "port": 80}, {"name": "b", "port": 81}]}}))
+        .unwrap()
+    };
+    // Forty at once, as a controller's workers create them.
+    let created: Vec<Service> = futures::future::join_all((0..40).map(|i| {
+        let services = services.clone();
+        let object = service(format!("s{i}"));
+        async move { services.create(&PostParams::default(), &object).await }
+    }))
+    .await
+    .into_iter()
+    .collect::<Result<_, _>>()
+    .expect("every Service is created");
+    let spec = |s: &Service| s.spec.clone().unwrap_or_default();
+    let ips: std::collections::BTreeSet<String> =
+        created.iter().filter_map(|s| spec(s).cluster_ip).collect();
+    assert_eq!(ips.len(), 40, "one ClusterIP each: {ips:?}");
+    let ports: std::collections::BTreeSet<i32> = created
+        .iter()
+        .flat_map(|s| spec(s).ports.unwrap_or_default())
+        .filter_map(|p| p.node_port)
+        .collect();
+    assert_eq!(ports.len(), 80, "one NodePort per port: {ports:?}");
+
+    // A change to a Service keeps what it was given.
+    let before = spec(&created[0]);
+    let patched = tokio::time::timeout(
+        Duration::from_secs(10),
+        services.patch(
+            "s0",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"changed": "yes"}}})),
+        ),
+    )
+    .await
+    .expect("a Service patch is answered")
+    .expect("the Service is patched");
+    assert_eq!(spec(&patched).cluster_ip, before.cluster_ip);
+    assert_eq!(spec(&patched).ports, before.ports);
+
+    // An address another Service holds is refused, naming why.
+    let mut taken = service("taken".into());
+    taken.spec.as_mut().unwrap().cluster_ip = before.cluster_ip.clone();
+    match services.create(&PostParams::default(), &taken).await {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!((status.code, status.reason.as_str()), (422, "Invalid"));
+            assert!(
+                status.message.contains("already allocated"),
+                "{}",
+                status.message
+            );
+        }
+        other => panic!("a taken ClusterIP is refused: {other:?}"),
+    }
+}

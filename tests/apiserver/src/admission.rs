@@ -2,7 +2,7 @@
 //! defaulting, validation (422 with field causes), the ServiceAccount admission plugin (token
 //! volume), Service IP and NodePort allocation, CSR requester identity, and NodeRestriction.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::net::Ipv4Addr;
 
 use serde_json::{Map, Value, json};
@@ -222,6 +222,7 @@ fn is_free_form(path: &str) -> bool {
 pub fn admit_create(
     store: &Store,
     settings: &ClusterSettings,
+    allocations: &Allocations,
     user: &User,
     resource: Resource,
     object: &mut Value,
@@ -318,7 +319,7 @@ pub fn admit_create(
             default_service(object);
             let mut causes = validate_service(object);
             if causes.is_empty() {
-                causes = allocate_service(store, settings, object, None);
+                causes = allocate_service(allocations, settings, object, None);
             }
             object["status"] = json!({"loadBalancer": {}});
             causes
@@ -358,6 +359,7 @@ pub fn admit_create(
 pub fn admit_update(
     store: &Store,
     settings: &ClusterSettings,
+    allocations: &Allocations,
     user: &User,
     resource: Resource,
     object: &mut Value,
@@ -450,7 +452,7 @@ pub fn admit_update(
             default_service(object);
             let mut causes = validate_service(object);
             if causes.is_empty() {
-                causes = allocate_service(store, settings, object, Some(old));
+                causes = allocate_service(allocations, settings, object, Some(old));
             }
             causes
         }
@@ -897,30 +899,45 @@ fn validate_service(service: &Value) -> Vec<Cause> {
     causes
 }
 
+/// The ClusterIPs and NodePorts Services hold, but for the one being written: read once per
+/// write (the caller holds the allocation lock from here until the write is stored, so two
+/// Services created at once never get one address).
+#[derive(Debug, Default)]
+pub struct Allocations {
+    ips: HashSet<Ipv4Addr>,
+    node_ports: BTreeSet<i64>,
+}
+
+impl Allocations {
+    /// What every Service but `namespace/name` holds.
+    pub fn of(store: &Store, namespace: &str, name: &str) -> Allocations {
+        let mut allocations = Allocations::default();
+        store.visit(resources::SERVICES, |service| {
+            let meta = &service["metadata"];
+            if meta["namespace"] == namespace && meta["name"] == name {
+                return;
+            }
+            if let Some(ip) = service["spec"]["clusterIP"].as_str().and_then(|ip| ip.parse().ok()) {
+                allocations.ips.insert(ip);
+            }
+            for port in service["spec"]["ports"].as_array().into_iter().flatten() {
+                if let Some(n) = port["nodePort"].as_i64() {
+                    allocations.node_ports.insert(n);
+                }
+            }
+        });
+        allocations
+    }
+}
+
 /// ClusterIP and NodePort allocation (and conflicts) for a Service being created or updated.
 fn allocate_service(
-    store: &Store,
+    allocations: &Allocations,
     settings: &ClusterSettings,
     service: &mut Value,
     old: Option<&Value>,
 ) -> Vec<Cause> {
     let mut causes = Vec::new();
-    let key = (
-        service["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
-        service["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
-    );
-    let others: Vec<Value> = store
-        .list(resources::SERVICES, None)
-        .0
-        .into_iter()
-        .filter(|s| crate::store::key_of(s) != key)
-        .collect();
     let kind = service["spec"]["type"]
         .as_str()
         .unwrap_or_default()
@@ -941,16 +958,15 @@ fn allocate_service(
             (_, Some(ip)) if ip == "None" => {}
             (None, Some(ip)) => match ip.parse::<Ipv4Addr>() {
                 Ok(addr) if settings.service_cidr.contains(&addr) => {
-                    if others.iter().any(|s| s["spec"]["clusterIP"] == ip.as_str()) {
+                    if allocations.ips.contains(&addr) {
                         causes.push(invalid("spec.clusterIPs", &json!([ip]), "failed to allocate IP: provided IP is already allocated"));
                     }
                 }
                 _ => causes.push(invalid("spec.clusterIPs", &json!([ip]), &format!("failed to allocate IP {ip}: the provided IP ({ip}) is not in the valid range. The range of valid IPs is {}", settings.service_cidr))),
             },
             (_, _) => {
-                let used: BTreeSet<String> = others.iter().filter_map(|s| s["spec"]["clusterIP"].as_str().map(str::to_owned)).collect();
                 // .0 is the network, .1 the `kubernetes` Service.
-                let free = settings.service_cidr.hosts().skip(1).find(|ip| !used.contains(&ip.to_string()));
+                let free = settings.service_cidr.hosts().skip(1).find(|ip| !allocations.ips.contains(ip));
                 match free {
                     Some(ip) => service["spec"]["clusterIP"] = json!(ip.to_string()),
                     None => causes.push(("spec.clusterIPs".into(), "FieldValueInvalid", "Internal error: range is full".into())),
@@ -963,11 +979,7 @@ fn allocate_service(
         }
     }
     if matches!(kind.as_str(), "NodePort" | "LoadBalancer") {
-        let mut used: BTreeSet<i64> = others
-            .iter()
-            .flat_map(|s| s["spec"]["ports"].as_array().cloned().unwrap_or_default())
-            .filter_map(|p| p["nodePort"].as_i64())
-            .collect();
+        let used = &allocations.node_ports;
         let (low, high) = (
             i64::from(settings.node_ports.0),
             i64::from(settings.node_ports.1),
@@ -1006,7 +1018,6 @@ fn allocate_service(
                 }
             }
         }
-        used.extend(mine);
     }
     causes
 }

@@ -52,6 +52,8 @@ pub struct ApiState {
     pub url: String,
     /// Interval between watch bookmarks.
     pub bookmark_interval: Duration,
+    /// Held from reading the Services' allocations until a Service write is stored.
+    pub allocating: std::sync::Mutex<()>,
 }
 
 /// A parsed request path.
@@ -681,9 +683,15 @@ impl Ctx<'_> {
                 Some(_) => {}
             }
         }
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let (_allocating, allocations) = self.allocations(&name);
         admission::admit_create(
             &self.state.store,
             &self.state.settings,
+            &allocations,
             self.user,
             self.resource,
             &mut object,
@@ -696,10 +704,6 @@ impl Ctx<'_> {
                 &warnings,
             ));
         }
-        let name = object["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
         let created = self
             .state
             .store
@@ -733,6 +737,7 @@ impl Ctx<'_> {
                 "the name of the object does not match the name on the URL",
             ));
         }
+        let (_allocating, allocations) = self.allocations(name);
         let updated = self
             .state
             .store
@@ -740,6 +745,7 @@ impl Ctx<'_> {
                 admission::admit_update(
                     &self.state.store,
                     &self.state.settings,
+                    &allocations,
                     self.user,
                     self.resource,
                     &mut new,
@@ -778,9 +784,11 @@ impl Ctx<'_> {
             let mut object = patch_body;
             object["metadata"]["name"] = json!(name);
             let (mut object, _) = admission::decode(def, object, self.strict())?;
+            let (_allocating, allocations) = self.allocations(name);
             admission::admit_create(
                 &self.state.store,
                 &self.state.settings,
+                &allocations,
                 self.user,
                 self.resource,
                 &mut object,
@@ -794,6 +802,7 @@ impl Ctx<'_> {
             return Ok(json_response(StatusCode::CREATED, &created));
         }
         let strict = self.strict();
+        let (_allocating, allocations) = self.allocations(name);
         let updated = self
             .state
             .store
@@ -816,6 +825,7 @@ impl Ctx<'_> {
                 admission::admit_update(
                     &self.state.store,
                     &self.state.settings,
+                    &allocations,
                     self.user,
                     self.resource,
                     &mut patched,
@@ -828,6 +838,24 @@ impl Ctx<'_> {
             .map_err(|e| update_error(self.resource, name, e))?;
         let result = self.finish_if_finalized(updated)?;
         Ok(json_response(StatusCode::OK, &result))
+    }
+
+    /// For a Service write: the allocation lock, held until the write is stored, and what the
+    /// other Services hold. Nothing for other resources.
+    fn allocations(
+        &self,
+        name: &str,
+    ) -> (Option<std::sync::MutexGuard<'_, ()>>, admission::Allocations) {
+        if self.resource != resources::SERVICES {
+            return (None, admission::Allocations::default());
+        }
+        let guard = self
+            .state
+            .allocating
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let allocations = admission::Allocations::of(&self.state.store, self.namespace, name);
+        (Some(guard), allocations)
     }
 
     /// An object marked for deletion whose last finalizer is gone is removed now.

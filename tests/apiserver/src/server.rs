@@ -93,6 +93,7 @@ impl TestApiServer {
                 node_ports: config.node_ports,
             },
             url: format!("https://{addr}"),
+            allocating: Default::default(),
             bookmark_interval: config.bookmark_interval,
         });
         seed(&state, addr.port());

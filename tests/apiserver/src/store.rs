@@ -175,6 +175,14 @@ impl Store {
         (items, state.rv)
     }
 
+    /// Calls `visit` with every object of `resource`, in place (no copies), under the lock.
+    pub fn visit(&self, resource: Resource, mut visit: impl FnMut(&Value)) {
+        let state = self.lock();
+        for object in state.objects.get(&resource).into_iter().flat_map(|o| o.values()) {
+            visit(object);
+        }
+    }
+
     /// Stores a new object; sets its resourceVersion.
     pub fn create(&self, resource: Resource, mut object: Value) -> Result<Value, StoreError> {
         let mut state = self.lock();
