@@ -69,6 +69,19 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
     format!("tug{}", &hex::encode(digest)[..11])
 }
 
+/// The host veth's MAC: locally administered, unicast, derived from the attachment. Given at
+/// creation, the kernel marks it set (`addr_assign_type` 3) rather than random, so udev's
+/// `MACAddressPolicy=persistent` (systemd's default `99-default.link`) leaves it alone: a MAC
+/// udev rewrote after the pod's permanent neighbour entry for its gateway was written would
+/// black-hole every packet the pod sends off its own address.
+pub fn host_veth_mac(container_id: &str, ifname: &str) -> [u8; 6] {
+    let digest = Sha256::digest(format!("mac/{container_id}/{ifname}"));
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&digest[..6]);
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    mac
+}
+
 /// Whether a link name is one of tug-cni's host veths.
 pub fn is_host_veth_name(name: &str) -> bool {
     name.len() == 14
@@ -371,6 +384,7 @@ fn setup_host(attach: &Attach<'_>, netns_file: &File) -> Result<(String, Vec<u8>
         .build();
     let veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
         .name(host_name.clone())
+        .address(host_veth_mac(attach.container_id, attach.ifname).to_vec())
         .mtu(attach.mtu)
         .append_extra_attribute(LinkAttribute::NumTxQueues(1))
         .append_extra_attribute(LinkAttribute::NumRxQueues(1))
@@ -575,6 +589,16 @@ fn permanent_neighbour(index: u32, ip: IpAddr, mac: &[u8]) -> NeighbourMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_veth_macs_are_unicast_locally_administered_and_per_attachment() {
+        let mac = host_veth_mac("abc123", "eth0");
+        assert_eq!(mac[0] & 0x01, 0, "unicast");
+        assert_eq!(mac[0] & 0x02, 0x02, "locally administered");
+        assert_eq!(mac, host_veth_mac("abc123", "eth0"));
+        assert_ne!(mac, host_veth_mac("abc124", "eth0"));
+        assert_ne!(mac, host_veth_mac("abc123", "eth1"));
+    }
 
     #[test]
     fn host_veth_names_are_stable_short_and_recognisable() {

@@ -61,6 +61,20 @@ fn pods_on_a_node_reach_each_other_and_the_node_with_their_own_addresses() {
     let peer = tcp_round_trip(&pod_b, &node, SocketAddr::from((ip("192.168.200.1"), 8082)));
     assert_eq!(peer.ip(), ip(&ip_b), "the node sees the pod's address");
 
+    // The host veth's MAC is set, not random, so udev's MACAddressPolicy=persistent leaves it
+    // (and the pod's neighbour entry for its gateway) alone.
+    let host_veth = result["interfaces"][0]["name"].as_str().unwrap().to_owned();
+    // (`ip netns exec` mounts a sysfs of the namespace's own.)
+    let assign_type = std::process::Command::new("ip")
+        .args(["netns", "exec", node.name(), "cat"])
+        .arg(format!("/sys/class/net/{host_veth}/addr_assign_type"))
+        .output()
+        .expect("run ip netns exec");
+    assert_eq!(
+        String::from_utf8_lossy(&assign_type.stdout).trim(),
+        "3",
+        "the host veth's MAC is assigned explicitly (NET_ADDR_SET)"
+    );
     let mtu = pod_a.ip(&["-j", "link", "show", "eth0"]);
     let link: serde_json::Value = serde_json::from_slice(&mtu.stdout).unwrap();
     assert_eq!(link[0]["mtu"], 1450, "the configured MTU");
