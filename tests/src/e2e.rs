@@ -102,8 +102,8 @@ async fn ready_endpoints(slices: &Api<EndpointSlice>, name: &str) -> BTreeSet<St
 /// The admin kubeconfig's client certificate and key, PEM.
 fn admin_certificate() -> (Vec<u8>, Vec<u8>) {
     let path = cluster().admin_kubeconfig_path();
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     let config: serde_yaml::Value = serde_yaml::from_str(&text).expect("kubeconfig YAML");
     let user = &config["users"][0]["user"];
     let field = |data: &str, file: &str| match (user[data].as_str(), user[file].as_str()) {
@@ -237,7 +237,12 @@ impl Scenario {
         );
         let conn = crate::streaming::tls_to_kubelet(&member.kubelet, &self.admin.0, &self.admin.1)
             .await
-            .unwrap_or_else(|e| panic!("TLS to {}'s kubelet at {}: {e}", member.name, member.kubelet));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "TLS to {}'s kubelet at {}: {e}",
+                    member.name, member.kubelet
+                )
+            });
         let out = crate::streaming::exec_websocket(conn, &member.kubelet, &path, None)
             .await
             .unwrap_or_else(|e| panic!("exec {cmd:?} in {pod} on {}: {e}", member.name));

@@ -89,6 +89,33 @@ impl Lan {
     }
 }
 
+impl Lan {
+    /// A tap port on the segment's bridge, for a qemu guest's NIC (qemu opens it from inside
+    /// the segment's namespace). The port goes away with the segment.
+    pub fn tap(&self) -> LanPort {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tap = format!("tt{}t{n}", std::process::id() % 100_000);
+        self.ns.ip(&["tuntap", "add", "dev", &tap, "mode", "tap"]);
+        self.ns.ip(&["link", "set", &tap, "master", "br0", "up"]);
+        LanPort {
+            netns: self.ns.path(),
+            tap,
+            mac: format!("52:54:00:7e:{:02x}:{:02x}", (n >> 8) & 0xff, n & 0xff),
+        }
+    }
+}
+
+/// A tap port on a [`Lan`]'s bridge.
+#[derive(Debug, Clone)]
+pub struct LanPort {
+    /// The segment's namespace, where the tap is.
+    pub netns: std::path::PathBuf,
+    /// The tap's name.
+    pub tap: String,
+    /// The MAC address the guest's NIC on it gets.
+    pub mac: String,
+}
+
 impl Drop for Lan {
     fn drop(&mut self) {
         for link in self.host_links.lock().expect("host links").drain(..) {

@@ -26,3 +26,4 @@ pub mod streaming;
 pub mod substrate;
 pub mod tier;
 pub mod vm;
+pub mod vm_node;

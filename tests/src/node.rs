@@ -282,6 +282,7 @@ impl Drop for TugNode {
 pub struct Segment {
     lan: Lan,
     relay: Relay,
+    host: String,
     _proxiers: NodesAsProxiers,
 }
 
@@ -300,8 +301,24 @@ impl Segment {
         Segment {
             lan,
             relay,
+            host: host.to_owned(),
             _proxiers: proxiers,
         }
+    }
+
+    /// The host's address on the segment.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Where the relay to the cluster's API server listens on the segment.
+    pub fn api(&self) -> std::net::SocketAddr {
+        self.relay.addr()
+    }
+
+    /// A tap port on the segment, for a qemu guest.
+    pub fn tap(&self) -> crate::lan::LanPort {
+        self.lan.tap()
     }
 
     /// Starts a node at `ip` on the segment with its proxy in `proxy_mode`.

@@ -46,6 +46,10 @@ pub struct GuestSpec {
     pub systemd: bool,
     /// Virtual CPUs.
     pub cpus: u32,
+    /// A NIC on a test segment (a tap on its bridge), so the guest is a machine on the same L2
+    /// network as namespaced nodes and the host's attachment there. The guest configures it
+    /// itself (a systemd guest: with a `.network` file matching its MAC).
+    pub lan: Option<crate::lan::LanPort>,
 }
 
 /// The kernel modules `tug proxy` needs in a guest, in every mode (IPVS, its nftables half, and
@@ -83,6 +87,7 @@ impl GuestSpec {
             host_link: false,
             systemd: false,
             cpus: 1,
+            lan: None,
         }
     }
 
@@ -143,7 +148,19 @@ pub fn boot_watching(spec: &GuestSpec, mut on_line: impl FnMut(&str)) -> GuestRu
     let initramfs = build_initramfs(&work.0, &modules_root, spec);
 
     let started = Instant::now();
-    let mut qemu = Command::new("qemu-system-x86_64");
+    // On a segment, qemu runs in the segment's namespace, where its tap is.
+    let mut qemu = crate::netns::command_in(
+        spec.lan.as_ref().map(|port| port.netns.as_path()),
+        Path::new("qemu-system-x86_64"),
+    );
+    if let Some(port) = &spec.lan {
+        qemu.args([
+            "-netdev",
+            &format!("tap,id=lan,ifname={},script=no,downscript=no", port.tap),
+            "-device",
+            &format!("virtio-net-pci,netdev=lan,mac={}", port.mac),
+        ]);
+    }
     qemu.args(["-machine", "q35", "-accel", "tcg", "-cpu", "max"])
         .args(["-smp", &spec.cpus.to_string()])
         .args(["-m", &spec.memory_mib.to_string()])

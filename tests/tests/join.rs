@@ -152,8 +152,7 @@ async fn join_discovers_the_cluster_bootstraps_an_identity_and_rejoins_after_res
         .unwrap()
         .and_then(|c| c.data)
         .and_then(|mut d| d.remove("config.conf"));
-    let proxy_unit =
-        std::fs::read_to_string(at("etc/systemd/system/tug-proxy.service")).unwrap();
+    let proxy_unit = std::fs::read_to_string(at("etc/systemd/system/tug-proxy.service")).unwrap();
     if let Some(shared) = proxy_shared {
         assert_eq!(
             std::fs::read_to_string(at("var/lib/kube-proxy/config.conf")).unwrap(),
@@ -248,8 +247,7 @@ async fn join_discovers_the_cluster_bootstraps_an_identity_and_rejoins_after_res
     args.extend(["--proxy-mode", "nftables"]);
     let rejoin = tokio::task::block_in_place(|| join(root.path(), &args));
     assert!(rejoin.status.success(), "{}", report(&rejoin));
-    let proxy_unit =
-        std::fs::read_to_string(at("etc/systemd/system/tug-proxy.service")).unwrap();
+    let proxy_unit = std::fs::read_to_string(at("etc/systemd/system/tug-proxy.service")).unwrap();
     assert!(
         proxy_unit.contains(" --proxy-mode nftables\n"),
         "{proxy_unit}"
