@@ -13,9 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Args;
 
-use crate::join::{
-    BOOTSTRAP_KUBECONFIG, CA, CERT_DIR, KUBECONFIG, KUBELET_CONFIG, PROXY_CONFIG,
-};
+use crate::join::{BOOTSTRAP_KUBECONFIG, CA, CERT_DIR, KUBECONFIG, KUBELET_CONFIG, PROXY_CONFIG};
 use crate::units;
 
 /// Flags of `tug reset`.

@@ -142,7 +142,11 @@ mod tests {
             ),
             "{exec}"
         );
-        assert_eq!(units[0].1, render(&config(false))[0].1, "the shim's unit is unchanged");
+        assert_eq!(
+            units[0].1,
+            render(&config(false))[0].1,
+            "the shim's unit is unchanged"
+        );
     }
 
     #[test]

@@ -1181,8 +1181,10 @@ async fn services_created_at_once_get_distinct_addresses_and_keep_them_when_chan
     let ns = cluster().namespace("alloc").await;
     let services: Api<Service> = Api::namespaced(cluster().admin().await, ns.name());
     let service = |name: String| -> Service {
-        serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"type": "NodePort",
-            "ports": [{"name": "a", "port": 80}, {"name": "b", "port": 81}]}}))
+        serde_json::from_value(
+            json!({"metadata": {"name": name}, "spec": {"type": "NodePort",
+            "ports": [{"name": "a", "port": 80}, {"name": "b", "port": 81}]}}),
+        )
         .unwrap()
     };
     // Forty at once, as a controller's workers create them.

@@ -917,7 +917,10 @@ impl Allocations {
             if meta["namespace"] == namespace && meta["name"] == name {
                 return;
             }
-            if let Some(ip) = service["spec"]["clusterIP"].as_str().and_then(|ip| ip.parse().ok()) {
+            if let Some(ip) = service["spec"]["clusterIP"]
+                .as_str()
+                .and_then(|ip| ip.parse().ok())
+            {
                 allocations.ips.insert(ip);
             }
             for port in service["spec"]["ports"].as_array().into_iter().flatten() {

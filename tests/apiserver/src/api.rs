@@ -845,7 +845,10 @@ impl Ctx<'_> {
     fn allocations(
         &self,
         name: &str,
-    ) -> (Option<std::sync::MutexGuard<'_, ()>>, admission::Allocations) {
+    ) -> (
+        Option<std::sync::MutexGuard<'_, ()>>,
+        admission::Allocations,
+    ) {
         if self.resource != resources::SERVICES {
             return (None, admission::Allocations::default());
         }

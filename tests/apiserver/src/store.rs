@@ -178,7 +178,12 @@ impl Store {
     /// Calls `visit` with every object of `resource`, in place (no copies), under the lock.
     pub fn visit(&self, resource: Resource, mut visit: impl FnMut(&Value)) {
         let state = self.lock();
-        for object in state.objects.get(&resource).into_iter().flat_map(|o| o.values()) {
+        for object in state
+            .objects
+            .get(&resource)
+            .into_iter()
+            .flat_map(|o| o.values())
+        {
             visit(object);
         }
     }
