@@ -221,7 +221,6 @@ fn is_free_form(path: &str) -> bool {
 /// namespace in the URL ("" for cluster scope).
 pub fn admit_create(
     store: &Store,
-    settings: &ClusterSettings,
     allocations: &Allocations,
     user: &User,
     resource: Resource,
@@ -319,7 +318,7 @@ pub fn admit_create(
             default_service(object);
             let mut causes = validate_service(object);
             if causes.is_empty() {
-                causes = allocate_service(allocations, settings, object, None);
+                causes = allocate_service(allocations, object, None);
             }
             object["status"] = json!({"loadBalancer": {}});
             causes
@@ -358,7 +357,6 @@ pub fn admit_create(
 /// writes), `old` the stored one.
 pub fn admit_update(
     store: &Store,
-    settings: &ClusterSettings,
     allocations: &Allocations,
     user: &User,
     resource: Resource,
@@ -452,7 +450,7 @@ pub fn admit_update(
             default_service(object);
             let mut causes = validate_service(object);
             if causes.is_empty() {
-                causes = allocate_service(allocations, settings, object, Some(old));
+                causes = allocate_service(allocations, object, Some(old));
             }
             causes
         }
@@ -902,16 +900,31 @@ fn validate_service(service: &Value) -> Vec<Cause> {
 /// The ClusterIPs and NodePorts Services hold, but for the one being written: read once per
 /// write (the caller holds the allocation lock from here until the write is stored, so two
 /// Services created at once never get one address).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Allocations {
+    settings: ClusterSettings,
     ips: HashSet<Ipv4Addr>,
     node_ports: BTreeSet<i64>,
 }
 
 impl Allocations {
+    /// Nothing held (for writes that allocate nothing).
+    pub fn none(settings: &ClusterSettings) -> Allocations {
+        Allocations {
+            settings: settings.clone(),
+            ips: HashSet::new(),
+            node_ports: BTreeSet::new(),
+        }
+    }
+
     /// What every Service but `namespace/name` holds.
-    pub fn of(store: &Store, namespace: &str, name: &str) -> Allocations {
-        let mut allocations = Allocations::default();
+    pub fn of(
+        store: &Store,
+        settings: &ClusterSettings,
+        namespace: &str,
+        name: &str,
+    ) -> Allocations {
+        let mut allocations = Allocations::none(settings);
         store.visit(resources::SERVICES, |service| {
             let meta = &service["metadata"];
             if meta["namespace"] == namespace && meta["name"] == name {
@@ -936,10 +949,10 @@ impl Allocations {
 /// ClusterIP and NodePort allocation (and conflicts) for a Service being created or updated.
 fn allocate_service(
     allocations: &Allocations,
-    settings: &ClusterSettings,
     service: &mut Value,
     old: Option<&Value>,
 ) -> Vec<Cause> {
+    let settings = &allocations.settings;
     let mut causes = Vec::new();
     let kind = service["spec"]["type"]
         .as_str()

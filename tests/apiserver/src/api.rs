@@ -690,7 +690,6 @@ impl Ctx<'_> {
         let (_allocating, allocations) = self.allocations(&name);
         admission::admit_create(
             &self.state.store,
-            &self.state.settings,
             &allocations,
             self.user,
             self.resource,
@@ -744,7 +743,6 @@ impl Ctx<'_> {
             .update_with(self.resource, self.namespace, name, |current| {
                 admission::admit_update(
                     &self.state.store,
-                    &self.state.settings,
                     &allocations,
                     self.user,
                     self.resource,
@@ -787,7 +785,6 @@ impl Ctx<'_> {
             let (_allocating, allocations) = self.allocations(name);
             admission::admit_create(
                 &self.state.store,
-                &self.state.settings,
                 &allocations,
                 self.user,
                 self.resource,
@@ -824,7 +821,6 @@ impl Ctx<'_> {
                 let (mut patched, _) = admission::decode(def, patched, strict)?;
                 admission::admit_update(
                     &self.state.store,
-                    &self.state.settings,
                     &allocations,
                     self.user,
                     self.resource,
@@ -850,14 +846,19 @@ impl Ctx<'_> {
         admission::Allocations,
     ) {
         if self.resource != resources::SERVICES {
-            return (None, admission::Allocations::default());
+            return (None, admission::Allocations::none(&self.state.settings));
         }
         let guard = self
             .state
             .allocating
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let allocations = admission::Allocations::of(&self.state.store, self.namespace, name);
+        let allocations = admission::Allocations::of(
+            &self.state.store,
+            &self.state.settings,
+            self.namespace,
+            name,
+        );
         (Some(guard), allocations)
     }
 
