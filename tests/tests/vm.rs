@@ -497,7 +497,7 @@ sleep 15
 tug reset --force --delete-node
 echo tug-step=reset
 left=""
-for path in /etc/kubernetes/kubelet.conf /etc/kubernetes/bootstrap-kubelet.conf /etc/kubernetes/pki/ca.crt     /var/lib/kubelet /var/lib/tug /run/tug /etc/cni/net.d/10-tug.conflist /opt/cni/bin/tug-cni     /etc/systemd/system/tug-shim.service /etc/systemd/system/tug-kubelet.service     /etc/systemd/system/tug-proxy.service /etc/systemd/system/tug-netd.service; do
+for path in /etc/kubernetes/kubelet.conf /etc/kubernetes/bootstrap-kubelet.conf /etc/kubernetes/pki/ca.crt     /var/lib/kubelet /var/lib/kube-proxy /var/lib/tug /run/tug /etc/cni/net.d/10-tug.conflist /opt/cni/bin/tug-cni     /etc/systemd/system/tug-shim.service /etc/systemd/system/tug-kubelet.service     /etc/systemd/system/tug-proxy.service /etc/systemd/system/tug-netd.service; do
   if [ -e "$path" ] || [ -L "$path" ]; then left="$left $path"; fi
 done
 echo "leftover-files=$left"
