@@ -72,7 +72,9 @@ pub async fn tls_to_kubelet(
     let config = client_config(cert, key, |builder| {
         builder
             .dangerous()
-            .with_custom_certificate_verifier(std::sync::Arc::new(AnyServer(provider())))
+            .with_custom_certificate_verifier(std::sync::Arc::new(
+                tug_kubelet::pods::probe::AnyCertificate(std::sync::Arc::new(provider())),
+            ))
     })?;
     let ip = addr
         .rsplit_once(':')
@@ -115,55 +117,6 @@ async fn connect(
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
         .connect(name, conn)
         .await
-}
-
-/// Accepts any server certificate, checking only that the handshake is signed by its key.
-#[derive(Debug)]
-struct AnyServer(rustls::crypto::CryptoProvider);
-
-impl rustls::client::danger::ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 /// Runs an exec through `conn` (already connected, e.g. over TLS to a kubelet) at `path`.
