@@ -211,8 +211,20 @@ async fn killing_any_node_service_loses_no_container_connection_rule_or_route() 
         }
     })
     .await;
-    // The cluster's own Services (`kubernetes`, ...) come on top.
-    let wanted = (OTHER_SERVICES + 1) as u64;
+    // Every Service port the cluster has (its own `kubernetes` and whatever else is there
+    // included), programmed before the rules are taken as the reference.
+    let all: Api<Service> = Api::all(cluster().admin().await);
+    let wanted = all
+        .list(&ListParams::default())
+        .await
+        .expect("list every Service")
+        .items
+        .iter()
+        .filter_map(|s| s.spec.as_ref())
+        .filter(|spec| spec.cluster_ip.as_deref().is_some_and(|ip| ip != "None"))
+        .map(|spec| spec.ports.as_ref().map_or(0, Vec::len) as u64)
+        .sum::<u64>();
+    assert!(wanted > OTHER_SERVICES as u64, "the Services are all there");
     let deadline = Instant::now() + Duration::from_secs(120);
     while metric(&node, "tug_proxy_service_ports").is_none_or(|n| n < wanted) {
         assert!(
