@@ -120,6 +120,9 @@ pub enum ConfigError {
     },
 }
 
+/// The proxy modes tug proxy has (`mode` in a configuration; empty is iptables).
+pub const MODES: [&str; 3] = ["iptables", "nftables", "ipvs"];
+
 impl KubeProxyConfiguration {
     /// Parses a configuration file's content.
     pub fn parse(text: &str) -> Result<KubeProxyConfiguration, ConfigError> {

@@ -249,8 +249,6 @@ fn remove_files(root: &Path) -> anyhow::Result<String> {
         BOOTSTRAP_KUBECONFIG,
         CA,
         KUBELET_CONFIG,
-        PROXY_CONFIG,
-        "var/lib/kube-proxy",
         CERT_DIR,
         "var/lib/kubelet",
         "var/lib/tug",
@@ -261,6 +259,8 @@ fn remove_files(root: &Path) -> anyhow::Result<String> {
     .iter()
     .map(|p| root.join(p))
     .collect();
+    // The KubeProxyConfiguration's directory, with it.
+    paths.extend(Path::new(PROXY_CONFIG).parent().map(|dir| root.join(dir)));
     paths.extend(
         units::SERVICES
             .iter()

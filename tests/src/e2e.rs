@@ -15,7 +15,7 @@ use kube::Api;
 use kube::api::{ListParams, PostParams};
 use serde_json::json;
 
-use crate::cluster::{TestNamespace, cluster};
+use crate::cluster::{TestNamespace, cluster, pod_ready};
 use crate::eventually::eventually;
 use crate::substrate::Substrate;
 
@@ -68,13 +68,6 @@ fn pod(name: &str, node: &str, spec: serde_json::Value) -> Pod {
     spec["automountServiceAccountToken"] = json!(false);
     serde_json::from_value(json!({"metadata": {"name": name, "labels": {"app": name.split('-').next().unwrap_or(name)}}, "spec": spec}))
         .expect("pod JSON")
-}
-
-fn ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 fn pod_ip(pod: &Pod) -> String {
@@ -175,7 +168,7 @@ impl Scenario {
             for name in [format!("web-{i}"), format!("client-{i}")] {
                 let pod = loop {
                     let pod = pods.get(&name).await.expect("read a pod");
-                    if ready(&pod) {
+                    if pod_ready(&pod) {
                         break pod;
                     }
                     assert!(

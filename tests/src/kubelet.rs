@@ -113,9 +113,6 @@ impl TugKubelet {
             .port();
         let client_ca = dir.path().join("client-ca.crt");
         std::fs::write(&client_ca, cluster().ca_pem()).expect("write the client CA");
-        // Test kubelets share the build machine's disk, whose free space depends on what else
-        // was built there: only memory pressure evicts, unless a test sets its own thresholds
-        // (a partial evictionHard disables the signals it leaves out, as upstream).
         // In a node's namespace the API listens on the node's address, as the API server
         // reaches a kubelet; on the host, on loopback only.
         let address = if options.netns.is_some() {
@@ -123,6 +120,9 @@ impl TugKubelet {
         } else {
             "127.0.0.1"
         };
+        // Test kubelets share the build machine's disk, whose free space depends on what else
+        // was built there: only memory pressure evicts, unless a test sets its own thresholds
+        // (a partial evictionHard disables the signals it leaves out, as upstream).
         let eviction = if options.config.contains("evictionHard:") {
             ""
         } else {

@@ -87,9 +87,7 @@ impl Lan {
             .push(host.clone());
         host
     }
-}
 
-impl Lan {
     /// A tap port on the segment's bridge, for a qemu guest's NIC (qemu opens it from inside
     /// the segment's namespace). The port goes away with the segment.
     pub fn tap(&self) -> LanPort {

@@ -7,9 +7,6 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use k8s_cri::v1::ExecSyncRequest;
-use k8s_openapi::api::core::v1::Pod;
-
 use crate::cluster::cluster;
 use crate::cni::tug_binary;
 use crate::kubelet::{Options, TugKubelet};
@@ -206,9 +203,7 @@ impl TugNode {
                 .iter()
                 .map(|file| {
                     let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
-                    let tail: Vec<&str> = text.lines().rev().take(15).collect();
-                    let tail: Vec<&str> = tail.into_iter().rev().collect();
-                    format!("--- {name} {file}:\n{}", tail.join("\n"))
+                    format!("--- {name} {file}:\n{}", last_lines(&text, 15))
                 })
                 .collect::<Vec<_>>()
                 .join("\n");
@@ -225,35 +220,6 @@ impl TugNode {
             kubelet: format!("{}:{}", self.ip, self.kubelet.api_port),
             logs: Box::new(self.log_reader()),
         }
-    }
-
-    /// Runs `cmd` in `pod`'s container `container` through the node's CRI (as `kubectl exec`
-    /// ends up doing); returns the exit code and stdout followed by stderr.
-    pub async fn exec(&self, pod: &Pod, container: &str, cmd: &[&str]) -> (i32, String) {
-        let id = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.container_statuses.as_ref())
-            .into_iter()
-            .flatten()
-            .find(|c| c.name == container)
-            .and_then(|c| c.container_id.clone())
-            .unwrap_or_else(|| panic!("no container {container} in {:?}", pod.metadata.name));
-        let id = id.split_once("://").map_or(id.as_str(), |(_, id)| id);
-        let mut cri = self.shim.cri().await;
-        let reply = cri
-            .runtime
-            .exec_sync(ExecSyncRequest {
-                container_id: id.to_owned(),
-                cmd: cmd.iter().map(|c| (*c).to_owned()).collect(),
-                timeout: 20,
-            })
-            .await
-            .unwrap_or_else(|e| panic!("exec {cmd:?} in {container}: {e}"))
-            .into_inner();
-        let mut out = String::from_utf8_lossy(&reply.stdout).into_owned();
-        out.push_str(&String::from_utf8_lossy(&reply.stderr));
-        (reply.exit_code, out)
     }
 
     /// Stops the node's services as a machine going away would (its pods' containers stay
@@ -274,6 +240,12 @@ impl Drop for TugNode {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The last `n` lines of `text`, for failure messages.
+pub fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Where test nodes live: a segment with the host on it, a relay there to the cluster's API

@@ -148,9 +148,10 @@ impl GuestNode {
         let (console, name) = (self.console.clone(), self.name.clone());
         move || {
             let console = console.lock().expect("console");
-            let tail: Vec<&str> = console.lines().rev().take(60).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            format!("--- guest {name} console:\n{}", tail.join("\n"))
+            format!(
+                "--- guest {name} console:\n{}",
+                crate::node::last_lines(&console, 60)
+            )
         }
     }
 

@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::Api;
 use kube::api::{ListParams, PostParams};
 use serde_json::json;
-use tug_tests::cluster::cluster;
+use tug_tests::cluster::{cluster, pod_ready};
 use tug_tests::eventually::eventually;
 use tug_tests::node::{Segment, TugNode};
 use tug_tests::substrate::Substrate;
@@ -197,16 +197,7 @@ async fn killing_any_node_service_loses_no_container_connection_rule_or_route() 
         let pods = pods.clone();
         async move {
             let list = pods.list(&ListParams::default()).await.ok()?;
-            let ready = list
-                .items
-                .iter()
-                .filter(|p| {
-                    p.status
-                        .as_ref()
-                        .and_then(|s| s.conditions.as_ref())
-                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-                })
-                .count();
+            let ready = list.items.iter().filter(|p| pod_ready(p)).count();
             (ready == PODS).then_some(())
         }
     })

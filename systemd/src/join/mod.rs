@@ -65,7 +65,7 @@ pub struct JoinArgs {
     cluster_cidr: ipnet::IpNet,
     /// This node's proxy mode (iptables, nftables or ipvs), over the mode in the cluster's
     /// kube-proxy configuration (kubeadm has one mode for every node; tug lets a node differ).
-    #[arg(long, value_parser = ["iptables", "nftables", "ipvs"])]
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(tug_proxy::config::MODES))]
     proxy_mode: Option<String>,
     /// Checks to report but not fail on (names as printed, comma-separated, or `all`).
     #[arg(long, value_delimiter = ',')]
@@ -198,7 +198,7 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
 
     let proxy_config = fetch_proxy_config(&bootstrap_client).await?;
     if let (Some((_, mode)), None) = (&proxy_config, &args.proxy_mode)
-        && !["iptables", "nftables", "ipvs"].contains(&mode.as_str())
+        && !tug_proxy::config::MODES.contains(&mode.as_str())
     {
         anyhow::bail!(
             "the cluster's kube-proxy configuration (kube-system/kube-proxy) asks for mode {mode:?}, which tug proxy does not have; pass --proxy-mode iptables, nftables or ipvs"
