@@ -311,6 +311,20 @@ impl NetConf {
                 ),
             ));
         }
+        // The network address is never handed out, so a /32 (or /128) has nothing to give.
+        if let Some(cidr) = conf
+            .pod_cidrs
+            .iter()
+            .find(|c| c.prefix_len() == c.max_prefix_len())
+        {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                "invalid network configuration",
+                format!(
+                    "\"podCIDRs\": {cidr} is too small to allocate from (a pod CIDR needs at least one address besides its network address)"
+                ),
+            ));
+        }
         Ok(conf)
     }
 
@@ -465,6 +479,18 @@ mod tests {
             .code,
             6
         );
+        // Found by the cni_config fuzz target: a /32 pod CIDR handed out the address after it.
+        for tiny in ["10.244.3.0/32", "fd00::/128"] {
+            let conf = format!(
+                r#"{{"cniVersion":"1.0.0","name":"x","type":"tug-cni","podCIDRs":["{tiny}"]}}"#
+            );
+            let error = NetConf::parse(conf.as_bytes()).unwrap_err();
+            assert_eq!(error.code, 7, "{tiny}");
+            assert!(error.details.contains(tiny), "{}", error.details);
+        }
+        let smallest =
+            br#"{"cniVersion":"1.0.0","name":"x","type":"tug-cni","podCIDRs":["10.244.3.0/31"]}"#;
+        assert!(NetConf::parse(smallest).is_ok());
     }
 
     #[test]

@@ -64,8 +64,31 @@ pub struct Rendered {
     pub service_chains: BTreeMap<String, Vec<String>>,
 }
 
+/// The longest comment the kernel keeps (`XT_MAX_COMMENT_LEN` is 256 with the NUL).
+const MAX_COMMENT: usize = 255;
+
+/// `text` as one quoted iptables-restore word for `--comment`. Object names go into comments,
+/// and the API server is not trusted to have validated them: a quote, a control character (a
+/// newline would end the rule and start one of the object's own) or a comment longer than the
+/// kernel takes (which fails the whole restore, every Service's rules with it) cannot get
+/// through.
 fn quote(text: &str) -> String {
-    format!("\"{}\"", text.replace('"', "'"))
+    let mut clean: String = text
+        .chars()
+        .map(|c| match c {
+            '"' => '\'',
+            c if c.is_control() => '?',
+            c => c,
+        })
+        .collect();
+    if clean.len() > MAX_COMMENT {
+        let mut end = MAX_COMMENT;
+        while !clean.is_char_boundary(end) {
+            end -= 1;
+        }
+        clean.truncate(end);
+    }
+    format!("\"{clean}\"")
 }
 
 fn host(ip: &IpAddr) -> String {
@@ -864,6 +887,37 @@ mod tests {
                 .contains("-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"),
             "NODEPORTS is last"
         );
+    }
+
+    /// Found by the rule_model fuzz target: a port name with a newline (or a NUL) went into a
+    /// comment as it was, so an object could add rules of its own to the restore input.
+    #[test]
+    fn names_in_comments_cannot_end_the_rule_or_outgrow_the_kernels_limit() {
+        let mut port = web();
+        port.name = format!("ns1/svc1:p\n-A INPUT -j DROP\0\"x{}", "y".repeat(400));
+        let rendered = render(&[port], &config());
+        let rules: Vec<&String> = rendered
+            .nat
+            .iter()
+            .chain(&rendered.filter)
+            .chain(rendered.service_chains.values().flatten())
+            .collect();
+        let mut named = 0;
+        for rule in rules {
+            assert!(!rule.contains(['\n', '\0']), "{rule:?}");
+            if let Some((_, rest)) = rule.split_once("--comment \"") {
+                let comment = rest.split('"').next().unwrap();
+                assert!(comment.len() <= MAX_COMMENT, "{} bytes", comment.len());
+                if comment.starts_with("ns1/") {
+                    assert!(
+                        comment.starts_with("ns1/svc1:p?-A INPUT -j DROP?'x"),
+                        "{comment}"
+                    );
+                    named += 1;
+                }
+            }
+        }
+        assert!(named >= 3, "{named} rules name the Service");
     }
 
     #[test]

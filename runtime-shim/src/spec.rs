@@ -621,6 +621,23 @@ fn environment(config: &ContainerConfig, image: &ImageConfig, hostname: &str) ->
     env
 }
 
+/// The cgroup path (cgroupfs style) of container `id` under its sandbox's cgroup parent.
+pub fn cgroups_path(container: &str, parent: &str, id: &str) -> Result<String, SpecError> {
+    if parent.ends_with(".slice") {
+        return Err(SpecError {
+            container: container.to_owned(),
+            detail: format!(
+                "cgroup parent {parent} is a systemd slice; tug shim drives cgroupfs — run the kubelet with cgroupDriver: cgroupfs"
+            ),
+        });
+    }
+    Ok(if parent.is_empty() {
+        format!("/tug/{id}")
+    } else {
+        format!("{}/{id}", parent.trim_end_matches('/'))
+    })
+}
+
 /// The OCI runtime spec for `input`.
 pub fn build(input: &SpecInput<'_>) -> Result<Value, SpecError> {
     let config = input.config;

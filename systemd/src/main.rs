@@ -10,17 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod join;
-mod kubeconfig;
-mod kubelet;
-mod netd;
-mod notify;
-mod proxy;
-mod reset;
-mod shim;
-mod shutdown;
-mod status;
-mod units;
+use tug::{join, kubelet, netd, proxy, reset, shim, shutdown, status};
 
 #[derive(Debug, Parser)]
 #[command(

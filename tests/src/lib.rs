@@ -14,6 +14,7 @@ pub mod containerd;
 pub mod cri;
 pub mod e2e;
 pub mod eventually;
+pub mod faults;
 pub mod http;
 pub mod kubelet;
 pub mod lan;

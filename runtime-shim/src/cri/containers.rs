@@ -509,16 +509,8 @@ impl Runtime {
             .as_ref()
             .map(|l| l.cgroup_parent.clone())
             .unwrap_or_default();
-        if parent.ends_with(".slice") {
-            return Err(Status::invalid_argument(format!(
-                "cgroup parent {parent} is a systemd slice; tug shim drives cgroupfs — run the kubelet with cgroupDriver: cgroupfs"
-            )));
-        }
-        let cgroups_path = if parent.is_empty() {
-            format!("/tug/{id}")
-        } else {
-            format!("{}/{id}", parent.trim_end_matches('/'))
-        };
+        let cgroups_path = spec::cgroups_path(&name, &parent, &id)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let pid_namespace = self.pid_namespace_for(&name, &config, &sandbox).await?;
         let sandbox_dir = self.sandbox_dir(&sandbox.id);
         let (resolv, hostname) = (

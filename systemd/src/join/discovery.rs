@@ -377,6 +377,7 @@ fn cluster_of(kubeconfig: &str, endpoint: &str) -> Result<(String, String), Disc
         .ok_or_else(|| invalid("its kubeconfig names no cluster".into()))?;
     let server = cluster
         .server
+        .filter(|s| !s.trim().is_empty())
         .ok_or_else(|| invalid("its kubeconfig's cluster has no server".into()))?;
     let data = cluster.certificate_authority_data.ok_or_else(|| {
         invalid("its kubeconfig's cluster has no certificate-authority-data".into())
@@ -408,6 +409,36 @@ fn loopback(url: &str) -> bool {
 }
 
 impl Discovery {
+    /// Checks one read of cluster-info, `kubeconfig` and the token's detached signature `jws`:
+    /// the signature must be the token's, the kubeconfig must name a server and carry a CA, and
+    /// that CA must match a pin. Returns the server, the CA (PEM) and its pin. Everything here
+    /// comes from an unauthenticated read, so it is also a fuzz target (`fuzz/`).
+    pub fn verify(
+        &self,
+        kubeconfig: &str,
+        jws: &str,
+    ) -> Result<(String, String, Pin), DiscoveryError> {
+        verify_detached_jws(jws, kubeconfig, &self.token)?;
+        let (server, ca_pem) = cluster_of(kubeconfig, &self.endpoint)?;
+        let pin =
+            Pin::of_certificate(ca_pem.as_bytes()).map_err(|detail| DiscoveryError::Invalid {
+                endpoint: self.endpoint.clone(),
+                detail,
+            })?;
+        if !self.pins.is_empty() && !self.pins.contains(&pin) {
+            return Err(DiscoveryError::PinMismatch {
+                actual: pin.to_string().trim_start_matches("sha256:").to_owned(),
+                expected: self
+                    .pins
+                    .iter()
+                    .map(Pin::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        Ok((server, ca_pem, pin))
+    }
+
     /// Runs discovery: retries while the API is unreachable, cluster-info is missing or not yet
     /// signed for this token, up to `timeout`; fails at once on a bad signature, a pin mismatch
     /// or a skewed clock.
@@ -461,24 +492,7 @@ impl Discovery {
             tracing::info!(reason = %retryable, "discovery is not done yet; retrying");
             tokio::time::sleep(Duration::from_secs(2)).await;
         };
-        verify_detached_jws(&jws, &kubeconfig, &self.token)?;
-        let (server, ca_pem) = cluster_of(&kubeconfig, &self.endpoint)?;
-        let pin =
-            Pin::of_certificate(ca_pem.as_bytes()).map_err(|detail| DiscoveryError::Invalid {
-                endpoint: self.endpoint.clone(),
-                detail,
-            })?;
-        if !self.pins.is_empty() && !self.pins.contains(&pin) {
-            return Err(DiscoveryError::PinMismatch {
-                actual: pin.to_string().trim_start_matches("sha256:").to_owned(),
-                expected: self
-                    .pins
-                    .iter()
-                    .map(Pin::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            });
-        }
+        let (server, ca_pem, pin) = self.verify(&kubeconfig, &jws)?;
         // Again, now trusting only that CA: the same cluster-info must come back.
         let secure =
             anonymous_client(&url, Some(&ca_pem)).map_err(|cause| DiscoveryError::Invalid {
@@ -614,6 +628,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(behind.contains("600 s behind"), "{behind}");
+    }
+
+    #[test]
+    fn a_cluster_info_kubeconfig_without_a_server_is_refused() {
+        for server in ["", "server: ''", "server: '  '"] {
+            let kubeconfig = format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: x\n  cluster:\n    {server}\n    certificate-authority-data: eA==\n"
+            );
+            let error = cluster_of(&kubeconfig, "192.0.2.1:6443").unwrap_err();
+            assert!(error.to_string().contains("has no server"), "{error}");
+        }
     }
 
     #[test]

@@ -1,0 +1,263 @@
+//! What the fault tests share: a node's state that must survive a fault (its containers, its
+//! proxy's rules, its routes), a client that keeps connecting to a Service through it, and its
+//! proxy's metrics.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::Api;
+use kube::api::{ListParams, PostParams};
+use serde_json::json;
+
+use crate::cluster::{cluster, pod_ready};
+use crate::eventually::eventually;
+use crate::substrate::Substrate;
+
+use crate::node::TugNode;
+
+/// What must survive a crash: each pod's containers (id and restart count), the proxy's rules
+/// (nft's listing, its entries sorted, since a rewrite may list a set in another order) and the
+/// node's routes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Each pod's containers: id and restart count.
+    pub containers: BTreeMap<String, (String, i32)>,
+    /// The proxy's nftables table, one sorted entry per element.
+    pub rules: Vec<String>,
+    /// The node's routes.
+    pub routes: String,
+}
+
+pub async fn snapshot(node: &TugNode, pods: &Api<Pod>) -> Snapshot {
+    let mut containers = BTreeMap::new();
+    for pod in pods
+        .list(&ListParams::default())
+        .await
+        .expect("list pods")
+        .items
+    {
+        for status in pod
+            .status
+            .and_then(|s| s.container_statuses)
+            .unwrap_or_default()
+        {
+            containers.insert(
+                format!(
+                    "{}/{}",
+                    pod.metadata.name.clone().unwrap_or_default(),
+                    status.name
+                ),
+                (
+                    status.container_id.unwrap_or_default(),
+                    status.restart_count,
+                ),
+            );
+        }
+    }
+    let listing = node.ns.run(|| {
+        std::process::Command::new("nft")
+            .args(["list", "table", "ip", "tug-proxy"])
+            .output()
+            .expect("run nft")
+    });
+    let text = String::from_utf8_lossy(&listing.stdout);
+    let mut rules: Vec<String> = text
+        .split([',', '\n', '{', '}'])
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .collect();
+    rules.sort();
+    let routes = String::from_utf8_lossy(&node.ns.ip(&["route", "show"]).stdout).into_owned();
+    Snapshot {
+        containers,
+        rules,
+        routes,
+    }
+}
+
+/// What differs between two snapshots, briefly.
+pub fn differences(before: &Snapshot, after: &Snapshot) -> String {
+    let mut out = Vec::new();
+    for (name, was) in &before.containers {
+        let now = after.containers.get(name);
+        if now != Some(was) {
+            out.push(format!("container {name}: {was:?} -> {now:?}"));
+        }
+    }
+    if before.rules != after.rules {
+        let gone = before
+            .rules
+            .iter()
+            .filter(|r| !after.rules.contains(r))
+            .take(5);
+        let new = after
+            .rules
+            .iter()
+            .filter(|r| !before.rules.contains(r))
+            .take(5);
+        out.push(format!(
+            "rules: {} -> {} entries; gone {:?}, new {:?}",
+            before.rules.len(),
+            after.rules.len(),
+            gone.collect::<Vec<_>>(),
+            new.collect::<Vec<_>>()
+        ));
+    }
+    if before.routes != after.routes {
+        out.push(format!("routes:\n{}\n->\n{}", before.routes, after.routes));
+    }
+    out.join("\n")
+}
+
+/// The proxy's metrics inside the node.
+pub fn proxy_metric(node: &TugNode, name: &str) -> Option<u64> {
+    let text = node
+        .ns
+        .run(|| crate::http::get("127.0.0.1:10249", "/metrics"))
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A client outside a node that opens connection after connection to `target` (`ip:port`,
+/// a NodePort) and counts what is answered and what fails, until stopped.
+#[derive(Debug)]
+pub struct Client {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    failures: Arc<Mutex<Vec<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Client {
+    /// Starts connecting: one `GET /cgi-bin/hostname` every `pause`.
+    pub fn start(target: &str, pause: Duration) -> Client {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let thread = {
+            let (stop, ok, failed, failures, target) = (
+                stop.clone(),
+                ok.clone(),
+                failed.clone(),
+                failures.clone(),
+                target.to_owned(),
+            );
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match crate::http::get(&target, "/cgi-bin/hostname") {
+                        Ok(r) if r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200") => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            let mut list = failures.lock().expect("failures lock");
+                            if list.len() < 5 {
+                                list.push(format!("{other:?}"));
+                            }
+                        }
+                    }
+                    std::thread::sleep(pause);
+                }
+            })
+        };
+        Client {
+            stop,
+            ok,
+            failed,
+            failures,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops and returns (answered, failed, the first few failures).
+    pub fn finish(mut self) -> (usize, usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("the client thread");
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            self.failures.lock().expect("failures lock").clone(),
+        )
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// `count` web pods (`web-<i>`, readiness-probed every second) on `node` in namespace `ns`,
+/// behind the NodePort Service `web`. Returns once every pod is Ready and the NodePort reaches
+/// each of them, with the NodePort.
+pub async fn web_behind_node_port(node: &TugNode, ns: &str, count: usize) -> i32 {
+    let admin = cluster().admin().await;
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    let services: Api<Service> = Api::namespaced(admin, ns);
+    let image = Substrate::from_env().registry_image("http");
+    for i in 0..count {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": format!("web-{i}"), "labels": {"app": "web"}},
+            "spec": {"nodeName": node.name(), "automountServiceAccountToken": false,
+                     "containers": [{"name": "web", "image": image,
+                        "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 1}}]}
+        }))
+        .expect("pod JSON");
+        pods.create(&PostParams::default(), &pod)
+            .await
+            .expect("create a pod");
+    }
+    let web: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"type": "NodePort", "selector": {"app": "web"},
+                 "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}]}
+    }))
+    .expect("Service JSON");
+    let web = services
+        .create(&PostParams::default(), &web)
+        .await
+        .expect("create the Service");
+    let node_port = web
+        .spec
+        .and_then(|s| s.ports)
+        .and_then(|p| p[0].node_port)
+        .expect("a NodePort");
+    eventually(
+        &format!("all {count} web pods Ready"),
+        Duration::from_secs(180),
+        || {
+            let pods = pods.clone();
+            async move {
+                let list = pods.list(&ListParams::default()).await.ok()?;
+                let ready = list.items.iter().filter(|p| pod_ready(p)).count();
+                (ready == count).then_some(())
+            }
+        },
+    )
+    .await;
+    let target = format!("{}:{node_port}", node.ip);
+    eventually(
+        "the NodePort to reach every web pod",
+        Duration::from_secs(60),
+        || {
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..(10 * count) {
+                if let Ok(r) = crate::http::get(&target, "/cgi-bin/hostname") {
+                    seen.insert(r.lines().last().unwrap_or_default().trim().to_owned());
+                }
+            }
+            async move { (seen.len() == count).then_some(()) }
+        },
+    )
+    .await;
+    node_port
+}
