@@ -113,6 +113,14 @@ fn conditions_changed(a: &[NodeCondition], b: &[NodeCondition]) -> bool {
     a.len() != b.len() || a.iter().zip(b).any(|(x, y)| key(x) != key(y))
 }
 
+/// How long to wait after the `failures`-th failure in a row: 200 ms, doubling, at most 5 s
+/// (upstream's lease controller backs off from 200 ms to 7 s) and never past a heartbeat.
+pub fn retry_after(failures: u32, heartbeat: Duration) -> Duration {
+    let backoff =
+        Duration::from_millis(200).saturating_mul(1 << failures.saturating_sub(1).min(10));
+    backoff.min(Duration::from_secs(5)).min(heartbeat)
+}
+
 /// Registers the node and keeps its Lease and status up to date until `shutdown`.
 pub async fn run(
     config: NodeAgentConfig,
@@ -127,12 +135,16 @@ pub async fn run(
     let mut registered: Option<Node> = None;
     let mut reported: Option<(Instant, serde_json::Value)> = None;
     let mut conditions: Vec<NodeCondition> = Vec::new();
-    let mut ticker = tokio::time::interval(config.heartbeat);
+    // Every heartbeat; after a failure sooner, as upstream's lease controller retries, so the
+    // Lease is renewed within moments of the API server coming back, not a heartbeat later.
+    let mut failures: u32 = 0;
+    let mut wait = Duration::ZERO;
     loop {
         tokio::select! {
             () = &mut shutdown => return,
-            _ = ticker.tick() => {}
+            () = tokio::time::sleep(wait) => {}
         }
+        wait = config.heartbeat;
         let host = node::read_host(&config.root_dir);
         let node = match &registered {
             Some(node) => node.clone(),
@@ -144,12 +156,19 @@ pub async fn run(
                 }
                 Err(error) => {
                     tracing::warn!(node = %name, %error, "registering the node failed; retrying");
+                    failures += 1;
+                    wait = retry_after(failures, config.heartbeat);
                     continue;
                 }
             },
         };
-        if let Err(error) = renew_lease(&leases, &node).await {
-            tracing::warn!(node = %name, %error, "renewing the node lease failed; retrying");
+        match renew_lease(&leases, &node).await {
+            Ok(()) => failures = 0,
+            Err(error) => {
+                failures += 1;
+                wait = retry_after(failures, config.heartbeat);
+                tracing::warn!(node = %name, %error, retry_in = ?wait, "renewing the node lease failed");
+            }
         }
         let health = cri.health().await;
         let pressures = config.pressures.lock().expect("pressures lock").clone();
@@ -198,6 +217,21 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_heartbeats_are_retried_sooner_backing_off_to_5_s() {
+        let heartbeat = HEARTBEAT;
+        let waits: Vec<u64> = (1..=7)
+            .map(|n| retry_after(n, heartbeat).as_millis() as u64)
+            .collect();
+        assert_eq!(waits, [200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(retry_after(40, heartbeat), Duration::from_secs(5));
+        assert_eq!(
+            retry_after(9, Duration::from_secs(1)),
+            Duration::from_secs(1),
+            "never longer than a heartbeat"
+        );
+    }
 
     #[test]
     fn heartbeats_alone_are_not_a_change() {

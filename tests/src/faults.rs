@@ -16,7 +16,7 @@ use crate::cluster::{cluster, pod_ready};
 use crate::eventually::eventually;
 use crate::substrate::Substrate;
 
-use crate::node::TugNode;
+use crate::node::{TugNode, cluster_cidr};
 
 /// What must survive a crash: each pod's containers (id and restart count), the proxy's rules
 /// (nft's listing, its entries sorted, since a rewrite may list a set in another order) and the
@@ -260,4 +260,54 @@ pub async fn web_behind_node_port(node: &TugNode, ns: &str, count: usize) -> i32
     )
     .await;
     node_port
+}
+
+/// The web pods' part of a snapshot: their containers, and the node's routes but those to other
+/// pods (the short-lived pod's go with it, and a pod started later brings its own).
+pub async fn web_part(mut snapshot: Snapshot, pods: &Api<Pod>) -> Snapshot {
+    snapshot
+        .containers
+        .retain(|name, _| name.starts_with("web-"));
+    let web_ips: Vec<String> = pods
+        .list(&Default::default())
+        .await
+        .expect("list pods")
+        .items
+        .into_iter()
+        .filter(|p| {
+            p.metadata
+                .name
+                .as_deref()
+                .is_some_and(|n| n.starts_with("web-"))
+        })
+        .filter_map(|p| p.status?.pod_ip)
+        .collect();
+    let pod_cidr: ipnet::IpNet = cluster_cidr().parse().expect("the cluster CIDR");
+    snapshot.routes = snapshot
+        .routes
+        .lines()
+        .filter(|line| {
+            let to = line.split_whitespace().next().unwrap_or_default();
+            let other_pod = to
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| pod_cidr.contains(&ip) && !web_ips.iter().any(|w| w == to));
+            !other_pod
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    snapshot
+}
+
+/// The exit code the API reports for `pod`'s first container, once it has terminated.
+pub fn exit_code(pod: &Pod) -> Option<i32> {
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .first()?
+        .state
+        .as_ref()?
+        .terminated
+        .as_ref()
+        .map(|t| t.exit_code)
 }

@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::netns::{Netns, ip};
 
@@ -124,13 +124,26 @@ impl Drop for Lan {
     }
 }
 
-/// A TCP relay from a local address to a target (TLS passes through untouched).
+/// A TCP relay from a local address to a target (TLS passes through untouched). It can be cut
+/// (its port closed and every connection through it reset, as when the target's host is up but
+/// its server is down) and restored at the same address, and it counts what it relays back.
 #[derive(Debug)]
 pub struct Relay {
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    /// The listening socket, shut down on drop to end the accept loop (wherever it listens).
-    listener: TcpListener,
+    target: SocketAddr,
+    shared: Arc<RelayShared>,
+}
+
+#[derive(Debug, Default)]
+struct RelayShared {
+    /// The accept loop's listener while the relay is up (shut down to end the loop).
+    listener: std::sync::Mutex<Option<TcpListener>>,
+    /// Every connection through the relay, both ends, to cut them.
+    conns: std::sync::Mutex<Vec<TcpStream>>,
+    /// Bytes relayed from the target back to clients.
+    returned: std::sync::atomic::AtomicU64,
+    /// Which accept loop is the current one (a cut ends the others).
+    generation: AtomicU32,
 }
 
 impl Relay {
@@ -156,17 +169,25 @@ impl Relay {
             .next()
             .expect("a target address");
         let addr = listener.local_addr().expect("relay address");
-        let kept = listener.try_clone().expect("clone the relay's socket");
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = stop.clone();
+        let relay = Relay {
+            addr,
+            target,
+            shared: Arc::new(RelayShared::default()),
+        };
+        relay.accept(listener);
+        relay
+    }
+
+    fn accept(&self, listener: TcpListener) {
+        *self.shared.listener.lock().expect("relay lock") =
+            Some(listener.try_clone().expect("clone the relay's socket"));
+        let (shared, target) = (self.shared.clone(), self.target);
+        let generation = shared.generation.load(Ordering::Relaxed);
         std::thread::spawn(move || {
             for conn in listener.incoming() {
-                if stopping.load(Ordering::Relaxed) {
-                    return;
-                }
                 let Ok(client) = conn else {
                     // A listener shut down fails every accept from then on.
-                    if stopping.load(Ordering::Relaxed) {
+                    if shared.generation.load(Ordering::Relaxed) != generation {
                         return;
                     }
                     continue;
@@ -174,13 +195,23 @@ impl Relay {
                 let Ok(server) = TcpStream::connect(target) else {
                     continue;
                 };
-                for (mut from, mut to) in [
-                    (client.try_clone(), server.try_clone()),
-                    (server.try_clone(), client.try_clone()),
+                {
+                    let mut conns = shared.conns.lock().expect("relay lock");
+                    conns.retain(|c| c.peer_addr().is_ok());
+                    conns.extend(
+                        [client.try_clone(), server.try_clone()]
+                            .into_iter()
+                            .flatten(),
+                    );
+                }
+                for (mut from, mut to, back) in [
+                    (client.try_clone(), server.try_clone(), false),
+                    (server.try_clone(), client.try_clone(), true),
                 ]
                 .into_iter()
-                .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                .filter_map(|(a, b, back)| Some((a.ok()?, b.ok()?, back)))
                 {
+                    let shared = shared.clone();
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 16 * 1024];
                         loop {
@@ -190,6 +221,9 @@ impl Relay {
                                     if to.write_all(&buf[..n]).is_err() {
                                         break;
                                     }
+                                    if back {
+                                        shared.returned.fetch_add(n as u64, Ordering::Relaxed);
+                                    }
                                 }
                             }
                         }
@@ -198,27 +232,60 @@ impl Relay {
                 }
             }
         });
-        Relay {
-            addr,
-            stop,
-            listener: kept,
-        }
     }
 
     /// Where the relay listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
+
+    /// Bytes relayed from the target back to clients so far.
+    pub fn returned(&self) -> u64 {
+        self.shared.returned.load(Ordering::Relaxed)
+    }
+
+    /// Closes the relay's port (connecting is refused) and resets every connection through it.
+    pub fn cut(&self) {
+        self.shared.generation.fetch_add(1, Ordering::Relaxed);
+        if let Some(listener) = self.shared.listener.lock().expect("relay lock").take() {
+            // Wakes the blocked accept (Linux fails it once the listener is shut down); the
+            // socket closes when the loop drops its copy.
+            let _ = nix::sys::socket::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(&listener),
+                nix::sys::socket::Shutdown::Both,
+            );
+        }
+        for conn in self.shared.conns.lock().expect("relay lock").drain(..) {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Opens the port again after [`Relay::cut`] (a relay started in the host's namespace).
+    pub fn restore(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let listener = loop {
+            match TcpListener::bind(self.addr) {
+                Ok(listener) => break listener,
+                // The old socket closes when its accept loop wakes and drops it.
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => panic!("relay bind {} again: {e}", self.addr),
+            }
+        };
+        self.accept(listener);
+    }
 }
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        // Wakes the blocked accept (Linux fails it once the listener is shut down).
-        let _ = nix::sys::socket::shutdown(
-            std::os::fd::AsRawFd::as_raw_fd(&self.listener),
-            nix::sys::socket::Shutdown::Both,
-        );
+        self.shared.generation.fetch_add(1, Ordering::Relaxed);
+        if let Some(listener) = self.shared.listener.lock().expect("relay lock").take() {
+            let _ = nix::sys::socket::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(&listener),
+                nix::sys::socket::Shutdown::Both,
+            );
+        }
     }
 }
 

@@ -288,6 +288,11 @@ impl Segment {
         self.relay.addr()
     }
 
+    /// The relay to the cluster's API server, to cut it off from the segment's nodes.
+    pub fn api_relay(&self) -> &Relay {
+        &self.relay
+    }
+
     /// A tap port on the segment, for a qemu guest.
     pub fn tap(&self) -> crate::lan::LanPort {
         self.lan.tap()

@@ -17,7 +17,7 @@ use kube::api::PostParams;
 use serde_json::json;
 use tug_tests::cluster::{cluster, pod_ready};
 use tug_tests::eventually::eventually;
-use tug_tests::faults::{Client, Snapshot, differences, snapshot, web_behind_node_port};
+use tug_tests::faults::{Client, differences, exit_code, snapshot, web_behind_node_port, web_part};
 use tug_tests::node::Segment;
 use tug_tests::substrate::Substrate;
 use tug_tests::tier::{Tier, require};
@@ -25,14 +25,6 @@ use tug_tests::tier::{Tier, require};
 const HOST: &str = "192.168.64.254";
 const NODE_IP: &str = "192.168.64.1";
 const PODS: usize = 3;
-
-/// The web pods' part of a snapshot (the short-lived pod's container is meant to change).
-fn web_only(mut snapshot: Snapshot) -> Snapshot {
-    snapshot
-        .containers
-        .retain(|name, _| name.starts_with("web-"));
-    snapshot
-}
 
 /// The test-owned containerd's pid, from the pid file `scripts/substrate` writes.
 fn containerd_pid() -> i32 {
@@ -43,20 +35,6 @@ fn containerd_pid() -> i32 {
         .trim()
         .parse()
         .unwrap_or_else(|e| panic!("{path}: {e}"))
-}
-
-/// The exit code the API reports for `pod`'s first container, once it has terminated.
-fn exit_code(pod: &Pod) -> Option<i32> {
-    pod.status
-        .as_ref()?
-        .container_statuses
-        .as_ref()?
-        .first()?
-        .state
-        .as_ref()?
-        .terminated
-        .as_ref()
-        .map(|t| t.exit_code)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -109,7 +87,7 @@ async fn containerd_restarted_loses_no_pod_and_what_happened_meanwhile_is_report
     let started = Instant::now();
 
     let client = Client::start(&format!("{NODE_IP}:{node_port}"), Duration::from_millis(10));
-    let before = web_only(snapshot(&node, &pods).await);
+    let before = web_part(snapshot(&node, &pods).await, &pods).await;
     assert_eq!(before.containers.len(), PODS, "{before:?}");
     let pid = containerd_pid();
     nix::sys::signal::kill(
@@ -126,7 +104,7 @@ async fn containerd_restarted_loses_no_pod_and_what_happened_meanwhile_is_report
             .max(Duration::from_secs(10)),
     )
     .await;
-    let down = web_only(snapshot(&node, &pods).await);
+    let down = web_part(snapshot(&node, &pods).await, &pods).await;
     assert!(
         down == before,
         "with containerd down:\n{}",
@@ -190,7 +168,7 @@ async fn containerd_restarted_loses_no_pod_and_what_happened_meanwhile_is_report
     .await;
     let new_pod = restarted.elapsed();
 
-    let after = web_only(snapshot(&node, &pods).await);
+    let after = web_part(snapshot(&node, &pods).await, &pods).await;
     assert!(
         after == before,
         "after containerd came back:\n{}\n{}",

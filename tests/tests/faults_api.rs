@@ -1,0 +1,219 @@
+//! Faults, netns tier with the containerd and cluster tiers: the API server goes away from
+//! under a tug node for minutes (its port refuses connections and every open one is reset, as
+//! when kube-apiserver is down on a control-plane host that is up), then comes back. A test
+//! binary of its own, so nothing else runs beside the outage.
+//!
+//! Meanwhile the pods keep running and serving through the rules that were there. Once it is
+//! back, the node's Lease and the status of a pod that finished meanwhile reach the API within
+//! 10 s, and the watches resume where they were instead of listing everything again.
+//!
+//! Against a real cluster (`TUG_TEST_KUBECONFIG`) the outage is the relay the node reaches the
+//! API through; the cluster's node lifecycle controller may mark the node and its pods NotReady
+//! meanwhile (after its grace period), so connections are counted during the outage only.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::Api;
+use kube::api::{ListParams, PostParams};
+use serde_json::json;
+use tug_tests::cluster::cluster;
+use tug_tests::eventually::eventually;
+use tug_tests::faults::{
+    Client, differences, exit_code, proxy_metric, snapshot, web_behind_node_port, web_part,
+};
+use tug_tests::node::Segment;
+use tug_tests::substrate::Substrate;
+use tug_tests::tier::{Tier, require};
+
+const HOST: &str = "192.168.65.254";
+const NODE_IP: &str = "192.168.65.1";
+const PODS: usize = 3;
+/// Services besides the web one, so that listing them all again would show.
+const OTHER_SERVICES: usize = 1_000;
+const OUTAGE: Duration = Duration::from_secs(120);
+/// How soon after the API server is back the node must have reported.
+const RESUME: Duration = Duration::from_secs(10);
+
+/// The Lease's renewTime, as the API has it.
+async fn renewed(leases: &Api<Lease>, node: &str) -> Option<String> {
+    let lease = leases.get(node).await.ok()?;
+    Some(format!("{:?}", lease.spec?.renew_time?))
+}
+
+/// The size of one GET of `path` (a list), as JSON.
+async fn list_bytes(path: &str) -> u64 {
+    let request = http::Request::get(path)
+        .body(Vec::new())
+        .expect("a list request");
+    cluster()
+        .admin()
+        .await
+        .request_text(request)
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+        .len() as u64
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "netns + containerd + cluster tiers (root): run as root via ./scripts/test, or scripts/substrate up && cargo build -p tug -p tug-cni && cargo test -p tug-tests --test faults_api -- --ignored"]
+async fn the_api_server_gone_for_minutes_loses_nothing_and_the_node_resumes_within_10_s() {
+    require(Tier::Netns);
+    require(Tier::Containerd);
+    let segment = Segment::new("api", HOST).await;
+    let node = segment.node(NODE_IP, "nftables").await;
+    let ns = cluster().namespace("faults-api").await;
+    let others_ns = cluster().namespace("faults-api-others").await;
+    let admin = cluster().admin().await;
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns.name());
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), "kube-node-lease");
+    let node_port = web_behind_node_port(&node, ns.name(), PODS).await;
+    let others: Api<Service> = Api::namespaced(admin.clone(), others_ns.name());
+    futures::stream::iter(0..OTHER_SERVICES)
+        .map(|i| {
+            let others = others.clone();
+            async move {
+                let service: Service = serde_json::from_value(json!({
+                    "metadata": {"name": format!("other-{i}")},
+                    "spec": {"ports": [{"name": "http", "protocol": "TCP", "port": 80}]}
+                }))
+                .expect("Service JSON");
+                others
+                    .create(&PostParams::default(), &service)
+                    .await
+                    .expect("create a Service");
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+    let all: Api<Service> = Api::all(admin.clone());
+    let wanted = all
+        .list(&ListParams::default())
+        .await
+        .expect("list every Service")
+        .items
+        .iter()
+        .filter_map(|s| s.spec.as_ref())
+        .filter(|spec| spec.cluster_ip.as_deref().is_some_and(|ip| ip != "None"))
+        .map(|spec| spec.ports.as_ref().map_or(0, Vec::len) as u64)
+        .sum::<u64>();
+    eventually(
+        "the proxy to program every Service port",
+        Duration::from_secs(120),
+        || {
+            let n = proxy_metric(&node, "tug_proxy_service_ports");
+            async move { n.filter(|n| *n >= wanted).map(|_| ()) }
+        },
+    )
+    .await;
+    // What the proxy alone would read again if it listed everything.
+    let relist = list_bytes("/api/v1/services").await
+        + list_bytes("/apis/discovery.k8s.io/v1/endpointslices").await;
+
+    // Finishes (exit 3) while the API server is gone.
+    let image = Substrate::from_env().registry_image("http");
+    let short: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "short"},
+        "spec": {"nodeName": node.name(), "automountServiceAccountToken": false,
+                 "restartPolicy": "Never",
+                 "containers": [{"name": "main", "image": image, "command": ["sh", "-c", "sleep 20; exit 3"]}]}
+    }))
+    .expect("pod JSON");
+    pods.create(&PostParams::default(), &short)
+        .await
+        .expect("create the short-lived pod");
+    eventually(
+        "the short-lived pod to run",
+        Duration::from_secs(60),
+        || {
+            let pods = pods.clone();
+            async move {
+                let pod = pods.get("short").await.ok()?;
+                let state = pod.status?.container_statuses?.first()?.state.clone()?;
+                state.running.map(|_| ())
+            }
+        },
+    )
+    .await;
+
+    let before = web_part(snapshot(&node, &pods).await, &pods).await;
+    let client = Client::start(&format!("{NODE_IP}:{node_port}"), Duration::from_millis(10));
+    segment.api_relay().cut();
+    eprintln!("the API server is gone for {OUTAGE:?}");
+    tokio::time::sleep(OUTAGE / 2).await;
+    let during = web_part(snapshot(&node, &pods).await, &pods).await;
+    assert!(
+        during == before,
+        "with the API server gone:\n{}",
+        differences(&before, &during)
+    );
+    let lease_during = renewed(&leases, node.name()).await;
+    tokio::time::sleep(OUTAGE / 2).await;
+    let (ok, failed, failures) = client.finish();
+    let short_during = pods.get("short").await.expect("get the short-lived pod");
+    assert_eq!(
+        exit_code(&short_during),
+        None,
+        "reported without an API server?"
+    );
+
+    let returned = segment.api_relay().returned();
+    segment.api_relay().restore();
+    let back = Instant::now();
+    let name = node.name().to_owned();
+    eventually("the Lease renewed", Duration::from_secs(60), || {
+        let (leases, lease_during, name) = (leases.clone(), lease_during.clone(), name.clone());
+        async move { (renewed(&leases, &name).await != lease_during).then_some(()) }
+    })
+    .await;
+    let lease_back = back.elapsed();
+    let exited = eventually(
+        "the short-lived pod's exit reported",
+        Duration::from_secs(60),
+        || {
+            let pods = pods.clone();
+            async move { exit_code(&pods.get("short").await.ok()?) }
+        },
+    )
+    .await;
+    let status_back = back.elapsed();
+    assert_eq!(exited, 3);
+    // Everything that reconnecting costs, well after the node has caught up.
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(back.elapsed())).await;
+    let reread = segment.api_relay().returned() - returned;
+    let after = web_part(snapshot(&node, &pods).await, &pods).await;
+
+    eprintln!("during the outage: {ok} connections answered, {failed} failed");
+    eprintln!(
+        "back: Lease renewed after {lease_back:.1?}, the pod's exit reported after {status_back:.1?}"
+    );
+    eprintln!(
+        "read from the API in the 30 s after: {reread} bytes (listing every Service and EndpointSlice again: {relist} bytes)"
+    );
+    assert!(ok > 1000, "too few connections to mean anything: {ok}");
+    assert_eq!(
+        failed, 0,
+        "connections failed with the API server gone: {failures:?}"
+    );
+    assert!(
+        after == before,
+        "after the API server came back:\n{}\n{}",
+        differences(&before, &after),
+        node.logs()
+    );
+    assert!(
+        lease_back <= RESUME,
+        "the Lease was renewed {lease_back:?} after the API server came back"
+    );
+    assert!(
+        status_back <= RESUME,
+        "the pod's exit reached the API {status_back:?} after the API server came back"
+    );
+    assert!(
+        reread < relist / 2,
+        "{reread} bytes read back from the API after the outage: the watches listed everything again (a full list is {relist} bytes)"
+    );
+}
