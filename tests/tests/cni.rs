@@ -188,39 +188,165 @@ fn the_tug_binary_run_as_tug_cni_is_the_same_plugin() {
     assert!(cni.allocations().is_empty());
 }
 
+/// What happened to one attachment in the thousand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Fate {
+    /// Added and kept, with this address.
+    Kept(String),
+    /// Added, then deleted (twice, at once).
+    Deleted,
+    /// Killed in the middle of its ADD.
+    Killed,
+}
+
+/// 1,000 attachments on one node, 64 plugin processes at a time: most are added and kept, a
+/// third of the rest deleted again with two DELs racing each other, and every tenth ADD killed
+/// in the middle. No two pods ever hold one address, and once a GC has been told which
+/// attachments are real, exactly their addresses and host veths are left.
 #[test]
 #[ignore = "netns tier (root): run as root via ./scripts/test, or cargo build -p tug && cargo test -p tug-tests --test cni -- --ignored"]
-fn two_hundred_concurrent_adds_get_two_hundred_distinct_addresses() {
+fn a_thousand_concurrent_adds_and_dels_with_kills_share_no_address_and_leak_nothing() {
     require(Tier::Netns);
-    let cni = TugCni::new("10.244.9.0/24");
-    let node = node("cc", "192.168.202.1");
-    let pods: Vec<Netns> = (0..200).map(|_| Netns::new("cp")).collect();
-    let conf = cni.conf(json!({})).to_string();
-    let children: Vec<_> = pods
-        .iter()
-        .enumerate()
-        .map(|(i, pod)| {
-            let mut child = cni
-                .command(&node, "ADD", &format!("ctr-{i}"), Some(&pod.path()))
-                .spawn()
-                .expect("exec tug-cni");
-            std::io::Write::write_all(&mut child.stdin.take().unwrap(), conf.as_bytes()).unwrap();
-            child
+    const PODS: usize = 1000;
+    let cni = std::sync::Arc::new(TugCni::new("10.244.16.0/22"));
+    let node = std::sync::Arc::new(node("cc", "192.168.202.1"));
+    let pods: std::sync::Arc<Vec<Netns>> =
+        std::sync::Arc::new((0..PODS).map(|_| Netns::new("cp")).collect());
+    let conf = cni.conf(json!({}));
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let began = std::time::Instant::now();
+    let workers: Vec<_> = (0..64)
+        .map(|_| {
+            let (cni, node, pods, conf, next) = (
+                cni.clone(),
+                node.clone(),
+                pods.clone(),
+                conf.clone(),
+                next.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut fates = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= PODS {
+                        return fates;
+                    }
+                    let id = format!("ctr-{i}");
+                    let pod = pods[i].path();
+                    if i % 10 == 0 {
+                        let mut child = cni
+                            .command(&node, "ADD", &id, Some(&pod))
+                            .spawn()
+                            .expect("exec tug-cni");
+                        std::io::Write::write_all(
+                            &mut child.stdin.take().expect("stdin"),
+                            conf.to_string().as_bytes(),
+                        )
+                        .expect("write the configuration");
+                        std::thread::sleep(Duration::from_millis((i as u64 / 10) % 12));
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        fates.push((id, Fate::Killed));
+                        continue;
+                    }
+                    let added = cni.run(&node, "ADD", &id, Some(&pod), &conf);
+                    assert!(added.success, "ADD {id}: {}", added.json);
+                    let address = added.json["ips"][0]["address"]
+                        .as_str()
+                        .expect("an address")
+                        .to_owned();
+                    if i % 3 == 0 {
+                        let dels: Vec<_> = (0..2)
+                            .map(|_| {
+                                let (cni, node, conf, id) =
+                                    (cni.clone(), node.clone(), conf.clone(), id.clone());
+                                std::thread::spawn(move || cni.run(&node, "DEL", &id, None, &conf))
+                            })
+                            .collect();
+                        for del in dels {
+                            let del = del.join().expect("a DEL thread");
+                            assert!(del.success, "DEL {id}: {}", del.json);
+                        }
+                        fates.push((id, Fate::Deleted));
+                    } else {
+                        fates.push((id, Fate::Kept(address)));
+                    }
+                }
+            })
         })
         .collect();
-    let mut ips = Vec::new();
-    for (i, child) in children.into_iter().enumerate() {
-        let output = child.wait_with_output().unwrap();
-        let json: serde_json::Value = serde_json::from_slice(&output.stdout)
-            .unwrap_or_else(|_| panic!("ADD ctr-{i}: {}", String::from_utf8_lossy(&output.stdout)));
-        assert!(output.status.success(), "ADD ctr-{i}: {json}");
-        ips.push(json["ips"][0]["address"].as_str().unwrap().to_owned());
+    let fates: Vec<(String, Fate)> = workers
+        .into_iter()
+        .flat_map(|w| w.join().expect("a worker"))
+        .collect();
+    let took = began.elapsed();
+    assert_eq!(fates.len(), PODS);
+    let kept: Vec<(&String, &String)> = fates
+        .iter()
+        .filter_map(|(id, fate)| match fate {
+            Fate::Kept(address) => Some((id, address)),
+            _ => None,
+        })
+        .collect();
+    let mut addresses: Vec<&String> = kept.iter().map(|(_, a)| *a).collect();
+    addresses.sort();
+    addresses.dedup();
+    assert_eq!(
+        addresses.len(),
+        kept.len(),
+        "two pods were given one address"
+    );
+
+    let valid: Vec<serde_json::Value> = kept
+        .iter()
+        .map(|(id, _)| json!({"containerID": id, "ifname": "eth0"}))
+        .collect();
+    let gc = cni.run(
+        &node,
+        "GC",
+        "",
+        None,
+        &cni.conf(json!({"cni.dev/valid-attachments": valid})),
+    );
+    assert!(gc.success, "GC: {}", gc.json);
+    let mut held = cni.allocations();
+    held.sort();
+    let mut wanted: Vec<String> = kept
+        .iter()
+        .map(|(_, a)| a.trim_end_matches("/32").to_owned())
+        .collect();
+    wanted.sort();
+    assert_eq!(
+        held, wanted,
+        "after GC, exactly the kept pods' addresses are held"
+    );
+    let links = String::from_utf8_lossy(&node.ip(&["-o", "link"]).stdout).into_owned();
+    let host_veths = links
+        .lines()
+        .filter(|l| l.contains(": tug") || l.contains(": tmp"))
+        .count();
+    assert_eq!(
+        host_veths,
+        kept.len(),
+        "after GC, exactly the kept pods' host veths"
+    );
+    // The kept pods have their addresses, in their own namespaces.
+    for (i, (id, address)) in kept.iter().enumerate().step_by(37) {
+        let index: usize = id.trim_start_matches("ctr-").parse().expect("an index");
+        let shown =
+            String::from_utf8_lossy(&pods[index].ip(&["-4", "-o", "addr", "show", "eth0"]).stdout)
+                .into_owned();
+        assert!(
+            shown.contains(address.as_str()),
+            "pod {i} ({id}) lacks {address}: {shown}"
+        );
     }
-    let mut distinct = ips.clone();
-    distinct.sort();
-    distinct.dedup();
-    assert_eq!(distinct.len(), 200, "200 distinct addresses");
-    assert_eq!(cni.allocations().len(), 200);
+    eprintln!(
+        "{PODS} attachments ({} kept, {} deleted twice at once, {} killed mid-ADD) in {took:.1?}",
+        kept.len(),
+        fates.iter().filter(|(_, f)| *f == Fate::Deleted).count(),
+        fates.iter().filter(|(_, f)| *f == Fate::Killed).count()
+    );
 }
 
 #[test]
