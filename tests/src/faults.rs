@@ -132,55 +132,73 @@ pub struct Client {
     ok: Arc<AtomicUsize>,
     failed: Arc<AtomicUsize>,
     failures: Arc<Mutex<Vec<String>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Client {
     /// Starts connecting: one `GET /cgi-bin/hostname` every `pause`.
     pub fn start(target: &str, pause: Duration) -> Client {
+        Client::paced(target, "/cgi-bin/hostname", 1, pause)
+    }
+
+    /// Starts `threads` connecting at once, each one `GET path` per `period` (so `threads` per
+    /// `period` in all, as long as each answer comes within it).
+    pub fn paced(target: &str, path: &str, threads: usize, period: Duration) -> Client {
         let stop = Arc::new(AtomicBool::new(false));
         let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let failures = Arc::new(Mutex::new(Vec::new()));
-        let thread = {
-            let (stop, ok, failed, failures, target) = (
-                stop.clone(),
-                ok.clone(),
-                failed.clone(),
-                failures.clone(),
-                target.to_owned(),
-            );
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match crate::http::get(&target, "/cgi-bin/hostname") {
-                        Ok(r) if r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200") => {
-                            ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                        other => {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                            let mut list = failures.lock().expect("failures lock");
-                            if list.len() < 5 {
-                                list.push(format!("{other:?}"));
+        let threads = (0..threads)
+            .map(|_| {
+                let (stop, ok, failed, failures, target, path) = (
+                    stop.clone(),
+                    ok.clone(),
+                    failed.clone(),
+                    failures.clone(),
+                    target.to_owned(),
+                    path.to_owned(),
+                );
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let began = std::time::Instant::now();
+                        match crate::http::get(&target, &path) {
+                            Ok(r)
+                                if r.starts_with("HTTP/1.0 200")
+                                    || r.starts_with("HTTP/1.1 200") =>
+                            {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            other => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                let mut list = failures.lock().expect("failures lock");
+                                if list.len() < 5 {
+                                    list.push(format!("{other:?}"));
+                                }
                             }
                         }
+                        std::thread::sleep(period.saturating_sub(began.elapsed()));
                     }
-                    std::thread::sleep(pause);
-                }
+                })
             })
-        };
+            .collect();
         Client {
             stop,
             ok,
             failed,
             failures,
-            thread: Some(thread),
+            threads,
         }
+    }
+
+    /// Connections answered so far.
+    pub fn answered(&self) -> usize {
+        self.ok.load(Ordering::Relaxed)
     }
 
     /// Stops and returns (answered, failed, the first few failures).
     pub fn finish(mut self) -> (usize, usize, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            thread.join().expect("the client thread");
+        for thread in self.threads.drain(..) {
+            thread.join().expect("a client thread");
         }
         (
             self.ok.load(Ordering::Relaxed),
