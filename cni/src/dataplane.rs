@@ -62,6 +62,66 @@ pub trait Dataplane {
     fn delete_host_veth(&self, name: &str) -> Result<(), CniError>;
 }
 
+/// A dataplane in memory, for tests and fuzzing: it keeps host veths by name, as the kernel
+/// would; `fail_setup` makes setup fail after recording its veth, as a half-done setup would.
+#[derive(Debug, Default)]
+pub struct Memory {
+    /// The host veths, by name.
+    pub veths: std::cell::RefCell<Vec<String>>,
+    /// Fail every setup.
+    pub fail_setup: bool,
+}
+
+impl Dataplane for Memory {
+    fn setup(&self, attach: &Attach<'_>) -> Result<[Interface; 2], CniError> {
+        let host = host_veth_name(attach.container_id, attach.ifname);
+        let mut veths = self.veths.borrow_mut();
+        veths.retain(|v| *v != host);
+        veths.push(host);
+        if self.fail_setup {
+            return Err(CniError::new(
+                code::IO,
+                "netlink request failed",
+                "injected",
+            ));
+        }
+        Ok([
+            Interface {
+                name: host_veth_name(attach.container_id, attach.ifname),
+                mac: "02:00:00:00:00:01".into(),
+                sandbox: None,
+            },
+            Interface {
+                name: attach.ifname.into(),
+                mac: "02:00:00:00:00:02".into(),
+                sandbox: Some(attach.netns.into()),
+            },
+        ])
+    }
+    fn teardown(&self, container_id: &str, ifname: &str) -> Result<(), CniError> {
+        self.delete_host_veth(&host_veth_name(container_id, ifname))
+    }
+    fn check(&self, attach: &Attach<'_>) -> Result<(), CniError> {
+        if self
+            .veths
+            .borrow()
+            .contains(&host_veth_name(attach.container_id, attach.ifname))
+        {
+            Ok(())
+        } else {
+            Err(CniError::new(code::CHECK_FAILED, "missing", "veth"))
+        }
+    }
+    fn host_veths(&self) -> Result<Vec<String>, CniError> {
+        Ok(self.veths.borrow().clone())
+    }
+    fn delete_host_veth(&self, name: &str) -> Result<(), CniError> {
+        self.veths.borrow_mut().retain(|v| v != name);
+        Ok(())
+    }
+}
+
+
 /// The host-side veth name of an attachment: `tug` and 11 hex digits of a hash of the container
 /// ID and interface name, so every later command finds it again.
 pub fn host_veth_name(container_id: &str, ifname: &str) -> String {

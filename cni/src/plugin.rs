@@ -262,64 +262,8 @@ fn gc(conf: &NetConf, dataplane: &dyn Dataplane) -> Result<(), CniError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::Interface;
-    use std::cell::RefCell;
+    use crate::dataplane::Memory;
     use std::collections::BTreeMap;
-
-    /// Records what the commands asked of the kernel; `fail_setup` makes setup fail.
-    #[derive(Default)]
-    struct FakeDataplane {
-        veths: RefCell<Vec<String>>,
-        fail_setup: bool,
-    }
-
-    impl Dataplane for FakeDataplane {
-        fn setup(&self, attach: &Attach<'_>) -> Result<[Interface; 2], CniError> {
-            self.veths
-                .borrow_mut()
-                .push(host_veth_name(attach.container_id, attach.ifname));
-            if self.fail_setup {
-                return Err(CniError::new(
-                    code::IO,
-                    "netlink request failed",
-                    "injected",
-                ));
-            }
-            Ok([
-                Interface {
-                    name: host_veth_name(attach.container_id, attach.ifname),
-                    mac: "02:00:00:00:00:01".into(),
-                    sandbox: None,
-                },
-                Interface {
-                    name: attach.ifname.into(),
-                    mac: "02:00:00:00:00:02".into(),
-                    sandbox: Some(attach.netns.into()),
-                },
-            ])
-        }
-        fn teardown(&self, container_id: &str, ifname: &str) -> Result<(), CniError> {
-            self.delete_host_veth(&host_veth_name(container_id, ifname))
-        }
-        fn check(&self, attach: &Attach<'_>) -> Result<(), CniError> {
-            if self
-                .veths
-                .borrow()
-                .contains(&host_veth_name(attach.container_id, attach.ifname))
-            {
-                Ok(())
-            } else {
-                Err(CniError::new(code::CHECK_FAILED, "missing", "veth"))
-            }
-        }
-        fn host_veths(&self) -> Result<Vec<String>, CniError> {
-            Ok(self.veths.borrow().clone())
-        }
-        fn delete_host_veth(&self, name: &str) -> Result<(), CniError> {
-            self.veths.borrow_mut().retain(|v| v != name);
-            Ok(())
-        }
-    }
 
     fn env(command: &str, id: &str) -> Env {
         let vars: BTreeMap<&str, String> = [
@@ -343,7 +287,7 @@ mod tests {
     #[test]
     fn add_returns_a_result_in_the_configured_version_and_del_is_idempotent() {
         let dir = tempfile::tempdir().unwrap();
-        let dp = FakeDataplane::default();
+        let dp = Memory::default();
         let result = execute(&env("ADD", "c1"), &conf(dir.path(), json!({})), &dp)
             .unwrap()
             .unwrap();
@@ -362,7 +306,7 @@ mod tests {
     #[test]
     fn a_failed_setup_releases_the_address() {
         let dir = tempfile::tempdir().unwrap();
-        let dp = FakeDataplane {
+        let dp = Memory {
             fail_setup: true,
             ..Default::default()
         };
@@ -386,7 +330,7 @@ mod tests {
     #[test]
     fn gc_keeps_valid_attachments_and_removes_the_rest() {
         let dir = tempfile::tempdir().unwrap();
-        let dp = FakeDataplane::default();
+        let dp = Memory::default();
         for id in ["keep", "leak"] {
             execute(&env("ADD", id), &conf(dir.path(), json!({})), &dp).unwrap();
         }
@@ -416,7 +360,7 @@ mod tests {
     #[test]
     fn status_check_and_version() {
         let dir = tempfile::tempdir().unwrap();
-        let dp = FakeDataplane::default();
+        let dp = Memory::default();
         let status_env = Env {
             command: Command::Status,
             ..env("ADD", "x")

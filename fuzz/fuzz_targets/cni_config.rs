@@ -8,65 +8,15 @@
 //! - DEL (repeated) releases every address: nothing leaks.
 #![no_main]
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use tug_cni::dataplane::{Attach, Dataplane, host_veth_name};
+use tug_cni::dataplane::Memory;
 use tug_cni::ipam::Ipam;
 use tug_cni::plugin::execute;
-use tug_cni::spec::{CniError, Env, Interface, NetConf};
-
-/// Veths by name, as the kernel would hold them.
-#[derive(Default)]
-struct Memory {
-    veths: RefCell<Vec<String>>,
-}
-
-impl Dataplane for Memory {
-    fn setup(&self, attach: &Attach<'_>) -> Result<[Interface; 2], CniError> {
-        let host = host_veth_name(attach.container_id, attach.ifname);
-        let mut veths = self.veths.borrow_mut();
-        veths.retain(|v| *v != host);
-        veths.push(host.clone());
-        Ok([
-            Interface {
-                name: host,
-                mac: "02:00:00:00:00:01".into(),
-                sandbox: None,
-            },
-            Interface {
-                name: attach.ifname.into(),
-                mac: "02:00:00:00:00:02".into(),
-                sandbox: Some(attach.netns.into()),
-            },
-        ])
-    }
-    fn teardown(&self, container_id: &str, ifname: &str) -> Result<(), CniError> {
-        self.delete_host_veth(&host_veth_name(container_id, ifname))
-    }
-    fn check(&self, attach: &Attach<'_>) -> Result<(), CniError> {
-        let host = host_veth_name(attach.container_id, attach.ifname);
-        if self.veths.borrow().contains(&host) {
-            Ok(())
-        } else {
-            Err(CniError::new(
-                tug_cni::spec::code::CHECK_FAILED,
-                "missing",
-                host,
-            ))
-        }
-    }
-    fn host_veths(&self) -> Result<Vec<String>, CniError> {
-        Ok(self.veths.borrow().clone())
-    }
-    fn delete_host_veth(&self, name: &str) -> Result<(), CniError> {
-        self.veths.borrow_mut().retain(|v| v != name);
-        Ok(())
-    }
-}
+use tug_cni::spec::{CniError, Env, NetConf};
 
 fn assert_spec_error(error: &CniError) {
     let json = error.to_json("1.0.0");

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::Api;
 use kube::api::{ListParams, PostParams};
@@ -328,4 +329,85 @@ pub fn exit_code(pod: &Pod) -> Option<i32> {
         .terminated
         .as_ref()
         .map(|t| t.exit_code)
+}
+
+/// Creates `count` Services (`other-<i>`, one TCP port each) in namespace `ns`, 16 at a time.
+pub async fn other_services(ns: &str, count: usize) {
+    let others: Api<Service> = Api::namespaced(cluster().admin().await, ns);
+    futures::stream::iter(0..count)
+        .map(|i| {
+            let others = others.clone();
+            async move {
+                let service: Service = serde_json::from_value(json!({
+                    "metadata": {"name": format!("other-{i}")},
+                    "spec": {"ports": [{"name": "http", "protocol": "TCP", "port": 80}]}
+                }))
+                .expect("Service JSON");
+                others
+                    .create(&PostParams::default(), &service)
+                    .await
+                    .expect("create a Service");
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+}
+
+/// Waits (up to `timeout`) until `node`'s proxy has programmed every Service port the cluster
+/// has (its own `kubernetes` and whatever else is there included); returns how many that is.
+pub async fn proxy_programs_every_service_port(node: &TugNode, timeout: Duration) -> u64 {
+    let all: Api<Service> = Api::all(cluster().admin().await);
+    let wanted = all
+        .list(&ListParams::default())
+        .await
+        .expect("list every Service")
+        .items
+        .iter()
+        .filter_map(|s| s.spec.as_ref())
+        .filter(|spec| spec.cluster_ip.as_deref().is_some_and(|ip| ip != "None"))
+        .map(|spec| spec.ports.as_ref().map_or(0, Vec::len) as u64)
+        .sum::<u64>();
+    let deadline = std::time::Instant::now() + timeout;
+    while proxy_metric(node, "tug_proxy_service_ports").is_none_or(|n| n < wanted) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the proxy did not program {wanted} Service ports in {timeout:?}: {:?}\n{}",
+            node.ns
+                .run(|| crate::http::get("127.0.0.1:10249", "/metrics")),
+            node.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    wanted
+}
+
+/// Starts pod `name` on `node` in namespace `ns` (restartPolicy Never) whose one container runs
+/// `sh -c command`, and returns once that container is running.
+pub async fn running_pod(node: &TugNode, ns: &str, name: &str, command: &str) {
+    let pods: Api<Pod> = Api::namespaced(cluster().admin().await, ns);
+    let image = Substrate::from_env().registry_image("http");
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"nodeName": node.name(), "automountServiceAccountToken": false,
+                 "restartPolicy": "Never",
+                 "containers": [{"name": "main", "image": image, "command": ["sh", "-c", command]}]}
+    }))
+    .expect("pod JSON");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .unwrap_or_else(|e| panic!("create pod {name}: {e}"));
+    eventually(
+        &format!("pod {name}'s container to run"),
+        Duration::from_secs(60),
+        || {
+            let pods = pods.clone();
+            async move {
+                let pod = pods.get(name).await.ok()?;
+                let state = pod.status?.container_statuses?.first()?.state.clone()?;
+                state.running.map(|_| ())
+            }
+        },
+    )
+    .await;
 }

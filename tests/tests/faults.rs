@@ -7,14 +7,14 @@
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use kube::api::{ListParams, PostParams};
-use serde_json::json;
 use tug_tests::cluster::cluster;
 use tug_tests::eventually::eventually;
-use tug_tests::faults::{Client, differences, proxy_metric, snapshot, web_behind_node_port};
+use tug_tests::faults::{
+    Client, differences, other_services, proxy_metric, proxy_programs_every_service_port, snapshot,
+    web_behind_node_port,
+};
 use tug_tests::node::Segment;
 use tug_tests::tier::{Tier, require};
 
@@ -38,53 +38,13 @@ async fn killing_any_node_service_loses_no_container_connection_rule_or_route() 
     let others_ns = cluster().namespace("faults-others").await;
     let admin = cluster().admin().await;
     let pods: Api<Pod> = Api::namespaced(admin.clone(), ns.name());
-    let others: Api<Service> = Api::namespaced(admin.clone(), others_ns.name());
     let node_port = web_behind_node_port(&node, ns.name(), PODS).await;
     let began = Instant::now();
-    futures::stream::iter(0..OTHER_SERVICES)
-        .map(|i| {
-            let services = others.clone();
-            async move {
-                let service: Service = serde_json::from_value(json!({
-                    "metadata": {"name": format!("other-{i}")},
-                    "spec": {"ports": [{"name": "http", "protocol": "TCP", "port": 80}]}
-                }))
-                .unwrap();
-                services
-                    .create(&PostParams::default(), &service)
-                    .await
-                    .expect("create a Service");
-            }
-        })
-        .buffer_unordered(16)
-        .collect::<Vec<()>>()
-        .await;
+    other_services(others_ns.name(), OTHER_SERVICES).await;
     eprintln!("created {OTHER_SERVICES} Services in {:?}", began.elapsed());
-    // Every Service port the cluster has (its own `kubernetes` and whatever else is there
-    // included), programmed before the rules are taken as the reference.
-    let all: Api<Service> = Api::all(cluster().admin().await);
-    let wanted = all
-        .list(&ListParams::default())
-        .await
-        .expect("list every Service")
-        .items
-        .iter()
-        .filter_map(|s| s.spec.as_ref())
-        .filter(|spec| spec.cluster_ip.as_deref().is_some_and(|ip| ip != "None"))
-        .map(|spec| spec.ports.as_ref().map_or(0, Vec::len) as u64)
-        .sum::<u64>();
+    // Every Service port programmed before the rules are taken as the reference.
+    let wanted = proxy_programs_every_service_port(&node, Duration::from_secs(120)).await;
     assert!(wanted > OTHER_SERVICES as u64, "the Services are all there");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while proxy_metric(&node, "tug_proxy_service_ports").is_none_or(|n| n < wanted) {
-        assert!(
-            Instant::now() < deadline,
-            "the proxy did not program {wanted} Service ports in 120 s: {:?}\n{}",
-            node.ns
-                .run(|| tug_tests::http::get("127.0.0.1:10249", "/metrics")),
-            node.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
     let target = format!("{NODE_IP}:{node_port}");
     // A client outside the node: connection after connection to the NodePort.
     // About 1,000 a second (ten at a time, each every 10 ms), through every crash and through

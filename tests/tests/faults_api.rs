@@ -13,19 +13,16 @@
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use kube::api::{ListParams, PostParams};
-use serde_json::json;
 use tug_tests::cluster::cluster;
 use tug_tests::eventually::eventually;
 use tug_tests::faults::{
-    Client, differences, exit_code, proxy_metric, snapshot, web_behind_node_port, web_part,
+    Client, differences, exit_code, other_services, proxy_programs_every_service_port, running_pod,
+    snapshot, web_behind_node_port, web_part,
 };
 use tug_tests::node::Segment;
-use tug_tests::substrate::Substrate;
 use tug_tests::tier::{Tier, require};
 
 const HOST: &str = "192.168.65.254";
@@ -70,74 +67,14 @@ async fn the_api_server_gone_for_minutes_loses_nothing_and_the_node_resumes_with
     let pods: Api<Pod> = Api::namespaced(admin.clone(), ns.name());
     let leases: Api<Lease> = Api::namespaced(admin.clone(), "kube-node-lease");
     let node_port = web_behind_node_port(&node, ns.name(), PODS).await;
-    let others: Api<Service> = Api::namespaced(admin.clone(), others_ns.name());
-    futures::stream::iter(0..OTHER_SERVICES)
-        .map(|i| {
-            let others = others.clone();
-            async move {
-                let service: Service = serde_json::from_value(json!({
-                    "metadata": {"name": format!("other-{i}")},
-                    "spec": {"ports": [{"name": "http", "protocol": "TCP", "port": 80}]}
-                }))
-                .expect("Service JSON");
-                others
-                    .create(&PostParams::default(), &service)
-                    .await
-                    .expect("create a Service");
-            }
-        })
-        .buffer_unordered(16)
-        .collect::<Vec<()>>()
-        .await;
-    let all: Api<Service> = Api::all(admin.clone());
-    let wanted = all
-        .list(&ListParams::default())
-        .await
-        .expect("list every Service")
-        .items
-        .iter()
-        .filter_map(|s| s.spec.as_ref())
-        .filter(|spec| spec.cluster_ip.as_deref().is_some_and(|ip| ip != "None"))
-        .map(|spec| spec.ports.as_ref().map_or(0, Vec::len) as u64)
-        .sum::<u64>();
-    eventually(
-        "the proxy to program every Service port",
-        Duration::from_secs(120),
-        || {
-            let n = proxy_metric(&node, "tug_proxy_service_ports");
-            async move { n.filter(|n| *n >= wanted).map(|_| ()) }
-        },
-    )
-    .await;
+    other_services(others_ns.name(), OTHER_SERVICES).await;
+    proxy_programs_every_service_port(&node, Duration::from_secs(120)).await;
     // What the proxy alone would read again if it listed everything.
     let relist = list_bytes("/api/v1/services").await
         + list_bytes("/apis/discovery.k8s.io/v1/endpointslices").await;
 
     // Finishes (exit 3) while the API server is gone.
-    let image = Substrate::from_env().registry_image("http");
-    let short: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "short"},
-        "spec": {"nodeName": node.name(), "automountServiceAccountToken": false,
-                 "restartPolicy": "Never",
-                 "containers": [{"name": "main", "image": image, "command": ["sh", "-c", "sleep 20; exit 3"]}]}
-    }))
-    .expect("pod JSON");
-    pods.create(&PostParams::default(), &short)
-        .await
-        .expect("create the short-lived pod");
-    eventually(
-        "the short-lived pod to run",
-        Duration::from_secs(60),
-        || {
-            let pods = pods.clone();
-            async move {
-                let pod = pods.get("short").await.ok()?;
-                let state = pod.status?.container_statuses?.first()?.state.clone()?;
-                state.running.map(|_| ())
-            }
-        },
-    )
-    .await;
+    running_pod(&node, ns.name(), "short", "sleep 20; exit 3").await;
 
     let before = web_part(snapshot(&node, &pods).await, &pods).await;
     let client = Client::start(&format!("{NODE_IP}:{node_port}"), Duration::from_millis(10));

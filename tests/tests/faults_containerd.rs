@@ -17,7 +17,9 @@ use kube::api::PostParams;
 use serde_json::json;
 use tug_tests::cluster::{cluster, pod_ready};
 use tug_tests::eventually::eventually;
-use tug_tests::faults::{Client, differences, exit_code, snapshot, web_behind_node_port, web_part};
+use tug_tests::faults::{
+    Client, differences, exit_code, running_pod, snapshot, web_behind_node_port, web_part,
+};
 use tug_tests::node::Segment;
 use tug_tests::substrate::Substrate;
 use tug_tests::tier::{Tier, require};
@@ -58,32 +60,7 @@ async fn containerd_restarted_loses_no_pod_and_what_happened_meanwhile_is_report
         .expect("pod JSON")
     };
     // Exits with 3 while containerd is down.
-    pods.create(
-        &PostParams::default(),
-        &pod("short", "sleep 8; exit 3", "Never"),
-    )
-    .await
-    .expect("create the short-lived pod");
-    eventually(
-        "the short-lived pod to run",
-        Duration::from_secs(60),
-        || {
-            let pods = pods.clone();
-            async move {
-                let pod = pods.get("short").await.ok()?;
-                let running = pod
-                    .status?
-                    .container_statuses?
-                    .first()?
-                    .state
-                    .as_ref()?
-                    .running
-                    .is_some();
-                running.then_some(())
-            }
-        },
-    )
-    .await;
+    running_pod(&node, ns.name(), "short", "sleep 8; exit 3").await;
     let started = Instant::now();
 
     let client = Client::start(&format!("{NODE_IP}:{node_port}"), Duration::from_millis(10));
