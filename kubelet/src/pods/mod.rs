@@ -36,6 +36,7 @@ use k8s_cri::v1::{GetEventsRequest, ListContainersRequest, ListPodSandboxRequest
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
 use tokio::sync::{Notify, watch};
 
@@ -329,6 +330,27 @@ fn wakes(old: &Pod, new: &Pod) -> bool {
         || a.deletion_grace_period_seconds != b.deletion_grace_period_seconds
 }
 
+/// How the pod watch retries while the API server is unreachable: after 200 ms, doubling, at
+/// most 5 s (as the Lease is retried), and from 200 ms again once anything comes through. So
+/// pods bound meanwhile are seen within moments of its return, with no more than one attempt
+/// every 5 s while it is gone.
+#[derive(Debug, Default)]
+struct WatchBackoff(u32);
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        self.0 = self.0.saturating_add(1);
+        Some(crate::register::retry_after(self.0, Duration::from_secs(5)))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.0 = 0;
+    }
+}
+
 /// A fingerprint per pod UID of what the runtime runs: container ids and states, sandbox ids
 /// and states.
 async fn relist(cri: &Cri) -> Option<BTreeMap<String, Vec<(String, i32)>>> {
@@ -425,7 +447,9 @@ pub async fn run(
         Some(client) => {
             let api: Api<Pod> = Api::all(client.clone());
             let selector = format!("spec.nodeName={}", config.node_name);
-            watcher(api, watcher::Config::default().fields(&selector)).boxed()
+            watcher(api, watcher::Config::default().fields(&selector))
+                .backoff(WatchBackoff::default())
+                .boxed()
         }
         None => futures::stream::pending().boxed(),
     };
@@ -494,9 +518,10 @@ pub async fn run(
                         next_relist = tokio::time::Instant::now();
                     }
                 }
+                // The stream waits out its backoff itself, so runtime events, static pods and
+                // the relist go on meanwhile.
                 Some(Err(error)) => {
                     tracing::warn!(%error, "watching this node's pods failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 None => break,
             },
@@ -529,5 +554,20 @@ pub async fn run(
     }
     for (_, handle) in manager.workers.drain() {
         handle.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::utils::Backoff;
+
+    #[test]
+    fn the_pod_watch_backs_off_to_5_s_and_starts_over_once_something_comes_through() {
+        let mut backoff = WatchBackoff::default();
+        let waits: Vec<u128> = backoff.by_ref().take(7).map(|d| d.as_millis()).collect();
+        assert_eq!(waits, [200, 400, 800, 1600, 3200, 5000, 5000]);
+        backoff.reset();
+        assert_eq!(backoff.next(), Some(Duration::from_millis(200)));
     }
 }
