@@ -121,7 +121,6 @@ impl Dataplane for Memory {
     }
 }
 
-
 /// The host-side veth name of an attachment: `tug` and 11 hex digits of a hash of the container
 /// ID and interface name, so every later command finds it again.
 pub fn host_veth_name(container_id: &str, ifname: &str) -> String {

@@ -97,6 +97,8 @@ fn open(path: &Path) -> std::io::Result<File> {
 struct Sink {
     path: PathBuf,
     file: File,
+    /// Bytes of output dropped since the last write that went through (a full disk).
+    dropped: u64,
 }
 
 impl Sink {
@@ -107,10 +109,53 @@ impl Sink {
                 Err(error) => eprintln!("tug shim-logger: reopen {}: {error}", self.path.display()),
             }
         }
-        if let Err(error) = self.file.write_all(bytes) {
-            eprintln!("tug shim-logger: write {}: {error}", self.path.display());
+        // The container's output is never held up by its log: what cannot be written (a full
+        // disk) is dropped, said once when it starts and once when writing works again.
+        match append_whole(&mut self.file, bytes) {
+            Ok(()) if self.dropped > 0 => {
+                eprintln!(
+                    "tug shim-logger: {}: writing again; {} bytes of output were dropped",
+                    self.path.display(),
+                    self.dropped
+                );
+                self.dropped = 0;
+            }
+            Ok(()) => {}
+            Err(error) => {
+                if self.dropped == 0 {
+                    eprintln!(
+                        "tug shim-logger: write {}: {error}; dropping output until it can be written",
+                        self.path.display()
+                    );
+                }
+                self.dropped += bytes.len() as u64;
+            }
         }
     }
+}
+
+/// Appends `bytes` (whole records) to `file` whole or not at all: a write cut short, as on a
+/// full disk, is taken back, so the log never holds a torn record that the next one would run
+/// into and a reader would misparse.
+pub fn append_whole(file: &mut File, bytes: &[u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < bytes.len() {
+        let error = match file.write(&bytes[done..]) {
+            Ok(0) => std::io::Error::from(std::io::ErrorKind::WriteZero),
+            Ok(n) => {
+                done += n;
+                continue;
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(error) => error,
+        };
+        if done > 0 {
+            let len = file.metadata()?.len();
+            file.set_len(len.saturating_sub(done as u64))?;
+        }
+        return Err(error);
+    }
+    Ok(())
 }
 
 fn pump(mut input: File, stream: &'static str, sink: Arc<Mutex<Sink>>) {
@@ -199,6 +244,7 @@ pub fn run(path: &Path, inputs: Inputs) -> u8 {
     let sink = Arc::new(Mutex::new(Sink {
         path: path.to_owned(),
         file,
+        dropped: 0,
     }));
     type Source = Box<dyn FnOnce() -> std::io::Result<File> + Send>;
     let (sources, ready): (Vec<(Source, &'static str)>, Option<File>) = match inputs {

@@ -35,8 +35,8 @@ use futures::StreamExt;
 use k8s_cri::v1::{GetEventsRequest, ListContainersRequest, ListPodSandboxRequest};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
 use tokio::sync::{Notify, watch};
 
