@@ -9,10 +9,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{Node, NodeCondition};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference, Time};
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 
 use crate::node::{self, NodeIdentity};
 use crate::runtime::Cri;
@@ -100,6 +102,55 @@ pub async fn renew_lease(leases: &Api<Lease>, node: &Node) -> Result<(), kube::E
     }
 }
 
+/// The reasons of the Events upstream's kubelet records on its Node when a condition changes
+/// status: for each condition type, (when True, when False).
+const CONDITION_EVENTS: [(&str, &str, &str); 4] = [
+    ("Ready", "NodeReady", "NodeNotReady"),
+    (
+        "MemoryPressure",
+        "NodeHasInsufficientMemory",
+        "NodeHasSufficientMemory",
+    ),
+    (
+        "DiskPressure",
+        "NodeHasDiskPressure",
+        "NodeHasNoDiskPressure",
+    ),
+    (
+        "PIDPressure",
+        "NodeHasInsufficientPID",
+        "NodeHasSufficientPID",
+    ),
+];
+
+/// The Events to record for the move from conditions `before` to `after` (each condition whose
+/// status changed, or appeared): (reason, message), as upstream words them.
+pub fn condition_events(
+    node: &str,
+    before: &[NodeCondition],
+    after: &[NodeCondition],
+) -> Vec<(&'static str, String)> {
+    let mut events = Vec::new();
+    for (kind, when_true, when_false) in CONDITION_EVENTS {
+        let status = |list: &[NodeCondition]| {
+            list.iter()
+                .find(|c| c.type_ == kind)
+                .map(|c| c.status.clone())
+        };
+        let now = status(after);
+        if now.is_none() || status(before) == now {
+            continue;
+        }
+        let reason = if now.as_deref() == Some("True") {
+            when_true
+        } else {
+            when_false
+        };
+        events.push((reason, format!("Node {node} status is now: {reason}")));
+    }
+    events
+}
+
 /// Whether two condition lists differ in anything but heartbeat times.
 fn conditions_changed(a: &[NodeCondition], b: &[NodeCondition]) -> bool {
     let key = |c: &NodeCondition| {
@@ -129,8 +180,23 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     let nodes: Api<Node> = Api::all(client.clone());
-    let leases: Api<Lease> = Api::namespaced(client, "kube-node-lease");
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
     let name = config.identity.name.clone();
+    let recorder = Recorder::new(
+        client,
+        Reporter {
+            controller: "kubelet".into(),
+            instance: Some(name.clone()),
+        },
+    );
+    // Upstream's kubelet names its Node in Events with the node's name as the UID.
+    let node_ref = ObjectReference {
+        kind: Some("Node".into()),
+        api_version: Some("v1".into()),
+        name: Some(name.clone()),
+        uid: Some(name.clone()),
+        ..Default::default()
+    };
     tokio::pin!(shutdown);
     let mut registered: Option<Node> = None;
     let mut reported: Option<(Instant, serde_json::Value)> = None;
@@ -199,6 +265,18 @@ pub async fn run(
                     let ready = next.iter().find(|c| c.type_ == "Ready");
                     tracing::info!(node = %name, ready = ?ready.map(|c| &c.status), reason = ?ready.and_then(|c| c.message.clone()), "node status changed");
                 }
+                for (reason, note) in condition_events(&name, &conditions, &next) {
+                    let event = Event {
+                        type_: EventType::Normal,
+                        reason: reason.into(),
+                        note: Some(note),
+                        action: "NodeStatusUpdate".into(),
+                        secondary: None,
+                    };
+                    if let Err(error) = recorder.publish(&event, &node_ref).await {
+                        tracing::debug!(%error, "could not record an Event");
+                    }
+                }
                 conditions = next;
                 reported = Some((Instant::now(), comparable));
             }
@@ -217,6 +295,51 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn condition(kind: &str, status: &str) -> NodeCondition {
+        NodeCondition {
+            type_: kind.into(),
+            status: status.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn node_events_name_each_condition_that_changed_as_upstream_does() {
+        let healthy = [
+            condition("Ready", "True"),
+            condition("MemoryPressure", "False"),
+            condition("DiskPressure", "False"),
+            condition("PIDPressure", "False"),
+        ];
+        let first: Vec<&str> = condition_events("n1", &[], &healthy)
+            .into_iter()
+            .map(|(reason, _)| reason)
+            .collect();
+        assert_eq!(
+            first,
+            [
+                "NodeReady",
+                "NodeHasSufficientMemory",
+                "NodeHasNoDiskPressure",
+                "NodeHasSufficientPID"
+            ]
+        );
+        let mut full = healthy.clone();
+        full[2] = condition("DiskPressure", "True");
+        assert_eq!(
+            condition_events("n1", &healthy, &full),
+            [(
+                "NodeHasDiskPressure",
+                "Node n1 status is now: NodeHasDiskPressure".to_owned()
+            )]
+        );
+        assert_eq!(
+            condition_events("n1", &full, &healthy)[0].0,
+            "NodeHasNoDiskPressure"
+        );
+        assert!(condition_events("n1", &healthy, &healthy).is_empty());
+    }
 
     #[test]
     fn failed_heartbeats_are_retried_sooner_backing_off_to_5_s() {

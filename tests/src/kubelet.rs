@@ -46,6 +46,9 @@ pub struct Options {
     /// Return once it has its identity and has registered its Node, without waiting for
     /// Ready (which needs the node's network agent); call [`TugKubelet::wait_ready`] then.
     pub ready_later: bool,
+    /// Put the root dir on a tmpfs of this size (`mount -o size=`), a disk of its own that a
+    /// test can fill.
+    pub root_tmpfs: Option<&'static str>,
 }
 
 /// A running `tug kubelet`.
@@ -100,6 +103,15 @@ impl TugKubelet {
             .unwrap_or_default();
         let dir = tempfile::tempdir().expect("temp dir");
         let root_dir = dir.path().join("root");
+        if let Some(size) = options.root_tmpfs {
+            std::fs::create_dir_all(&root_dir).expect("create the root dir");
+            let mounted = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(&root_dir)
+                .status()
+                .expect("run mount");
+            assert!(mounted.success(), "mount a tmpfs on the kubelet's root dir");
+        }
         let logs_dir = dir.path().join("logs");
         let kubeconfig_path = dir.path().join("kubelet.conf");
         let bootstrap_path = dir.path().join("bootstrap-kubelet.conf");
@@ -343,6 +355,12 @@ fn libfaketime() -> PathBuf {
 impl Drop for TugKubelet {
     fn drop(&mut self) {
         self.kill9();
+        if self.options.root_tmpfs.is_some() {
+            let _ = std::process::Command::new("umount")
+                .args(["--lazy"])
+                .arg(&self.root_dir)
+                .status();
+        }
         if self.options.standalone {
             return;
         }

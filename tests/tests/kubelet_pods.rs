@@ -1025,3 +1025,157 @@ async fn pods_are_evicted_under_node_pressure() {
         .delete_collection(&DeleteParams::default(), &Default::default())
         .await;
 }
+
+/// How many times an Event with `reason` was recorded on Node `node` (each Event object once,
+/// or its series' count).
+async fn node_events(node: &str, reason: &str) -> i32 {
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(cluster().admin().await, "default");
+    events
+        .list(&Default::default())
+        .await
+        .map(|l| {
+            l.items
+                .iter()
+                .filter(|e| {
+                    let regarding = e.regarding.as_ref();
+                    regarding.and_then(|r| r.kind.as_deref()) == Some("Node")
+                        && regarding.and_then(|r| r.name.as_deref()) == Some(node)
+                        && e.reason.as_deref() == Some(reason)
+                })
+                .map(|e| e.series.as_ref().map_or(1, |s| s.count))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+#[ignore = "containerd tier (root) with the cluster tier: run as root via ./scripts/test, or scripts/substrate up && cargo build -p tug && cargo test -p tug-tests --test kubelet_pods -- --ignored"]
+async fn a_full_root_disk_is_reported_refuses_pods_and_corrupts_nothing() {
+    require(Tier::Containerd);
+    let shim = TugShim::start("kubelet-disk", "10.254.19.0/24").await;
+    let options = Options {
+        config:
+            "evictionHard:\n  nodefs.available: \"10%\"\nevictionPressureTransitionPeriod: 5s\n"
+                .into(),
+        root_tmpfs: Some("64m"),
+        ..Default::default()
+    };
+    let mut kubelet = TugKubelet::start_with("tug-disk", &shim.socket, "192.0.2.29", options).await;
+    let namespace = cluster().namespace("kubelet-disk").await;
+    let admin = cluster().admin().await;
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), namespace.name());
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(admin);
+    let node = kubelet.name.clone();
+    let disk_pressure = |wanted: &'static str| {
+        let (nodes, node) = (nodes.clone(), node.clone());
+        async move {
+            let n = nodes.get(&node).await.ok()?;
+            let conditions = n.status?.conditions?;
+            let ready = conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            let disk = conditions
+                .iter()
+                .find(|c| c.type_ == "DiskPressure")?
+                .clone();
+            (ready && disk.status == wanted).then_some(disk)
+        }
+    };
+    eventually("no DiskPressure at first", Duration::from_secs(30), || {
+        disk_pressure("False")
+    })
+    .await;
+    let no_pressure = eventually(
+        "the Event NodeHasNoDiskPressure on the first status",
+        Duration::from_secs(30),
+        || {
+            let node = node.clone();
+            async move {
+                let n = node_events(&node, "NodeHasNoDiskPressure").await;
+                (n > 0).then_some(n)
+            }
+        },
+    )
+    .await;
+
+    // Fill the root dir's disk to 2 MiB short of full.
+    let stat = nix::sys::statvfs::statvfs(&kubelet.root_dir).expect("statvfs the root dir");
+    let available = stat.blocks_available() * stat.fragment_size();
+    let filler = kubelet.root_dir.join("filler");
+    {
+        let mut file = std::fs::File::create(&filler).expect("create the filler");
+        let chunk = vec![0u8; 1 << 20];
+        for _ in 0..(available >> 20).saturating_sub(2) {
+            std::io::Write::write_all(&mut file, &chunk).expect("fill the disk");
+        }
+    }
+    let pressure = eventually("DiskPressure on the node", Duration::from_secs(60), || {
+        disk_pressure("True")
+    })
+    .await;
+    assert_eq!(
+        pressure.reason.as_deref(),
+        Some("KubeletHasDiskPressure"),
+        "{pressure:?}"
+    );
+    eventually(
+        "the Event NodeHasDiskPressure",
+        Duration::from_secs(30),
+        || {
+            let node = node.clone();
+            async move { (node_events(&node, "NodeHasDiskPressure").await > 0).then_some(()) }
+        },
+    )
+    .await;
+    // New pods are refused while it lasts.
+    pods.create(
+        &PostParams::default(),
+        &pod("late", &node, json!({"containers": [{"name": "app", "image": image("busybox"), "command": ["sleep", "3600"]}]})),
+    )
+    .await
+    .unwrap();
+    let late = wait_phase(&pods, "late", "Failed").await;
+    let status = late.status.unwrap();
+    assert_eq!(status.reason.as_deref(), Some("Evicted"));
+    assert_eq!(
+        status.message.as_deref(),
+        Some("The node had condition: [DiskPressure]. ")
+    );
+
+    // Restarted on the full disk, the kubelet comes back with its identity intact.
+    kubelet.restart().await;
+    assert!(
+        tug_kubelet::bootstrap::usable(&kubelet.kubeconfig),
+        "the node's kubeconfig and client certificate survive a restart on a full disk"
+    );
+    eventually(
+        "DiskPressure still reported after the restart",
+        Duration::from_secs(60),
+        || disk_pressure("True"),
+    )
+    .await;
+
+    // Room again: the pressure ends, and says so.
+    std::fs::remove_file(&filler).expect("remove the filler");
+    eventually(
+        "DiskPressure gone once there is room",
+        Duration::from_secs(60),
+        || disk_pressure("False"),
+    )
+    .await;
+    eventually(
+        "the Event NodeHasNoDiskPressure again",
+        Duration::from_secs(30),
+        || {
+            let node = node.clone();
+            async move {
+                (node_events(&node, "NodeHasNoDiskPressure").await > no_pressure).then_some(())
+            }
+        },
+    )
+    .await;
+    let _ = pods
+        .delete_collection(&DeleteParams::default(), &Default::default())
+        .await;
+}
