@@ -84,6 +84,32 @@ async fn wait_phase(pods: &Api<Pod>, name: &str, phase_wanted: &str) -> Pod {
     .await
 }
 
+/// Creates pod `late` on `node` and waits for the kubelet to refuse it, as it refuses new pods
+/// while the node is under `pressure`, without ever running it.
+async fn refused_under(pods: &Api<Pod>, node: &str, pressure: &str) {
+    pods.create(
+        &PostParams::default(),
+        &pod("late", node, json!({"containers": [{"name": "app", "image": image("busybox"), "command": ["sleep", "3600"]}]})),
+    )
+    .await
+    .unwrap();
+    let late = wait_phase(pods, "late", "Failed").await;
+    let status = late.status.unwrap();
+    assert_eq!(status.reason.as_deref(), Some("Evicted"));
+    assert_eq!(
+        status.message.as_deref(),
+        Some(format!("The node had condition: [{pressure}]. ").as_str())
+    );
+    assert!(
+        status
+            .container_statuses
+            .iter()
+            .flatten()
+            .all(|c| c.state.as_ref().is_none_or(|s| s.running.is_none())),
+        "a refused pod never runs"
+    );
+}
+
 fn condition(pod: &Pod, kind: &str) -> Option<String> {
     pod.status
         .as_ref()?
@@ -1000,27 +1026,7 @@ async fn pods_are_evicted_under_node_pressure() {
         },
     )
     .await;
-    pods.create(
-        &PostParams::default(),
-        &pod("late", &node, json!({"containers": [{"name": "app", "image": image("busybox"), "command": ["sleep", "3600"]}]})),
-    )
-    .await
-    .unwrap();
-    let late = wait_phase(&pods, "late", "Failed").await;
-    let status = late.status.unwrap();
-    assert_eq!(status.reason.as_deref(), Some("Evicted"));
-    assert_eq!(
-        status.message.as_deref(),
-        Some("The node had condition: [MemoryPressure]. ")
-    );
-    assert!(
-        status
-            .container_statuses
-            .iter()
-            .flatten()
-            .all(|c| c.state.as_ref().is_none_or(|s| s.running.is_none())),
-        "a refused pod never runs"
-    );
+    refused_under(&pods, &node, "MemoryPressure").await;
     let _ = pods
         .delete_collection(&DeleteParams::default(), &Default::default())
         .await;
@@ -1129,19 +1135,7 @@ async fn a_full_root_disk_is_reported_refuses_pods_and_corrupts_nothing() {
     )
     .await;
     // New pods are refused while it lasts.
-    pods.create(
-        &PostParams::default(),
-        &pod("late", &node, json!({"containers": [{"name": "app", "image": image("busybox"), "command": ["sleep", "3600"]}]})),
-    )
-    .await
-    .unwrap();
-    let late = wait_phase(&pods, "late", "Failed").await;
-    let status = late.status.unwrap();
-    assert_eq!(status.reason.as_deref(), Some("Evicted"));
-    assert_eq!(
-        status.message.as_deref(),
-        Some("The node had condition: [DiskPressure]. ")
-    );
+    refused_under(&pods, &node, "DiskPressure").await;
 
     // Restarted on the full disk, the kubelet comes back with its identity intact.
     kubelet.restart().await;
