@@ -137,7 +137,7 @@ impl Sink {
 /// Appends `bytes` (whole records) to `file` whole or not at all: a write cut short, as on a
 /// full disk, is taken back, so the log never holds a torn record that the next one would run
 /// into and a reader would misparse.
-pub fn append_whole(file: &mut File, bytes: &[u8]) -> std::io::Result<()> {
+fn append_whole(file: &mut File, bytes: &[u8]) -> std::io::Result<()> {
     let mut done = 0;
     while done < bytes.len() {
         let error = match file.write(&bytes[done..]) {

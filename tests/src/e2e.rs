@@ -62,6 +62,16 @@ pub struct Scenario {
     admin: (Vec<u8>, Vec<u8>),
 }
 
+/// The NodePort Service `web`: port 80 of the pods labelled `app: web`, whose port 8080 serves.
+pub fn web_service() -> Service {
+    serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"type": "NodePort", "selector": {"app": "web"},
+                 "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}]}
+    }))
+    .expect("Service JSON")
+}
+
 fn pod(name: &str, node: &str, spec: serde_json::Value) -> Pod {
     let mut spec = spec;
     spec["nodeName"] = json!(node);
@@ -144,14 +154,8 @@ impl Scenario {
                     .expect("create a pod");
             }
         }
-        let service: Service = serde_json::from_value(json!({
-            "metadata": {"name": "web"},
-            "spec": {"type": "NodePort", "selector": {"app": "web"},
-                     "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}]}
-        }))
-        .expect("Service JSON");
         let service = services
-            .create(&PostParams::default(), &service)
+            .create(&PostParams::default(), &web_service())
             .await
             .expect("create the Service");
         let spec = service.spec.clone().unwrap_or_default();

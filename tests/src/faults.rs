@@ -235,14 +235,8 @@ pub async fn web_behind_node_port(node: &TugNode, ns: &str, count: usize) -> i32
             .await
             .expect("create a pod");
     }
-    let web: Service = serde_json::from_value(json!({
-        "metadata": {"name": "web"},
-        "spec": {"type": "NodePort", "selector": {"app": "web"},
-                 "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}]}
-    }))
-    .expect("Service JSON");
     let web = services
-        .create(&PostParams::default(), &web)
+        .create(&PostParams::default(), &crate::e2e::web_service())
         .await
         .expect("create the Service");
     let node_port = web

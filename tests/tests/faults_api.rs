@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::Api;
 use tug_tests::cluster::cluster;
 use tug_tests::eventually::eventually;
@@ -35,9 +36,8 @@ const OUTAGE: Duration = Duration::from_secs(120);
 const RESUME: Duration = Duration::from_secs(10);
 
 /// The Lease's renewTime, as the API has it.
-async fn renewed(leases: &Api<Lease>, node: &str) -> Option<String> {
-    let lease = leases.get(node).await.ok()?;
-    Some(format!("{:?}", lease.spec?.renew_time?))
+async fn renewed(leases: &Api<Lease>, node: &str) -> Option<MicroTime> {
+    leases.get(node).await.ok()?.spec?.renew_time
 }
 
 /// The size of one GET of `path` (a list), as JSON.
