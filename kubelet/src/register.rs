@@ -3,6 +3,13 @@
 //! recompute the status every 10 s, writing it when it changed or every 5 minutes (upstream's
 //! `nodeStatusUpdateFrequency`/`nodeStatusReportFrequency`). While the API is unreachable the
 //! loop keeps trying; nothing on the node is affected.
+//!
+//! Each of these requests is given up after [`API_TIMEOUT`]. A renewal that fails closes every
+//! connection of the kubelet's client (upstream's kubelet does the same): an API server that
+//! stopped answering without a reset leaves requests and watches waiting on connections that
+//! will never answer, and closing them makes them start over. The first renewal that succeeds
+//! after failures closes them once more, so nothing still waiting on a connect from the outage
+//! lags behind the Lease.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -26,6 +33,33 @@ pub const HEARTBEAT: Duration = Duration::from_secs(10);
 /// How often the status is written even when unchanged.
 pub const REPORT: Duration = Duration::from_secs(300);
 
+/// How long a request to the API server may take before it is given up (upstream's kubelet
+/// gives its heartbeat client the status update period, 10 s).
+pub const API_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Closes every connection of the kubelet's API client, so that what waits on one fails now
+/// and starts over on a fresh one.
+#[derive(Clone)]
+pub struct CloseConnections(pub std::sync::Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for CloseConnections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CloseConnections")
+    }
+}
+
+/// `request`, or a timeout error after [`API_TIMEOUT`].
+pub async fn bounded<T>(
+    request: impl Future<Output = Result<T, kube::Error>>,
+) -> Result<T, kube::Error> {
+    match tokio::time::timeout(API_TIMEOUT, request).await {
+        Ok(result) => result,
+        Err(_) => Err(kube::Error::Service(
+            format!("no answer from the API server in {API_TIMEOUT:?}").into(),
+        )),
+    }
+}
+
 /// What the node agent needs.
 #[derive(Debug, Clone)]
 pub struct NodeAgentConfig {
@@ -37,6 +71,8 @@ pub struct NodeAgentConfig {
     pub heartbeat: Duration,
     /// The node's pressures, as the eviction manager finds them.
     pub pressures: std::sync::Arc<std::sync::Mutex<Vec<crate::eviction::Pressure>>>,
+    /// Closes the API client's connections when a renewal fails (and once it succeeds again).
+    pub close_connections: Option<CloseConnections>,
 }
 
 fn now() -> jiff::Timestamp {
@@ -164,6 +200,12 @@ fn conditions_changed(a: &[NodeCondition], b: &[NodeCondition]) -> bool {
     a.len() != b.len() || a.iter().zip(b).any(|(x, y)| key(x) != key(y))
 }
 
+fn close_connections(config: &NodeAgentConfig) {
+    if let Some(close) = &config.close_connections {
+        (close.0)();
+    }
+}
+
 /// How long to wait after the `failures`-th failure in a row: 200 ms, doubling, at most 5 s
 /// (upstream's lease controller backs off from 200 ms to 7 s) and never past a heartbeat.
 pub fn retry_after(failures: u32, heartbeat: Duration) -> Duration {
@@ -214,26 +256,35 @@ pub async fn run(
         let host = node::read_host(&config.root_dir);
         let node = match &registered {
             Some(node) => node.clone(),
-            None => match register(&nodes, &node::desired(&config.identity, &host)).await {
-                Ok(node) => {
-                    tracing::info!(node = %name, "node registered");
-                    registered = Some(node.clone());
-                    node
+            None => {
+                match bounded(register(&nodes, &node::desired(&config.identity, &host))).await {
+                    Ok(node) => {
+                        tracing::info!(node = %name, "node registered");
+                        registered = Some(node.clone());
+                        node
+                    }
+                    Err(error) => {
+                        tracing::warn!(node = %name, %error, "registering the node failed; retrying");
+                        failures += 1;
+                        wait = retry_after(failures, config.heartbeat);
+                        continue;
+                    }
                 }
-                Err(error) => {
-                    tracing::warn!(node = %name, %error, "registering the node failed; retrying");
-                    failures += 1;
-                    wait = retry_after(failures, config.heartbeat);
-                    continue;
-                }
-            },
+            }
         };
-        match renew_lease(&leases, &node).await {
-            Ok(()) => failures = 0,
+        match bounded(renew_lease(&leases, &node)).await {
+            Ok(()) => {
+                if failures > 0 {
+                    tracing::info!(node = %name, failures, "the node lease is renewed again");
+                    close_connections(&config);
+                }
+                failures = 0;
+            }
             Err(error) => {
                 failures += 1;
                 wait = retry_after(failures, config.heartbeat);
-                tracing::warn!(node = %name, %error, retry_in = ?wait, "renewing the node lease failed");
+                tracing::warn!(node = %name, %error, retry_in = ?wait, "renewing the node lease failed; closing the API connections");
+                close_connections(&config);
             }
         }
         let health = cri.health().await;
@@ -256,8 +307,7 @@ pub async fn run(
             continue;
         }
         let patch = serde_json::json!({"status": status});
-        match nodes
-            .patch_status(&name, &PatchParams::default(), &Patch::Strategic(patch))
+        match bounded(nodes.patch_status(&name, &PatchParams::default(), &Patch::Strategic(patch)))
             .await
         {
             Ok(_) => {

@@ -44,6 +44,8 @@ pub struct KubeletConfig {
     pub eviction: crate::eviction::EvictionConfig,
     /// The client certificate to renew before it expires (`rotateCertificates`).
     pub client_rotation: Option<crate::rotation::Managed>,
+    /// Closes the API client's connections (when a heartbeat fails).
+    pub close_connections: Option<register::CloseConnections>,
 }
 
 type Routes = Arc<dyn Fn(&str) -> Option<(&'static str, String)> + Send + Sync>;
@@ -240,6 +242,7 @@ pub async fn run(
                 root_dir: config.root_dir.clone(),
                 heartbeat: config.heartbeat,
                 pressures: shared.pressures.clone(),
+                close_connections: config.close_connections.clone(),
             },
             client,
             cri.clone(),

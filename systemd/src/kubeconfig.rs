@@ -7,6 +7,12 @@
 //! connections with the new one, and the old connections are let go once their requests
 //! finish, so no service keeps presenting a certificate that is about to expire (upstream's
 //! client-go does the same for kubeconfigs that name certificate files).
+//!
+//! Every such client's connections can also be closed all at once ([`Connections`]): requests
+//! waiting on a connection to an API server that stopped answering without a reset (a
+//! partition, a host gone) fail at once and start over on a fresh connection, instead of
+//! waiting out TCP's retransmissions for minutes. The kubelet does this when its heartbeat
+//! fails, as upstream's does.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -16,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use hyper_util::client::legacy::connect::HttpConnector;
 use kube::client::{Body, ConfigExt};
+use std::future::Future as _;
 
 /// `name`, or this host's name in lower case (what the kubelet registers by default).
 pub fn node_name(name: Option<String>) -> anyhow::Result<String> {
@@ -30,6 +37,11 @@ pub fn node_name(name: Option<String>) -> anyhow::Result<String> {
 
 /// An API client from the kubeconfig file at `path`.
 pub async fn client(path: &Path) -> anyhow::Result<kube::Client> {
+    Ok(closable_client(path).await?.0)
+}
+
+/// [`client`], with the handle that closes all its connections.
+pub async fn closable_client(path: &Path) -> anyhow::Result<(kube::Client, Connections)> {
     let kubeconfig = kube::config::Kubeconfig::read_from(path)
         .with_context(|| format!("read kubeconfig {}", path.display()))?;
     from_kubeconfig(kubeconfig)
@@ -39,11 +51,16 @@ pub async fn client(path: &Path) -> anyhow::Result<kube::Client> {
 
 /// An API client from kubeconfig YAML.
 pub async fn client_from_yaml(yaml: &str) -> anyhow::Result<kube::Client> {
-    from_kubeconfig(kube::config::Kubeconfig::from_yaml(yaml).context("parse the kubeconfig")?)
-        .await
+    Ok(
+        from_kubeconfig(kube::config::Kubeconfig::from_yaml(yaml).context("parse the kubeconfig")?)
+            .await?
+            .0,
+    )
 }
 
-async fn from_kubeconfig(kubeconfig: kube::config::Kubeconfig) -> anyhow::Result<kube::Client> {
+async fn from_kubeconfig(
+    kubeconfig: kube::config::Kubeconfig,
+) -> anyhow::Result<(kube::Client, Connections)> {
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
         .await
         .context("load the kubeconfig")?;
@@ -56,10 +73,144 @@ async fn from_kubeconfig(kubeconfig: kube::config::Kubeconfig) -> anyhow::Result
     .map(PathBuf::from)
     .collect();
     files.dedup();
-    if files.is_empty() {
-        return kube::Client::try_from(config).context("build the API client");
+    let connections = Connections::default();
+    if config.proxy_url.is_some() {
+        // Through an HTTP proxy: kube's own stack, which speaks to proxies.
+        let client = kube::Client::try_from(config).context("build the API client")?;
+        return Ok((client, connections));
     }
-    following_files(config, files)
+    let client = following_files(config, files, connections.clone())?;
+    Ok((client, connections))
+}
+
+/// Closes every connection of the clients it was made with ([`closable_client`]): what is
+/// waiting on one (a request, a watch, a connect) fails with `ConnectionAborted` at once, and
+/// what comes next opens a fresh one.
+#[derive(Clone, Default)]
+pub struct Connections {
+    current: Arc<Mutex<tokio_util::sync::CancellationToken>>,
+}
+
+impl std::fmt::Debug for Connections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Connections")
+    }
+}
+
+impl Connections {
+    /// Closes every connection opened (or being opened) so far.
+    pub fn close_all(&self) {
+        let mut current = self.current.lock().expect("connections lock");
+        current.cancel();
+        *current = tokio_util::sync::CancellationToken::new();
+    }
+
+    /// What a new connection is closed by.
+    fn token(&self) -> tokio_util::sync::CancellationToken {
+        self.current.lock().expect("connections lock").clone()
+    }
+}
+
+/// The TCP connector under the TLS one, whose connections [`Connections::close_all`] closes.
+#[derive(Clone)]
+struct Closable {
+    inner: HttpConnector,
+    connections: Connections,
+}
+
+fn closed() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        "connection closed: the API server stopped answering on it",
+    )
+}
+
+impl tower::Service<http::Uri> for Closable {
+    type Response = ClosableStream;
+    type Error = tower::BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<ClosableStream, tower::BoxError>> + Send>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let token = self.connections.token();
+        let connecting = self.inner.call(uri);
+        Box::pin(async move {
+            tokio::select! {
+                stream = connecting => Ok(ClosableStream {
+                    inner: stream?,
+                    closed: Box::pin(token.cancelled_owned()),
+                }),
+                () = token.clone().cancelled_owned() => Err(closed().into()),
+            }
+        })
+    }
+}
+
+/// A TCP connection that fails every read and write once its token is cancelled.
+struct ClosableStream {
+    inner: hyper_util::rt::TokioIo<tokio::net::TcpStream>,
+    closed: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl ClosableStream {
+    /// Whether it was closed; if not, the task is woken when it is.
+    fn is_closed(&mut self, cx: &mut TaskContext<'_>) -> bool {
+        self.closed.as_mut().poll(cx).is_ready()
+    }
+}
+
+impl hyper::rt::Read for ClosableStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.is_closed(cx) {
+            return Poll::Ready(Err(closed()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for ClosableStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.is_closed(cx) {
+            return Poll::Ready(Err(closed()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.is_closed(cx) {
+            return Poll::Ready(Err(closed()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl hyper_util::client::legacy::connect::Connection for ClosableStream {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.inner.connected()
+    }
 }
 
 /// How long an API connection idles before TCP keepalive probes it.
@@ -83,7 +234,7 @@ fn stamps(files: &[PathBuf]) -> Vec<Stamp> {
         .collect()
 }
 
-type Pool = hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
+type Pool = hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<Closable>, Body>;
 
 /// The HTTP client under the API client: one connection pool per certificate version.
 #[derive(Clone)]
@@ -94,6 +245,7 @@ struct FollowingFiles {
 struct Shared {
     config: kube::Config,
     files: Vec<PathBuf>,
+    connections: Connections,
     state: Mutex<State>,
 }
 
@@ -103,7 +255,7 @@ struct State {
     checked: Instant,
 }
 
-fn pool(config: &kube::Config) -> anyhow::Result<Pool> {
+fn pool(config: &kube::Config, connections: &Connections) -> anyhow::Result<Pool> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(config.connect_timeout);
@@ -115,8 +267,12 @@ fn pool(config: &kube::Config) -> anyhow::Result<Pool> {
     http.set_keepalive(Some(KEEPALIVE_IDLE));
     http.set_keepalive_interval(Some(Duration::from_secs(10)));
     http.set_keepalive_retries(Some(3));
+    let closable = Closable {
+        inner: http,
+        connections: connections.clone(),
+    };
     let https = config
-        .rustls_https_connector_with_connector(http)
+        .rustls_https_connector_with_connector(closable)
         .context("the TLS client configuration")?;
     Ok(
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -133,7 +289,7 @@ impl Shared {
             let now = stamps(&self.files);
             if now != state.stamps {
                 state.stamps = now;
-                match pool(&self.config) {
+                match pool(&self.config, &self.connections) {
                     Ok(pool) => {
                         tracing::info!(files = ?self.files, "the client certificate changed: new connections use it");
                         state.pool = pool;
@@ -163,9 +319,13 @@ impl tower::Service<http::Request<Body>> for FollowingFiles {
 }
 
 /// kube's own client stack (base URI, retries, auth, extra headers) over [`FollowingFiles`].
-fn following_files(config: kube::Config, files: Vec<PathBuf>) -> anyhow::Result<kube::Client> {
+fn following_files(
+    config: kube::Config,
+    files: Vec<PathBuf>,
+    connections: Connections,
+) -> anyhow::Result<kube::Client> {
     let state = State {
-        pool: pool(&config)?,
+        pool: pool(&config, &connections)?,
         stamps: stamps(&files),
         checked: Instant::now(),
     };
@@ -190,6 +350,7 @@ fn following_files(config: kube::Config, files: Vec<PathBuf>) -> anyhow::Result<
                 files,
                 state: Mutex::new(state),
                 config: config.clone(),
+                connections,
             }),
         });
     Ok(kube::Client::new(service, config.default_namespace))
@@ -350,5 +511,76 @@ mod tests {
         std::os::unix::fs::symlink(dir.path().join("broken.pem"), &current).unwrap();
         tokio::time::sleep(RECHECK + Duration::from_millis(200)).await;
         assert_eq!(whoami().await, "system:node:after");
+    }
+
+    /// An API server that takes the first connection's request and never answers it (as one
+    /// behind a partition), and answers on every later connection.
+    async fn silent_first_server() -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut first = true;
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let silent = std::mem::take(&mut first);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buffer = [0u8; 4096];
+                    loop {
+                        match socket.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buffer[..n]),
+                        }
+                        if head.windows(4).any(|w| w == b"\r\n\r\n") && !silent {
+                            head.clear();
+                            let reply = "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok";
+                            socket.write_all(reply.as_bytes()).await.unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn closing_all_connections_fails_a_request_stuck_on_one_and_the_next_uses_a_fresh_one() {
+        let port = silent_first_server().await;
+        let kubeconfig = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.0.0.1:{port}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\n"
+        );
+        let (client, connections) =
+            from_kubeconfig(kube::config::Kubeconfig::from_yaml(&kubeconfig).unwrap())
+                .await
+                .unwrap();
+        let get = || {
+            let client = client.clone();
+            async move {
+                client
+                    .request_text(http::Request::get("/healthz").body(Vec::new()).unwrap())
+                    .await
+            }
+        };
+        let stuck = tokio::spawn(get());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!stuck.is_finished(), "the silent server answered?");
+        let closed_at = Instant::now();
+        connections.close_all();
+        let error = tokio::time::timeout(Duration::from_secs(5), stuck)
+            .await
+            .expect("the stuck request still waits after its connection was closed")
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            closed_at.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            closed_at.elapsed()
+        );
+        let chain = format!("{:?}", anyhow::Error::from(error));
+        assert!(
+            chain.contains("connection closed: the API server stopped answering on it"),
+            "{chain}"
+        );
+        assert_eq!(get().await.unwrap(), "ok");
     }
 }

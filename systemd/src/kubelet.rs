@@ -260,11 +260,14 @@ pub async fn run(args: KubeletArgs) -> anyhow::Result<()> {
         Some(path) if file.rotate_certificates => client_rotation(path, &cert_dir, &name),
         _ => None,
     };
-    let client = match &args.kubeconfig {
-        Some(path) => Some(kubeconfig::client(path).await?),
+    let (client, connections) = match &args.kubeconfig {
+        Some(path) => {
+            let (client, connections) = kubeconfig::closable_client(path).await?;
+            (Some(client), Some(connections))
+        }
         None => {
             tracing::warn!("no --kubeconfig: running standalone, without an API server");
-            None
+            (None, None)
         }
     };
     let api = api_config(&args, &file, &name, &node_ips, client.is_some())?;
@@ -326,6 +329,11 @@ pub async fn run(args: KubeletArgs) -> anyhow::Result<()> {
         sync_frequency: file.sync_period()?,
         eviction: file.eviction()?,
         client_rotation,
+        close_connections: connections.map(|connections| {
+            tug_kubelet::register::CloseConnections(std::sync::Arc::new(move || {
+                connections.close_all()
+            }))
+        }),
     };
     crate::notify::spawn(match config.healthz {
         Some(address) => crate::notify::Probe::Http(address, "/healthz"),

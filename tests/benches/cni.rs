@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use tug_tests::cni::install_plugin;
 use tug_tests::measure::percentile;
 use tug_tests::netns::Netns;
+use tug_tests::report::Report;
 
 const ITERATIONS: usize = 200;
 
@@ -211,4 +212,24 @@ fn main() {
         ratio(reference.del.0, tug.del.0),
         ratio(reference.del.1, tug.del.1)
     );
+    let report = Report::new(
+        "cni",
+        "CNI plugin: ADD and DEL, tug-cni against bridge + host-local",
+        &format!(
+            "{ITERATIONS} pods one after another, each call a process exec with the config on \
+             stdin as a runtime does it, in network namespaces of the same kind. The reference \
+             is Debian's containernetworking-plugins `bridge` with `host-local` IPAM. VERSION \
+             does no work: it is the cost of exec'ing each binary at all."
+        ),
+    );
+    let reference_name = "bridge + host-local";
+    for (case, tug, reference) in [
+        ("ADD p50", tug.add.0, reference.add.0),
+        ("ADD p99", tug.add.1, reference.add.1),
+        ("DEL p50", tug.del.0, reference.del.0),
+        ("DEL p99", tug.del.1, reference.del.1),
+        ("VERSION p50", tug_floor.0, ref_floor.0),
+    ] {
+        report.millis(case, tug, &[(reference_name, reference)]);
+    }
 }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tug_proxy::iptables::{Iptables, IptablesConfig, render, restore_input};
 use tug_proxy::model::{Endpoint, Protocol, ServicePort};
 use tug_tests::netns::Netns;
+use tug_tests::report::Report;
 
 fn services(count: usize) -> Vec<ServicePort> {
     (0..count)
@@ -159,6 +160,18 @@ fn nftables_mode() {
         cluster_cidr: Some("10.0.0.0/8".into()),
         ..Default::default()
     };
+    let report = Report::new(
+        "proxy-nftables",
+        "kube-proxy, nftables mode: programming Services × 2 endpoints",
+        "Each in a fresh network namespace. tug programs its table over netlink; the references \
+         are `nft -f` loading tug's own ruleset as `nft list` prints it (the same kernel \
+         objects), and `nft -f` loading the ruleset upstream kube-proxy's nftables mode writes \
+         for the same Services (a chain per Service and per endpoint, numgen verdict maps), not \
+         run at 30,000, where nft takes minutes. \"One change\" moves one endpoint of one \
+         Service; \"as the loop does it\" starts from the API objects in the proxy's model.",
+    );
+    let same_name = "nft -f (same ruleset)";
+    let upstream_name = "nft -f (upstream's ruleset)";
     for count in [1_000, 10_000, 30_000] {
         let ports = services(count);
         let ns = Netns::new("nfb");
@@ -198,16 +211,19 @@ fn nftables_mode() {
         drop(ns);
         let same = nft_load(&Netns::new("nfr"), &loadable(&text));
         // nft takes minutes for upstream's shape at 30k (an anonymous verdict map per Service).
-        let upstream = if count <= 10_000 {
-            let upstream = nft_load(&Netns::new("nfu"), &upstream_ruleset(&ports));
-            format!(
+        let upstream_time =
+            (count <= 10_000).then(|| nft_load(&Netns::new("nfu"), &upstream_ruleset(&ports)));
+        let upstream = match upstream_time {
+            Some(upstream) => format!(
                 "{:>20.1?} {:>7.1}x",
                 upstream,
                 upstream.as_secs_f64() / tug.as_secs_f64()
-            )
-        } else {
-            format!("{:>20} {:>8}", "(not run)", "")
+            ),
+            None => format!("{:>20} {:>8}", "(not run)", ""),
         };
+        let mut references = vec![(same_name, same)];
+        references.extend(upstream_time.map(|u| (upstream_name, u)));
+        report.millis(&format!("{count} from scratch"), tug, &references);
         println!(
             "{:<24} {:>10.1?} {:>18.1?} {:>7.1}x {upstream}",
             format!("{count} from scratch"),
@@ -217,9 +233,12 @@ fn nftables_mode() {
         );
         if count == 30_000 {
             println!("{:<24} {:>10.1?}", "one change at 30000", tug_change);
-            loop_change(&config);
+            let as_the_loop = loop_change(&config);
             println!("{:<24} {:>10.1?}", "  found by comparing all", compared);
             println!("{:<24} {:>10.1?}", "  a sync with no change", no_op);
+            report.millis("one change at 30000", tug_change, &[]);
+            report.millis("one change, as the loop does it", as_the_loop, &[]);
+            report.millis("a sync with no change at 30000", no_op, &[]);
         }
         let began = Instant::now();
         let (bytes, _) = tug_proxy::nftables::render(&ports, &config)
@@ -237,7 +256,7 @@ fn nftables_mode() {
 /// The proxy's loop at 30,000 Services, each with an EndpointSlice of 2 endpoints: the model
 /// built from the API objects and programmed, then one slice changes and the loop's work for
 /// it (the model's update and the backend's sync of what changed) is timed.
-fn loop_change(config: &tug_proxy::nftables::NftConfig) {
+fn loop_change(config: &tug_proxy::nftables::NftConfig) -> Duration {
     use k8s_openapi::api::core::v1::Service;
     use k8s_openapi::api::discovery::v1::EndpointSlice;
     use tug_proxy::backend::RuleBackend;
@@ -281,6 +300,7 @@ fn loop_change(config: &tug_proxy::nftables::NftConfig) {
     let took = began.elapsed();
     assert_eq!(changed.len(), 1, "{changed:?}");
     println!("{:<24} {:>10.1?}", "  as the loop does it", took);
+    took
 }
 
 /// Median TCP connect time from the lab's client to `vip` over `count` connections.
@@ -324,8 +344,8 @@ impl Program for Iptables {
 
 type MakeBackend = Box<dyn Fn() -> Box<dyn Program>>;
 
-/// First-packet cost: connect latency through one ClusterIP with no other Service, and with
-/// 30,000 other Services programmed, per mode.
+/// First-packet cost: connect latency through one ClusterIP with 0, 1,000, 10,000 and 30,000
+/// other Services programmed, per mode, next to upstream's nftables ruleset for the same.
 fn first_packet() {
     use tug_proxy::nftables::{NftConfig, Nftables};
     let probe = {
@@ -351,13 +371,16 @@ fn first_packet() {
         }
     };
     let vip: std::net::SocketAddr = "172.30.0.41:80".parse().unwrap();
-    println!("first packet: TCP connect p50 through one ClusterIP (2000 connections)");
+    const CONNECTIONS: usize = 2000;
+    let sizes = [0, 1_000, 10_000, 30_000];
+    println!("first packet: TCP connect p50 through one ClusterIP ({CONNECTIONS} connections)");
     println!(
-        "{:<22} {:>14} {:>18} {:>12}",
-        "mode", "alone", "with 30k others", "overhead"
+        "{:<22} {:>14} {:>12} {:>24}",
+        "mode", "other Services", "tug", "upstream's ruleset (nft)"
     );
-    let modes: Vec<(&str, MakeBackend)> = vec![
+    let modes: Vec<(&str, &str, MakeBackend)> = vec![
         (
+            "nftables",
             "nftables",
             Box::new(|| {
                 Box::new(Nftables::new(NftConfig {
@@ -367,29 +390,68 @@ fn first_packet() {
             }),
         ),
         (
+            "iptables-legacy",
             "iptables (legacy)",
             Box::new(|| Box::new(Iptables::new("iptables-legacy", config()))),
         ),
     ];
-    for (mode, make) in modes {
-        let mut figures = Vec::new();
-        for others in [0, 30_000] {
-            let lab = tug_tests::services::ServiceLab::new(2, 8080, 8053);
+    let micros = |d: Duration| d.as_secs_f64() * 1e6;
+    for (key, mode, make) in modes {
+        let report = Report::new(
+            &format!("first-packet-{key}"),
+            &format!("kube-proxy, {mode} mode: first-packet latency against Service count"),
+            &format!(
+                "TCP connect time (p50 of {CONNECTIONS}, after 50 to warm up) from a client \
+                 namespace through one ClusterIP to two endpoint namespaces across a node \
+                 namespace holding the rules for that Service and N others. Every connection is \
+                 new, so every one is a first packet through the NAT rules.{}",
+                if key == "nftables" {
+                    " The reference is the ruleset upstream kube-proxy's nftables mode writes \
+                     for the same Services, loaded with `nft -f` (not at 30,000, where nft \
+                     takes minutes to load it)."
+                } else {
+                    " tug writes upstream kube-proxy's iptables layout rule for rule, so there \
+                     is no other ruleset to compare with: the figures show how the linear \
+                     `KUBE-SERVICES` chain costs the first packet as Services grow."
+                }
+            ),
+        );
+        for others in sizes {
             let mut ports = services(others);
             ports.push(probe.clone());
-            let mut backend = make();
-            lab.node.run(|| backend.program(&ports));
-            connect_p50(&lab, vip, 50); // warm up
-            figures.push(connect_p50(&lab, vip, 2000));
+            let measure = |program: &dyn Fn(&Netns)| {
+                let lab = tug_tests::services::ServiceLab::new(2, 8080, 8053);
+                program(&lab.node);
+                connect_p50(&lab, vip, 50); // warm up
+                connect_p50(&lab, vip, CONNECTIONS)
+            };
+            let tug = measure(&|node| {
+                let mut backend = make();
+                node.run(|| backend.program(&ports));
+            });
+            let upstream = (key == "nftables" && others <= 10_000).then(|| {
+                measure(&|node| {
+                    nft_load(node, &upstream_ruleset(&ports));
+                })
+            });
+            println!(
+                "{:<22} {:>14} {:>12.1?} {:>24}",
+                mode,
+                others,
+                tug,
+                upstream.map_or_else(String::new, |u| format!("{u:.1?}"))
+            );
+            let references: Vec<(&str, f64)> = upstream
+                .map(|u| ("upstream's ruleset (nft -f)", micros(u)))
+                .into_iter()
+                .collect();
+            report.figure(
+                &format!("{others} other Services"),
+                "µs",
+                micros(tug),
+                &references,
+            );
         }
-        let overhead = figures[1].as_secs_f64() - figures[0].as_secs_f64();
-        println!(
-            "{:<22} {:>14.1?} {:>18.1?} {:>10.1} µs",
-            mode,
-            figures[0],
-            figures[1],
-            overhead * 1e6
-        );
     }
 }
 
@@ -440,9 +502,12 @@ fn ipvs_mode() {
         ("/usr/bin/ip".into(), "/tools/ip".into()),
         ("/usr/sbin/nft".into(), "/tools/nft".into()),
     ];
+    let figures = std::env::var_os("TUG_BENCH_REPORT").filter(|p| !p.is_empty());
     let run = boot_watching(&spec, |line| {
         if let Some(figures) = line.strip_prefix("bench| ") {
             println!("{figures}");
+        } else if let (Some(record), Some(path)) = (line.strip_prefix(RECORD), &figures) {
+            tug_tests::report::append_line(std::path::Path::new(path), record.trim_end());
         }
     });
     assert_eq!(
@@ -452,6 +517,9 @@ fn ipvs_mode() {
         run.console
     );
 }
+
+/// What the guest prints before each of its report records, for the host to append.
+const RECORD: &str = "bench-record| ";
 
 /// The guest's half of [`ipvs_mode`]: tug's IPVS backend against the same virtual services
 /// through `ipvsadm -R`, the same VIPs through `ip -batch` and the same rules through `nft -f`.
@@ -472,6 +540,18 @@ fn ipvs_guest() {
         ..Default::default()
     };
     let ipvsadm = |input: &str| timed("/tools/ipvsadm", &["-R"], input);
+    let report = Report::on_console(
+        "proxy-ipvs",
+        "kube-proxy, IPVS mode: programming Services × 2 endpoints (in a qemu guest)",
+        "In a qemu guest on Debian's kernel under software emulation (this machine's kernel has \
+         no IPVS), so every figure is 10–50× a native one: read the ratios. tug programs the \
+         virtual services, the VIPs on kube-ipvs0 and its nftables half; the reference is the \
+         sum of the tools programming the same state: `ipvsadm -R` the virtual services, \
+         `ip -batch` the VIPs and `nft -f` tug's table as `nft list` prints it. One change \
+         moves one endpoint; its reference is `ipvsadm -R` with the two lines for it.",
+        RECORD,
+    );
+    let tools = "ipvsadm -R + ip -batch + nft -f";
     let sizes: Vec<usize> = std::env::var("TUG_BENCH_SIZES")
         .unwrap_or_default()
         .split(',')
@@ -528,6 +608,7 @@ fn ipvs_guest() {
         let ip_time = timed("/tools/ip", &["-batch", "-"], &addresses);
         let nft_time = timed("/tools/nft", &["-f", "-"], &rules);
         let sum = ipvsadm_time + ip_time + nft_time;
+        report.millis(&format!("{count} from scratch"), tug, &[(tools, sum)]);
         say(format!(
             "{:<22} {:>10.1?} {:>12.1?} {:>10.1?} {:>10.1?} {:>12.1?} {:>7.1}x",
             format!("{count} from scratch"),
@@ -549,6 +630,11 @@ fn ipvs_guest() {
                 old.ip, old.port, old.port
             );
             let ipvsadm_change = ipvsadm(&change);
+            report.millis(
+                "one change at 30000",
+                tug_change,
+                &[(tools, ipvsadm_change)],
+            );
             say(format!(
                 "{:<22} {:>10.1?} {:>12.1?} {:>10} {:>10} {:>12.1?} {:>7.1}x",
                 "one change at 30000",
@@ -580,6 +666,17 @@ fn main() {
     }
     let base = std::env::var("TUG_BENCH_IPTABLES").unwrap_or_else(|_| "iptables-nft".into());
     println!("iptables mode ({base}): Services x 2 endpoints");
+    let restore = format!("{base}-restore");
+    let report = Report::new(
+        &format!("proxy-{base}"),
+        &format!("kube-proxy, iptables mode ({base}): programming Services × 2 endpoints"),
+        &format!(
+            "tug renders upstream kube-proxy's iptables layout and loads it with one \
+             `{restore} --noflush`; the reference is `{restore}` alone loading the very same \
+             ruleset in a fresh namespace, the floor any iptables proxy pays. A ratio near 1× \
+             means tug's own work (rendering, diffing) is small next to the kernel's."
+        ),
+    );
     println!(
         "{:<28} {:>12} {:>18} {:>8}",
         "case", "tug", "iptables-restore", "ratio"
@@ -608,7 +705,12 @@ fn main() {
             &BTreeSet::new(),
         );
         let ns = Netns::new("pxr");
-        let raw = raw_restore(&ns, &format!("{base}-restore"), &full.input);
+        let raw = raw_restore(&ns, &restore, &full.input);
+        report.millis(
+            &format!("{count} from scratch"),
+            tug,
+            &[(restore.as_str(), raw)],
+        );
         println!(
             "{:<28} {:>12.1?} {:>18.1?} {:>7.2}x",
             format!("{count} from scratch"),
@@ -618,7 +720,12 @@ fn main() {
         );
         if count == 30_000 {
             let one = restore_input(&render(&changed, &config()), &full.chains, &BTreeSet::new());
-            let raw_change = raw_restore(&ns, &format!("{base}-restore"), &one.input);
+            let raw_change = raw_restore(&ns, &restore, &one.input);
+            report.millis(
+                "one change at 30000",
+                tug_change,
+                &[(restore.as_str(), raw_change)],
+            );
             println!(
                 "{:<28} {:>12.1?} {:>18.1?} {:>7.2}x",
                 "one change at 30000",

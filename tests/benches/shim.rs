@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1::*;
 use tug_tests::cri::{Cri, install_tug_cni};
 use tug_tests::measure::percentile;
+use tug_tests::report::Report;
 use tug_tests::shim::TugShim;
 use tug_tests::substrate::Substrate;
 
@@ -160,5 +161,16 @@ fn main() {
             tug50.as_secs_f64() / cd50.as_secs_f64(),
             tug99.as_secs_f64() / cd99.as_secs_f64()
         );
+        let report = Report::new(
+            "shim",
+            "CRI runtime: pod start, tug shim against containerd's CRI",
+            &format!(
+                "RunPodSandbox + CreateContainer + StartContainer, {PODS} pods one after another \
+                 (3 warm-up pods first, not counted), the busybox image from the local registry, \
+                 on the same containerd, image and CNI plugin (tug-cni) for both."
+            ),
+        );
+        report.millis("pod start p50", tug50, &[("containerd CRI", cd50)]);
+        report.millis("pod start p99", tug99, &[("containerd CRI", cd99)]);
     });
 }

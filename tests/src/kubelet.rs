@@ -49,6 +49,9 @@ pub struct Options {
     /// Put the root dir on a tmpfs of this size (`mount -o size=`), a disk of its own that a
     /// test can fill.
     pub root_tmpfs: Option<&'static str>,
+    /// Keep the installed defaults' timers (`syncFrequency` 1m) rather than the tests' quicker
+    /// ones, for a footprint measured as a node runs.
+    pub installed_timers: bool,
 }
 
 /// A running `tug kubelet`.
@@ -143,11 +146,12 @@ impl TugKubelet {
         std::fs::write(
             &config_path,
             format!(
-                "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nclusterDNS: [10.96.0.10]\nclusterDomain: cluster.local\npodLogsDir: {}\nhealthzPort: 0\nsyncFrequency: 2s\ncontainerRuntimeEndpoint: unix://{}\naddress: {address}\nport: {api_port}\nauthentication:\n  x509:\n    clientCAFile: {}\n{eviction}{}",
+                "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nclusterDNS: [10.96.0.10]\nclusterDomain: cluster.local\npodLogsDir: {}\nhealthzPort: 0\nsyncFrequency: {sync}\ncontainerRuntimeEndpoint: unix://{}\naddress: {address}\nport: {api_port}\nauthentication:\n  x509:\n    clientCAFile: {}\n{eviction}{}",
                 logs_dir.display(),
                 endpoint.display(),
                 client_ca.display(),
                 options.config,
+                sync = if options.installed_timers { "1m" } else { "2s" },
             ),
         )
         .expect("write the kubelet config");

@@ -21,6 +21,7 @@ pub mod lan;
 pub mod measure;
 pub mod netns;
 pub mod node;
+pub mod report;
 pub mod services;
 pub mod shim;
 pub mod streaming;

@@ -9,6 +9,100 @@ pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples[index]
 }
 
+/// A process's footprint over a window: its resident memory at the end and the share of one
+/// core it used.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Footprint {
+    /// Resident set size, KiB.
+    pub rss_kib: u64,
+    /// Proportional set size, KiB: shared pages (tug's one binary, mapped by every service)
+    /// split among the processes that map them, so the services' figures add up.
+    pub pss_kib: u64,
+    /// Unique set size, KiB: pages no other process maps, what the process alone costs.
+    pub uss_kib: u64,
+    /// CPU time (user + system) over the window, as a percentage of one core.
+    pub cpu_percent: f64,
+}
+
+impl Footprint {
+    /// RSS in MiB.
+    pub fn rss_mib(&self) -> f64 {
+        self.rss_kib as f64 / 1024.0
+    }
+
+    /// PSS in MiB.
+    pub fn pss_mib(&self) -> f64 {
+        self.pss_kib as f64 / 1024.0
+    }
+
+    /// USS in MiB.
+    pub fn uss_mib(&self) -> f64 {
+        self.uss_kib as f64 / 1024.0
+    }
+}
+
+/// User plus system CPU time of `pid`, in clock ticks (0 once it is gone).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name may hold spaces and parentheses: fields count from its closing one.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<u64> = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    fields.iter().sum()
+}
+
+/// Resident set size of `pid`, KiB (0 once it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `pid`'s (PSS, USS) in KiB, from `/proc/<pid>/smaps_rollup` ((0, 0) once it is gone).
+pub fn pss_uss_kib(pid: u32) -> (u64, u64) {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        rollup
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (
+        field("Pss:"),
+        field("Private_Clean:") + field("Private_Dirty:"),
+    )
+}
+
+/// The footprints of `pids` over the same `window`, measured side by side.
+pub async fn footprints(pids: &[u32], window: Duration) -> Vec<Footprint> {
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let before: Vec<u64> = pids.iter().map(|pid| cpu_ticks(*pid)).collect();
+    tokio::time::sleep(window).await;
+    pids.iter()
+        .zip(before)
+        .map(|(pid, before)| Footprint {
+            rss_kib: rss_kib(*pid),
+            pss_kib: pss_uss_kib(*pid).0,
+            uss_kib: pss_uss_kib(*pid).1,
+            cpu_percent: cpu_ticks(*pid).saturating_sub(before) as f64
+                / ticks
+                / window.as_secs_f64()
+                * 100.0,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -19,5 +113,34 @@ mod tests {
         assert_eq!(percentile(&mut samples, 0.5), Duration::from_millis(51));
         assert_eq!(percentile(&mut samples, 0.99), Duration::from_millis(99));
         assert_eq!(percentile(&mut samples, 0.0), Duration::from_millis(1));
+    }
+
+    /// A thread that spins shows up as CPU; a thread that sleeps does not.
+    #[tokio::test]
+    async fn footprint_counts_this_process_cpu_and_memory() {
+        let me = std::process::id();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let spinning = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        let busy = footprints(&[me], Duration::from_millis(500)).await[0];
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        spinning.join().unwrap();
+        assert!(busy.cpu_percent > 50.0, "{busy:?}");
+        assert!(busy.rss_kib > 1024, "{busy:?}");
+        // Alone with its pages, mostly: PSS between USS and RSS.
+        assert!(
+            busy.uss_kib > 0 && busy.uss_kib <= busy.pss_kib && busy.pss_kib <= busy.rss_kib,
+            "{busy:?}"
+        );
+        let idle = footprints(&[me], Duration::from_millis(500)).await[0];
+        assert!(idle.cpu_percent < 20.0, "{idle:?}");
+        let gone = footprints(&[u32::MAX], Duration::from_millis(10)).await[0];
+        assert_eq!((gone.rss_kib, gone.pss_kib, gone.cpu_percent), (0, 0, 0.0));
     }
 }

@@ -34,6 +34,8 @@ pub struct TugNode {
     netd: Option<Child>,
     proxy: Option<Child>,
     proxy_mode: String,
+    /// netd's `--resync-seconds`, when not its default.
+    netd_resync: Option<u64>,
     /// The test registry at the address it has on the host, inside the node.
     _registry: Relay,
     dir: tempfile::TempDir,
@@ -60,8 +62,15 @@ fn log_file(dir: &Path, name: &str) -> std::fs::File {
 
 impl TugNode {
     /// Plugs a new node into `lan` at `ip` (a /24 on it), with the API server reached at
-    /// `api_server` and the proxy in `proxy_mode`, and waits for the Node to be Ready.
-    pub async fn start(lan: &Lan, ip: &str, api_server: &str, proxy_mode: &str) -> TugNode {
+    /// `api_server` and the proxy in `proxy_mode`, and waits for the Node to be Ready. Its
+    /// timers are the tests' quicker ones unless `installed_timers`.
+    pub async fn start(
+        lan: &Lan,
+        ip: &str,
+        api_server: &str,
+        proxy_mode: &str,
+        installed_timers: bool,
+    ) -> TugNode {
         let ns = Netns::new("node");
         lan.attach(&ns, "eth0", &format!("{ip}/24"));
         ns.ip(&["link", "set", "lo", "up"]);
@@ -94,6 +103,7 @@ impl TugNode {
                 netns: Some(ns.path()),
                 api_server: Some(api_server.to_owned()),
                 ready_later: true,
+                installed_timers,
                 ..Default::default()
             },
         )
@@ -106,6 +116,7 @@ impl TugNode {
             netd: None,
             proxy: None,
             proxy_mode: proxy_mode.to_owned(),
+            netd_resync: (!installed_timers).then_some(1),
             _registry: registry_relay,
             dir,
         };
@@ -124,7 +135,13 @@ impl TugNode {
         let child = in_netns(&self.ns)
             .args(["netd", "--kubeconfig"])
             .arg(&self.kubelet.kubeconfig)
-            .args(["--node-name", &self.kubelet.name, "--resync-seconds", "1"])
+            .args(["--node-name", &self.kubelet.name])
+            .args(
+                self.netd_resync
+                    .map(|s| ["--resync-seconds".to_owned(), s.to_string()])
+                    .iter()
+                    .flatten(),
+            )
             .args(["--cluster-cidr", &cluster_cidr()])
             .arg("--cni-conf-dir")
             .arg(self.dir.path().join("net.d"))
@@ -149,6 +166,19 @@ impl TugNode {
             .spawn()
             .expect("start tug proxy");
         self.proxy = Some(child);
+    }
+
+    /// Each of its services' process ids, by name: kubelet, shim, proxy, netd.
+    pub fn pids(&self) -> Vec<(&'static str, u32)> {
+        [
+            ("kubelet", self.kubelet.pid()),
+            ("shim", self.shim.pid()),
+            ("proxy", self.proxy.as_ref().map(Child::id)),
+            ("netd", self.netd.as_ref().map(Child::id)),
+        ]
+        .into_iter()
+        .filter_map(|(name, pid)| pid.map(|pid| (name, pid)))
+        .collect()
     }
 
     /// SIGKILLs netd, as a crash.
@@ -301,7 +331,14 @@ impl Segment {
     /// Starts a node at `ip` on the segment with its proxy in `proxy_mode`.
     pub async fn node(&self, ip: &str, proxy_mode: &str) -> TugNode {
         let api = format!("https://{}", self.relay.addr());
-        TugNode::start(&self.lan, ip, &api, proxy_mode).await
+        TugNode::start(&self.lan, ip, &api, proxy_mode, false).await
+    }
+
+    /// [`Segment::node`] with the timers of an installation (the kubelet's `syncFrequency`,
+    /// netd's resync), for measuring a node as it runs.
+    pub async fn node_as_installed(&self, ip: &str, proxy_mode: &str) -> TugNode {
+        let api = format!("https://{}", self.relay.addr());
+        TugNode::start(&self.lan, ip, &api, proxy_mode, true).await
     }
 }
 

@@ -38,6 +38,11 @@ pub struct TugShim {
 }
 
 impl TugShim {
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Starts `tug shim` with tug-cni on `pod_cidr` and waits until its socket answers.
     pub async fn start(label: &str, pod_cidr: &str) -> TugShim {
         TugShim::start_with(label, pod_cidr, ShimOptions::default()).await

@@ -57,6 +57,7 @@ async fn the_node_registers_keeps_its_lease_and_reports_readiness() {
             root_dir: std::env::temp_dir(),
             heartbeat: Duration::from_secs(1),
             pressures: Default::default(),
+            close_connections: None,
         },
         client,
         Cri::new(&shim.socket.display().to_string()),

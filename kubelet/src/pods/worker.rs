@@ -164,6 +164,8 @@ pub struct Worker {
     failures_tx: mpsc::UnboundedSender<Failure>,
     failures: mpsc::UnboundedReceiver<Failure>,
     written: Option<(String, PodStatus)>,
+    /// Status writes that failed in a row since the last one that went through.
+    status_failures: u32,
     volumes_refreshed: Option<Instant>,
     /// When the worker first saw the pod, until it runs (`kubelet_pod_start_duration_seconds`);
     /// `None` once recorded, or for a pod that was running before this kubelet started.
@@ -202,6 +204,7 @@ impl Worker {
             failures_tx,
             failures,
             written: None,
+            status_failures: 0,
             volumes_refreshed: None,
         }
     }
@@ -413,7 +416,12 @@ impl Worker {
             }
         }
         self.refresh_volumes(pod, &observed).await;
-        self.write_status(pod, &observed).await;
+        // A status that did not reach the API is tried again soon (200 ms, doubling to 5 s), not
+        // a whole sync period later (upstream's status manager retries every 10 s).
+        let status_retry = (!self.write_status(pod, &observed).await).then(|| {
+            let wait = crate::register::retry_after(self.status_failures, Duration::from_secs(5));
+            now_ns() + wait.as_nanos() as i64
+        });
         let image_wake = self.image_backoff_wake();
         // A pull that just failed shows ErrImagePull now and ImagePullBackOff shortly after,
         // while its back-off runs.
@@ -422,7 +430,7 @@ impl Worker {
             .values()
             .any(|w| w.reason == "ErrImagePull")
             .then(|| now_ns() + 2_000_000_000);
-        let next = [wake_at, image_wake, pull_failed]
+        let next = [wake_at, image_wake, pull_failed, status_retry]
             .into_iter()
             .flatten()
             .min();
@@ -1225,7 +1233,9 @@ impl Worker {
         }
     }
 
-    async fn write_status(&mut self, pod: &Pod, observed: &Observed) {
+    /// Shows the pod's status and writes it to the API if it changed; `false` if that write
+    /// failed (and is still to be done).
+    async fn write_status(&mut self, pod: &Pod, observed: &Observed) -> bool {
         let runtime_name = match self
             .shared
             .runtime_name
@@ -1276,13 +1286,13 @@ impl Worker {
             .expect("statuses lock")
             .insert(self.uid.clone(), shown);
         let Some(client) = &self.shared.client else {
-            return;
+            return true;
         };
         // A static pod's status goes to its mirror pod, once there is one.
         let (target_uid, old) = if super::static_pods::is_static(pod) {
             let mirrors = self.shared.mirrors.lock().expect("mirrors lock");
             let Some(mirror) = mirrors.get(&self.uid) else {
-                return;
+                return true;
             };
             (
                 mirror.metadata.uid.clone().unwrap_or_default(),
@@ -1297,29 +1307,34 @@ impl Worker {
         };
         let written = Some((target_uid.clone(), new.clone()));
         if self.written == written {
-            return;
+            return true;
         }
         let Some(mut patch) = status::patch(&old, &new) else {
             self.written = written;
-            return;
+            return true;
         };
         patch["metadata"] = serde_json::json!({ "uid": target_uid });
         let api: Api<Pod> = Api::namespaced(
             client.clone(),
             pod.metadata.namespace.as_deref().unwrap_or("default"),
         );
-        match api
-            .patch_status(
-                pod.metadata.name.as_deref().unwrap_or_default(),
-                &PatchParams::default(),
-                &Patch::Strategic(patch),
-            )
-            .await
+        match crate::register::bounded(api.patch_status(
+            pod.metadata.name.as_deref().unwrap_or_default(),
+            &PatchParams::default(),
+            &Patch::Strategic(patch),
+        ))
+        .await
         {
-            Ok(_) => self.written = written,
-            Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
+            Ok(_) => {
+                self.written = written;
+                self.status_failures = 0;
+                true
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => true,
             Err(error) => {
-                tracing::warn!(pod = %self.uid, %error, "writing the pod status failed; retrying at the next sync")
+                self.status_failures += 1;
+                tracing::warn!(pod = %self.uid, %error, "writing the pod status failed; retrying");
+                false
             }
         }
     }
