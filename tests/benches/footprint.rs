@@ -138,10 +138,10 @@ async fn pods_behind_a_service(node: &str, ns: &str) {
 
 fn print(name: &str, footprint: &Footprint) {
     println!(
-        "  {name:<34} RSS {:7.1} MiB  PSS {:7.1} MiB  USS {:7.1} MiB  CPU {:6.3} % of a core",
+        "  {name:<34} RSS {:7.1} MiB  PSS {:7.1} MiB  anonymous {:7.1} MiB  CPU {:6.3} % of a core",
         footprint.rss_mib(),
         footprint.pss_mib(),
-        footprint.uss_mib(),
+        footprint.anon_mib(),
         footprint.cpu_percent
     );
 }
@@ -153,16 +153,17 @@ async fn main() {
         "footprint-memory",
         "Memory of each service",
         &format!(
-            "After {}s idle. \"shim alone, no pods\" is tug shim's private memory (USS: pages \
-             no other process maps) next to what containerd's own CRI plugin adds to \
-             containerd's (a containerd with the plugin less one without it), all three idle \
-             side by side with nothing in them. The other rows are one node (kubelet, shim, \
-             proxy in nftables mode, netd, with an installation's timers) running {PODS} pods \
-             behind a Service among {OTHER_SERVICES} other Services, as PSS: the four services \
-             are one binary, whose shared pages PSS splits among them, so the rows add up to \
-             what the node pays (RSS counts those pages once per process). Upstream's kubelet \
-             and kube-proxy cannot be installed on this machine, so they have no reference \
-             here.",
+            "After {}s idle. \"shim alone, no pods\" is tug shim next to what containerd's own \
+             CRI plugin adds to containerd (a containerd with the plugin less one without it), \
+             all three idle side by side with nothing in them: anonymous memory (what the \
+             process allocates itself) and PSS. Most of a lone shim's PSS is pages of tug's \
+             binary, which the page cache holds and the other tug services share. The other \
+             rows are one node (kubelet, shim, proxy in nftables mode, netd, with an \
+             installation's timers) running {PODS} pods behind a Service among \
+             {OTHER_SERVICES} other Services, as PSS: the four services are one binary, whose \
+             shared pages PSS splits among them, so the rows add up to what the node pays (RSS \
+             counts those pages once per process). Upstream's kubelet and kube-proxy cannot be \
+             installed on this machine, so they have no reference here.",
             WINDOW.as_secs()
         ),
     );
@@ -193,7 +194,7 @@ async fn main() {
         let plugin = Footprint {
             rss_kib: with.rss_kib.saturating_sub(without.rss_kib),
             pss_kib: with.pss_kib.saturating_sub(without.pss_kib),
-            uss_kib: with.uss_kib.saturating_sub(without.uss_kib),
+            anon_kib: with.anon_kib.saturating_sub(without.anon_kib),
             cpu_percent: (with.cpu_percent - without.cpu_percent).max(0.0),
         };
         print("containerd without CRI", &without);
@@ -201,10 +202,16 @@ async fn main() {
         print("  so its CRI plugin", &plugin);
         print("tug shim, no pods", &shim);
         memory.figure(
-            "shim alone, no pods (USS)",
+            "shim alone, no pods (anonymous)",
             "MiB",
-            shim.uss_mib(),
-            &[(reference_name, plugin.uss_mib())],
+            shim.anon_mib(),
+            &[(reference_name, plugin.anon_mib())],
+        );
+        memory.figure(
+            "shim alone, no pods (PSS)",
+            "MiB",
+            shim.pss_mib(),
+            &[(reference_name, plugin.pss_mib())],
         );
         cpu.figure(
             "shim alone, no pods",

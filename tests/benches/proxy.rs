@@ -406,9 +406,12 @@ fn first_packet() {
                  namespace holding the rules for that Service and N others. Every connection is \
                  new, so every one is a first packet through the NAT rules.{}",
                 if key == "nftables" {
-                    " The reference is the ruleset upstream kube-proxy's nftables mode writes \
-                     for the same Services, loaded with `nft -f` (not at 30,000, where nft \
-                     takes minutes to load it)."
+                    " The reference is what of upstream kube-proxy's nftables ruleset a \
+                     ClusterIP connection goes through, for the same Services (its service-ips \
+                     map, a chain per Service and per endpoint), loaded with `nft -f`; not its \
+                     filter and masquerade chains, which tug's figure does include, so the \
+                     comparison flatters upstream a little. Not run at 30,000, where nft takes \
+                     minutes to load it."
                 } else {
                     " tug writes upstream kube-proxy's iptables layout rule for rule, so there \
                      is no other ruleset to compare with: the figures show how the linear \

@@ -18,8 +18,9 @@ pub struct Footprint {
     /// Proportional set size, KiB: shared pages (tug's one binary, mapped by every service)
     /// split among the processes that map them, so the services' figures add up.
     pub pss_kib: u64,
-    /// Unique set size, KiB: pages no other process maps, what the process alone costs.
-    pub uss_kib: u64,
+    /// Anonymous memory, KiB: what the process allocated itself (heap, stacks), as opposed to
+    /// pages of its binary and libraries, which the page cache holds and can drop.
+    pub anon_kib: u64,
     /// CPU time (user + system) over the window, as a percentage of one core.
     pub cpu_percent: f64,
 }
@@ -35,9 +36,9 @@ impl Footprint {
         self.pss_kib as f64 / 1024.0
     }
 
-    /// USS in MiB.
-    pub fn uss_mib(&self) -> f64 {
-        self.uss_kib as f64 / 1024.0
+    /// Anonymous memory in MiB.
+    pub fn anon_mib(&self) -> f64 {
+        self.anon_kib as f64 / 1024.0
     }
 }
 
@@ -65,8 +66,9 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// `pid`'s (PSS, USS) in KiB, from `/proc/<pid>/smaps_rollup` ((0, 0) once it is gone).
-pub fn pss_uss_kib(pid: u32) -> (u64, u64) {
+/// `pid`'s (PSS, anonymous memory) in KiB, from `/proc/<pid>/smaps_rollup` ((0, 0) once it is
+/// gone).
+pub fn pss_anon_kib(pid: u32) -> (u64, u64) {
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
     let field = |name: &str| -> u64 {
         rollup
@@ -75,10 +77,7 @@ pub fn pss_uss_kib(pid: u32) -> (u64, u64) {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0)
     };
-    (
-        field("Pss:"),
-        field("Private_Clean:") + field("Private_Dirty:"),
-    )
+    (field("Pss:"), field("Anonymous:"))
 }
 
 /// The footprints of `pids` over the same `window`, measured side by side.
@@ -93,8 +92,8 @@ pub async fn footprints(pids: &[u32], window: Duration) -> Vec<Footprint> {
         .zip(before)
         .map(|(pid, before)| Footprint {
             rss_kib: rss_kib(*pid),
-            pss_kib: pss_uss_kib(*pid).0,
-            uss_kib: pss_uss_kib(*pid).1,
+            pss_kib: pss_anon_kib(*pid).0,
+            anon_kib: pss_anon_kib(*pid).1,
             cpu_percent: cpu_ticks(*pid).saturating_sub(before) as f64
                 / ticks
                 / window.as_secs_f64()
@@ -133,9 +132,8 @@ mod tests {
         spinning.join().unwrap();
         assert!(busy.cpu_percent > 50.0, "{busy:?}");
         assert!(busy.rss_kib > 1024, "{busy:?}");
-        // Alone with its pages, mostly: PSS between USS and RSS.
         assert!(
-            busy.uss_kib > 0 && busy.uss_kib <= busy.pss_kib && busy.pss_kib <= busy.rss_kib,
+            busy.anon_kib > 0 && busy.anon_kib <= busy.rss_kib && busy.pss_kib <= busy.rss_kib,
             "{busy:?}"
         );
         let idle = footprints(&[me], Duration::from_millis(500)).await[0];
