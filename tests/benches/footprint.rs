@@ -18,9 +18,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::Api;
-use kube::api::{ListParams, PostParams};
+use kube::api::PostParams;
 use tug_tests::cluster::cluster;
-use tug_tests::eventually::eventually;
 use tug_tests::faults::{other_services, proxy_programs_every_service_port};
 use tug_tests::measure::{Footprint, footprints};
 use tug_tests::node::Segment;
@@ -110,30 +109,7 @@ async fn pods_behind_a_service(node: &str, ns: &str) {
         .create(&PostParams::default(), &tug_tests::e2e::web_service())
         .await
         .expect("create the Service");
-    eventually(
-        &format!("all {PODS} pods Ready"),
-        Duration::from_secs(300),
-        || {
-            let pods = pods.clone();
-            async move {
-                let list = pods.list(&ListParams::default()).await.ok()?;
-                let ready = list
-                    .items
-                    .iter()
-                    .filter(|p| {
-                        p.status
-                            .as_ref()
-                            .and_then(|s| s.conditions.as_ref())
-                            .is_some_and(|c| {
-                                c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
-                            })
-                    })
-                    .count();
-                (ready == PODS).then_some(())
-            }
-        },
-    )
-    .await;
+    tug_tests::cluster::pods_ready(&pods, PODS, Duration::from_secs(300)).await;
 }
 
 fn print(name: &str, footprint: &Footprint) {

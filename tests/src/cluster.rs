@@ -413,6 +413,23 @@ pub fn pod_ready(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
+/// Waits (up to `timeout`) until `count` of the pods `pods` lists are Ready.
+pub async fn pods_ready(
+    pods: &Api<k8s_openapi::api::core::v1::Pod>,
+    count: usize,
+    timeout: Duration,
+) {
+    crate::eventually::eventually(&format!("{count} pods Ready"), timeout, || {
+        let pods = pods.clone();
+        async move {
+            let list = pods.list(&Default::default()).await.ok()?;
+            let ready = list.items.iter().filter(|p| pod_ready(p)).count();
+            (ready == count).then_some(())
+        }
+    })
+    .await;
+}
+
 /// The `code` and `reason` of a failed API call, for asserting on them.
 pub fn api_error<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> (u16, String) {
     match result {

@@ -13,7 +13,7 @@ use kube::Api;
 use kube::api::{ListParams, PostParams};
 use serde_json::json;
 
-use crate::cluster::{cluster, pod_ready};
+use crate::cluster::cluster;
 use crate::eventually::eventually;
 use crate::substrate::Substrate;
 
@@ -244,19 +244,7 @@ pub async fn web_behind_node_port(node: &TugNode, ns: &str, count: usize) -> i32
         .and_then(|s| s.ports)
         .and_then(|p| p[0].node_port)
         .expect("a NodePort");
-    eventually(
-        &format!("all {count} web pods Ready"),
-        Duration::from_secs(180),
-        || {
-            let pods = pods.clone();
-            async move {
-                let list = pods.list(&ListParams::default()).await.ok()?;
-                let ready = list.items.iter().filter(|p| pod_ready(p)).count();
-                (ready == count).then_some(())
-            }
-        },
-    )
-    .await;
+    crate::cluster::pods_ready(&pods, count, Duration::from_secs(180)).await;
     let target = format!("{}:{node_port}", node.ip);
     eventually(
         "the NodePort to reach every web pod",

@@ -369,6 +369,30 @@ pub fn chart(bench: &Bench, path: &Path) -> Result<(), String> {
     .map_err(|e| format!("draw {}: {e}", path.display()))
 }
 
+/// The chart's grid and y axis (the cases under the bars are lettered by [`draw`]).
+fn mesh<DB, Y>(
+    chart: &mut plotters::chart::ChartContext<
+        '_,
+        DB,
+        plotters::coord::cartesian::Cartesian2d<plotters::coord::types::RangedCoordf64, Y>,
+    >,
+    y_desc: &str,
+) -> Result<(), String>
+where
+    DB: plotters::prelude::DrawingBackend,
+    Y: plotters::coord::ranged1d::Ranged<ValueType = f64>
+        + plotters::coord::ranged1d::ValueFormatter<f64>,
+{
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(0)
+        .y_desc(y_desc)
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(|e| e.to_string())
+}
+
 /// Draws `bench` on `backend` ([`CHART_SIZE`]), as [`chart`] describes.
 fn draw<DB: plotters::prelude::DrawingBackend>(bench: &Bench, backend: DB) -> Result<(), String> {
     use plotters::prelude::*;
@@ -442,27 +466,13 @@ fn draw<DB: plotters::prelude::DrawingBackend>(bench: &Bench, backend: DB) -> Re
         let mut chart = builder
             .build_cartesian_2d(x_range, (floor..max * 2.0).log_scale())
             .map_err(|e| err(&e))?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_labels(0)
-            .y_desc(&y_desc)
-            .label_style(("sans-serif", 15))
-            .draw()
-            .map_err(|e| err(&e))?;
+        mesh(&mut chart, &y_desc)?;
         place(&|x, y| chart.backend_coord(&(x, y)), floor);
     } else {
         let mut chart = builder
             .build_cartesian_2d(x_range, 0.0..max * 1.15)
             .map_err(|e| err(&e))?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_labels(0)
-            .y_desc(&y_desc)
-            .label_style(("sans-serif", 15))
-            .draw()
-            .map_err(|e| err(&e))?;
+        mesh(&mut chart, &y_desc)?;
         place(&|x, y| chart.backend_coord(&(x, y)), 0.0);
     }
     for (x0, y0, x1, y1, s, v) in bars {
