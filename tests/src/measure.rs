@@ -114,30 +114,32 @@ mod tests {
         assert_eq!(percentile(&mut samples, 0.0), Duration::from_millis(1));
     }
 
-    /// A thread that spins shows up as CPU; a thread that sleeps does not.
+    /// A process that spins shows up as using a core; one that sleeps does not. (Processes of
+    /// their own: this test binary's other tests run beside it.)
     #[tokio::test]
-    async fn footprint_counts_this_process_cpu_and_memory() {
-        let me = std::process::id();
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let spinning = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    std::hint::spin_loop();
-                }
-            })
+    async fn footprint_counts_a_process_cpu_and_memory() {
+        let spawn = |script: &str| {
+            std::process::Command::new("sh")
+                .args(["-c", script])
+                .spawn()
+                .expect("run sh")
         };
-        let busy = footprints(&[me], Duration::from_millis(500)).await[0];
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        spinning.join().unwrap();
-        assert!(busy.cpu_percent > 50.0, "{busy:?}");
-        assert!(busy.rss_kib > 1024, "{busy:?}");
-        assert!(
-            busy.anon_kib > 0 && busy.anon_kib <= busy.rss_kib && busy.pss_kib <= busy.rss_kib,
-            "{busy:?}"
-        );
-        let idle = footprints(&[me], Duration::from_millis(500)).await[0];
-        assert!(idle.cpu_percent < 20.0, "{idle:?}");
+        let mut busy = spawn("while :; do :; done");
+        let mut idle = spawn("sleep 30");
+        let measured = footprints(&[busy.id(), idle.id()], Duration::from_millis(500)).await;
+        let _ = (busy.kill(), idle.kill(), busy.wait(), idle.wait());
+        let (busy, idle) = (measured[0], measured[1]);
+        assert!(busy.cpu_percent > 30.0, "{busy:?}");
+        assert!(idle.cpu_percent < 10.0, "{idle:?}");
+        for footprint in [busy, idle] {
+            assert!(footprint.rss_kib > 0, "{footprint:?}");
+            assert!(
+                footprint.anon_kib > 0
+                    && footprint.anon_kib <= footprint.rss_kib
+                    && footprint.pss_kib <= footprint.rss_kib,
+                "{footprint:?}"
+            );
+        }
         let gone = footprints(&[u32::MAX], Duration::from_millis(10)).await[0];
         assert_eq!((gone.rss_kib, gone.pss_kib, gone.cpu_percent), (0, 0, 0.0));
     }
