@@ -495,9 +495,9 @@ pub fn sandbox_config(
     })
 }
 
-/// `milliCPUToShares`: 1024 shares per CPU, at least 2.
+/// `milliCPUToShares`: 1024 shares per CPU, at least 2 and at most the kernel's 262,144.
 fn cpu_shares(millicores: i64) -> i64 {
-    (millicores * 1024 / 1000).max(2)
+    (millicores.saturating_mul(1024) / 1000).clamp(2, 262_144)
 }
 
 /// The container's cgroup resources and OOM score.
@@ -524,7 +524,10 @@ pub fn resources(
         cpu_shares(cpu_request)
     };
     let (period, quota) = if cpu_limit > 0 {
-        (100_000, (cpu_limit * 100_000 / 1000).max(1000))
+        (
+            100_000,
+            (cpu_limit.saturating_mul(100_000) / 1000).max(1000),
+        )
     } else {
         (0, 0)
     };
@@ -532,12 +535,13 @@ pub fn resources(
         Qos::Guaranteed => -997,
         Qos::BestEffort => 1000,
         Qos::Burstable => {
+            // In i128: a request of pebibytes times 1000 outgrows an i64.
             let score = if memory_capacity > 0 {
-                1000 - (1000 * memory_request) / memory_capacity
+                1000 - (1000 * i128::from(memory_request)) / i128::from(memory_capacity)
             } else {
                 999
             };
-            score.clamp(3, 999)
+            score.clamp(3, 999) as i64
         }
     };
     LinuxContainerResources {
@@ -923,6 +927,27 @@ mod tests {
         let best = pod(json!({"containers": [{"name": "c"}]}));
         let c = &best.spec.as_ref().unwrap().containers[0];
         assert_eq!(resources(&best, c, 8 << 30).oom_score_adj, 1000);
+    }
+
+    /// Found by the pod_spec fuzz target: a memory request of 64Pi overflowed the OOM score's
+    /// arithmetic (a panic with overflow checks, a wrapped score without).
+    #[test]
+    fn huge_requests_and_limits_do_not_overflow() {
+        let pod: Pod = serde_json::from_value(json!({"spec": {"containers": [{"name": "c",
+            "resources": {"requests": {"cpu": "100m", "memory": "64Pi"},
+                          "limits": {"cpu": "9223372036854775", "memory": "128Mi"}}}]}}))
+        .unwrap();
+        let c = &pod.spec.as_ref().unwrap().containers[0];
+        let r = resources(&pod, c, 8 << 30);
+        // Requests far above the node's memory: as low a score as a burstable pod gets.
+        assert_eq!(r.oom_score_adj, 3);
+        assert_eq!(r.cpu_shares, 102);
+        assert!(r.cpu_quota >= 1000, "{}", r.cpu_quota);
+        let pod: Pod = serde_json::from_value(json!({"spec": {"containers": [{"name": "c",
+            "resources": {"requests": {"cpu": "9223372036854775"}}}]}}))
+        .unwrap();
+        let c = &pod.spec.as_ref().unwrap().containers[0];
+        assert_eq!(resources(&pod, c, 8 << 30).cpu_shares, 262_144);
     }
 
     #[test]
