@@ -42,21 +42,26 @@ impl Containerd {
         let dir = tempfile::tempdir_in(&substrate.state).expect("a containerd dir");
         let path = |name: &str| dir.path().join(name).display().to_string();
         let socket = path("containerd.sock");
-        let plugins = if cri {
-            format!(
-                "[plugins.\"io.containerd.grpc.v1.cri\"]\n  stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n  [plugins.\"io.containerd.grpc.v1.cri\".cni]\n    conf_dir = \"{}\"\n",
-                path("net.d")
+        // Top-level keys come before the first table in TOML.
+        let (top_level, cri_table) = if cri {
+            (
+                String::new(),
+                format!(
+                    "[plugins.\"io.containerd.grpc.v1.cri\"]\n  stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n  [plugins.\"io.containerd.grpc.v1.cri\".cni]\n    conf_dir = \"{}\"\n",
+                    path("net.d")
+                ),
             )
         } else {
-            "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n".to_owned()
+            (
+                "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n".to_owned(),
+                String::new(),
+            )
         };
         let config = format!(
-            "version = 2\nroot = \"{}\"\nstate = \"{}\"\n{}\n[grpc]\n  address = \"{socket}\"\n[ttrpc]\n  address = \"{socket}.ttrpc\"\n[metrics]\n  address = \"\"\n[plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{}\"\n{}",
+            "version = 2\nroot = \"{}\"\nstate = \"{}\"\n{top_level}\n[grpc]\n  address = \"{socket}\"\n[ttrpc]\n  address = \"{socket}.ttrpc\"\n[metrics]\n  address = \"\"\n[plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{}\"\n{cri_table}",
             path("root"),
             path("state"),
-            if cri { "" } else { &plugins },
             path("opt"),
-            if cri { plugins.as_str() } else { "" },
         );
         std::fs::write(dir.path().join("config.toml"), config).expect("write the config");
         let child = Command::new("containerd")

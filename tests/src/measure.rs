@@ -56,19 +56,9 @@ pub fn cpu_ticks(pid: u32) -> u64 {
     fields.iter().sum()
 }
 
-/// Resident set size of `pid`, KiB (0 once it is gone).
-pub fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// `pid`'s (PSS, anonymous memory) in KiB, from `/proc/<pid>/smaps_rollup` ((0, 0) once it is
-/// gone).
-pub fn pss_anon_kib(pid: u32) -> (u64, u64) {
+/// `pid`'s (RSS, PSS, anonymous memory) in KiB, from one read of `/proc/<pid>/smaps_rollup`
+/// (zeros once it is gone).
+pub fn memory_kib(pid: u32) -> (u64, u64, u64) {
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
     let field = |name: &str| -> u64 {
         rollup
@@ -77,7 +67,7 @@ pub fn pss_anon_kib(pid: u32) -> (u64, u64) {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0)
     };
-    (field("Pss:"), field("Anonymous:"))
+    (field("Rss:"), field("Pss:"), field("Anonymous:"))
 }
 
 /// The footprints of `pids` over the same `window`, measured side by side.
@@ -90,14 +80,17 @@ pub async fn footprints(pids: &[u32], window: Duration) -> Vec<Footprint> {
     tokio::time::sleep(window).await;
     pids.iter()
         .zip(before)
-        .map(|(pid, before)| Footprint {
-            rss_kib: rss_kib(*pid),
-            pss_kib: pss_anon_kib(*pid).0,
-            anon_kib: pss_anon_kib(*pid).1,
-            cpu_percent: cpu_ticks(*pid).saturating_sub(before) as f64
-                / ticks
-                / window.as_secs_f64()
-                * 100.0,
+        .map(|(pid, before)| {
+            let (rss_kib, pss_kib, anon_kib) = memory_kib(*pid);
+            Footprint {
+                rss_kib,
+                pss_kib,
+                anon_kib,
+                cpu_percent: cpu_ticks(*pid).saturating_sub(before) as f64
+                    / ticks
+                    / window.as_secs_f64()
+                    * 100.0,
+            }
         })
         .collect()
 }
